@@ -1,0 +1,181 @@
+"""Calibration data: load each source, take its share of rows, tokenise, and batch.
+
+Rules follow the REAM paper (METHOD.md §7): rows per source are `int(N * ratio)` (the published
+checkpoints depend on that rounding), document rows shorter than `min_sequence_fraction * L`
+tokens are skipped, longer ones truncated to L. A `.txt` file is one text stream packed into
+L-token pieces; `.jsonl` rows with `input_ids` are pre-tokenised and used as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import CalibrationSource, ReamConfig
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def looks_local(path: str) -> bool:
+    """A source is a local file if it exists or carries a file suffix; otherwise a Hub dataset id."""
+    return Path(path).exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~"))
+
+
+def check_sources(sources: list[CalibrationSource]) -> None:
+    """Refuse missing or unreadable local files before any model is loaded."""
+    for source in sources:
+        if not looks_local(source.path):
+            continue
+        path = Path(source.path).expanduser()
+        if path.is_dir():
+            continue  # a local dataset folder, read by `datasets`
+        if not path.is_file():
+            raise ValueError(f"calibration file {source.path} does not exist; give a .txt/.jsonl file or a Hub dataset id")
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise ValueError(f"calibration file {source.path} must be .txt or .jsonl (rows with 'text' or 'input_ids')")
+        try:
+            with path.open("rb") as handle:
+                handle.read(1)
+        except OSError as error:
+            raise ValueError(f"calibration file {source.path} cannot be read: {error.strerror}") from None
+        if path.stat().st_size == 0:
+            raise ValueError(f"calibration file {source.path} is empty; give a file with text in it")
+
+
+def rows_per_source(total: int, ratios: list[float] | None, num_sources: int) -> list[int]:
+    if ratios is None:
+        ratios = [1.0 / num_sources] * num_sources
+    else:
+        scale = sum(ratios)
+        ratios = [r / scale for r in ratios]
+    return [int(total * r) for r in ratios]
+
+
+def _row_text(row: dict, text_field: str | list[str]) -> str:
+    names = [text_field] if isinstance(text_field, str) else list(text_field)
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise ValueError(f"calibration row has no field {missing[0]!r} (fields: {sorted(row)}); set text_field")
+    return "\n\n".join(str(row[n]) for n in names)
+
+
+def _passes_filter(row: dict, filters: dict[str, list[str]] | None) -> bool:
+    return not filters or all(row.get(key) in allowed for key, allowed in filters.items())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+    return rows
+
+
+def _hub_rows(source: CalibrationSource, seed: int) -> Iterable[dict]:
+    """Stream a Hub (or local-folder) dataset so c4-sized sources are never downloaded whole."""
+    import datasets
+
+    dataset = datasets.load_dataset(source.path, source.name, split=source.split, streaming=True)
+    return dataset.shuffle(seed=seed, buffer_size=10_000)
+
+
+def _source_sequences(
+    source: CalibrationSource, tokenizer, count: int, length: int, min_tokens: int, seed: int
+) -> list[torch.Tensor]:
+    if count <= 0:
+        return []
+    path = Path(source.path).expanduser()
+    if looks_local(source.path) and path.suffix.lower() == ".txt":
+        ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        pieces = [ids[i : i + length] for i in range(0, len(ids), length)]
+        pieces = [p for p in pieces if len(p) >= min_tokens]
+        return [torch.tensor(p, dtype=torch.long) for p in pieces[:count]]
+
+    if looks_local(source.path) and path.is_file():
+        rows: Iterable[dict] = _read_jsonl(path)
+        rows = list(rows)
+        random.Random(seed).shuffle(rows)
+    else:
+        rows = _hub_rows(source, seed)
+
+    sequences: list[torch.Tensor] = []
+    for row in rows:
+        if len(sequences) >= count:
+            break
+        if not _passes_filter(row, source.filter):
+            continue
+        if "input_ids" in row and source.text_field == "text" and "text" not in row:
+            ids = [int(t) for t in row["input_ids"]]  # pre-tokenised: used as is
+            if ids:
+                sequences.append(torch.tensor(ids, dtype=torch.long))
+            continue
+        ids = tokenizer(_row_text(row, source.text_field), add_special_tokens=False)["input_ids"][:length]
+        if len(ids) >= min_tokens:
+            sequences.append(torch.tensor(ids, dtype=torch.long))
+    return sequences
+
+
+def load_calibration(config: ReamConfig, tokenizer) -> list[torch.Tensor]:
+    """Token sequences of the configured mix; raises if nothing usable comes out."""
+    check_sources(config.calibration)
+    length = config.sequence_length
+    min_tokens = max(1, int(length * config.min_sequence_fraction))
+    counts = rows_per_source(config.num_calibration_sequences, config.calibration_ratios, len(config.calibration))
+    sequences: list[torch.Tensor] = []
+    for source, count in zip(config.calibration, counts):
+        got = _source_sequences(source, tokenizer, count, length, min_tokens, config.seed)
+        if count and len(got) < count:
+            logger.warning(
+                "calibration source %s gave %d of %d requested sequences (rows shorter than %d tokens are skipped)",
+                source.path, len(got), count, min_tokens,
+            )
+        sequences.extend(got)
+    if not sequences:
+        raise ValueError(
+            f"calibration data is empty: no sequence of at least {min_tokens} tokens in "
+            f"{', '.join(s.path for s in config.calibration)}; give more text or lower sequence_length"
+        )
+    return sequences
+
+
+@dataclass
+class CalibrationBatch:
+    input_ids: torch.Tensor  # (B, S), right-padded
+    attention_mask: torch.Tensor  # (B, S), 1 on real tokens
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        return self.attention_mask.reshape(-1).bool()
+
+
+def make_batches(sequences: list[torch.Tensor], batch_size: int, pad_token_id: int) -> list[CalibrationBatch]:
+    """Group sequences of similar length so padding (excluded from statistics anyway) stays small."""
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        members = [sequences[i] for i in order[start : start + batch_size]]
+        width = max(len(s) for s in members)
+        ids = torch.full((len(members), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(members), width), dtype=torch.long)
+        for row, seq in enumerate(members):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        batches.append(CalibrationBatch(ids, mask))
+    return batches
+
+
+def iter_token_chunks(tensor: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    for start in range(0, tensor.shape[0], chunk):
+        yield tensor[start : start + chunk]

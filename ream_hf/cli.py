@@ -1,0 +1,111 @@
+"""`ream-hf` command line: `compress` a model, or run the offline `demo`.
+
+User errors print one line (`error: ...`) and exit with status 2, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import MERGE_MODES, METHODS, MTP_MODES, DTYPES, ReamConfig
+
+
+def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="local model folder or Hugging Face Hub repo id")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--target-experts", type=int, help="experts kept per MoE layer")
+    target.add_argument("--compression-ratio", type=float, help="fraction of experts removed, e.g. 0.25")
+    parser.add_argument("--method", choices=METHODS, default="ream")
+    parser.add_argument("--calibration", action="append", metavar="FILE_OR_DATASET",
+                        help=".txt, .jsonl ('text' or 'input_ids' rows) or a Hub dataset id; repeat for a mix "
+                             "(default: the paper's c4/NuminaMath/the-stack-smol mix)")
+    parser.add_argument("--calibration-ratios", type=float, nargs="+", help="one ratio per --calibration source")
+    parser.add_argument("--num-sequences", type=int, default=3072)
+    parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    parser.add_argument("--group-size", type=int, default=16, help="REAM group size C (0 = M-SMoE rule)")
+    parser.add_argument("--merge", choices=MERGE_MODES, default="logits+weights")
+    parser.add_argument("--pca-dim", type=int, default=64)
+    parser.add_argument("--no-sequential", action="store_true", help="statistics from the original model (ablation)")
+    parser.add_argument("--no-gated-similarity", action="store_true", help="ablation: plain expert outputs")
+    parser.add_argument("--no-router-logits", action="store_true", help="ablation: similarity from outputs only")
+    parser.add_argument("--mtp", choices=MTP_MODES, default="compress")
+    parser.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard")
+
+
+def _config_from_args(args: argparse.Namespace) -> ReamConfig:
+    kwargs = dict(
+        target_experts=args.target_experts, compression_ratio=args.compression_ratio, method=args.method,
+        num_calibration_sequences=args.num_sequences, sequence_length=args.sequence_length, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, group_size=args.group_size,
+        merge=args.merge, pca_dim=args.pca_dim, sequential=not args.no_sequential,
+        gated_similarity=not args.no_gated_similarity, use_router_logits=not args.no_router_logits, mtp=args.mtp,
+    )
+    if args.calibration:
+        kwargs["calibration"] = args.calibration
+        kwargs["calibration_ratios"] = args.calibration_ratios
+    elif args.calibration_ratios:
+        raise ValueError("--calibration-ratios needs --calibration sources")
+    return ReamConfig(**kwargs)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .checkpoint import check_output_dir
+    from .compressor import ReamCompressor
+
+    config = _config_from_args(args)
+    check_output_dir(args.output, args.overwrite)
+    compressor = ReamCompressor(config)
+    compressor.compress(args.source)
+    output = compressor.save_pretrained(args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    result = compressor.result
+    print(f"{result.source_name}: {result.experts_before} -> {result.experts_after} experts in "
+          f"{len(result.layers)} MoE layers ({config.method}); wrote {output}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ream-hf-demo-"))
+    rows = run_demo(workdir, method=args.method)
+    width = max(len(r[0]) for r in rows)
+    print(f"\nream-hf demo: tiny random Qwen3-MoE, method={args.method}\n")
+    print(f"{'':{width}}  {'before':>14}  {'after':>14}")
+    for name, before, after in rows:
+        print(f"{name:{width}}  {before:>14}  {after:>14}" if name != "output folder" else f"{name:{width}}  {after}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ream-hf", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="per-layer log lines")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_compress_arguments(commands.add_parser("compress", help="compress an MoE model"))
+    demo = commands.add_parser("demo", help="build a tiny Qwen3-MoE, compress it and print before/after")
+    demo.add_argument("--workdir", help="where to put the demo files (default: a new temporary folder)")
+    demo.add_argument("--method", choices=METHODS, default="ream")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return _compress(args) if args.command == "compress" else _demo(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""`ReamCompressor`: the pipeline from a source model to a compressed, verified checkpoint.
+
+checkpoint in -> calibration -> per-layer statistics -> grouping -> merging/surgery -> checkpoint out.
+Everything that can be refused (bad target, unsupported model, missing files) is refused before the
+model or the calibration data is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from optimum.quantization_base import OptimumQuantizer
+from tqdm.auto import tqdm
+
+from . import __version__
+from .arch import MoEFamily, decoder_layers, expert_count, experts, family_for_config, moe_block, router, text_config_dict
+from .calibration import check_sources, load_calibration, make_batches
+from .checkpoint import (
+    MANIFEST_NAME,
+    LayerOutput,
+    SourceCheckpoint,
+    atomic_output_dir,
+    check_output_dir,
+    copy_side_files,
+    edit_config_json,
+    parse_moe_name,
+    write_compressed_tensors,
+    write_json,
+)
+from .config import CONFIG_KEY, ReamConfig
+from .experts import ExpertWeights, activation_for, read_expert_weights
+from .layers import capture_layer_inputs, feed_block_inputs, forward_layer
+from .merging import merge_expert_group
+from .planning import LayerPlan, plan_layer
+from .stats import LayerStatistics, LayerStatsAccumulator
+from .surgery import apply_layer_plan, check_grouped_routing, routing_groups, set_config_expert_count
+from .verify import verify_checkpoint
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LayerReport:
+    key: str
+    index: int
+    experts_before: int
+    experts_after: int
+    plan: LayerPlan
+    frequency: list[int]
+    saliency: list[float] | None
+    seconds: float
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            "layer": self.key,
+            "index": self.index,
+            "experts_before": self.experts_before,
+            "experts_after": self.experts_after,
+            "groups": [
+                {"output_expert": j, "centroid": g.centroid, "members": list(g.members), "weights": w}
+                for j, (g, w) in enumerate(zip(self.plan.groups, self.plan.weights))
+            ],
+            "frequency": self.frequency,
+            "saliency": self.saliency,
+        }
+
+
+@dataclass
+class CompressionResult:
+    family: MoEFamily
+    experts_before: int
+    experts_after: int
+    source: SourceCheckpoint | None
+    source_name: str
+    layers: list[LayerReport] = field(default_factory=list)
+    outputs: dict[str, LayerOutput] = field(default_factory=dict)
+    calibration_sequences: int = 0
+    calibration_tokens: int = 0
+    dropped_prefixes: tuple[str, ...] = ()
+
+
+def resolve_source(model_path: str | os.PathLike) -> Path:
+    """A local folder as is; anything else is taken as a Hub repo id and downloaded (weights as safetensors)."""
+    path = Path(model_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"source {model_path} is a file; give a model folder or a Hub repo id")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError(f"source folder {model_path} is not readable")
+        return path
+    if str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") != 1:
+        raise ValueError(f"source {model_path} is neither a local folder nor a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model_path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                        "*.jinja", "*.py", "*.tiktoken"]))
+    except Exception as error:  # the hub raises many types; the user needs one line
+        raise ValueError(f"cannot download {model_path} from the Hugging Face Hub: {error}") from None
+
+
+def mtp_prefixes(family: MoEFamily, source: SourceCheckpoint) -> tuple[str, ...]:
+    """Name prefixes of the source's multi-token-prediction layers (dropped by transformers on load)."""
+    if family.mtp_style is None:
+        return ()
+    text = text_config_dict(source.config)
+    if family.mtp_style == "mtp":
+        return ("mtp.",) if any(n.startswith("mtp.") for n in source.weight_map) else ()
+    first_mtp = int(text["num_hidden_layers"])
+    prefixes = set()
+    for name in source.weight_map:
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part == "layers" and parts[i + 1].isdigit() and int(parts[i + 1]) >= first_mtp:
+                prefixes.add(".".join(parts[: i + 2]) + ".")
+    return tuple(sorted(prefixes))
+
+
+class ReamCompressor(OptimumQuantizer):
+    """Compress an MoE model's experts per `ReamConfig`; save a checkpoint vLLM and transformers load as is."""
+
+    def __init__(self, config: ReamConfig | None = None, **config_kwargs: Any) -> None:
+        if config is not None and config_kwargs:
+            raise ValueError("give either a ReamConfig or its fields as keyword arguments, not both")
+        self.config = config if config is not None else ReamConfig(**config_kwargs)
+        self.config.validate()
+        self.model = None
+        self.tokenizer = None
+        self.result: CompressionResult | None = None
+        self._pending_source: Any = None
+
+    # -- optimum's OptimumQuantizer interface ------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_or_path: Any, config: ReamConfig | None = None, **config_kwargs: Any):
+        compressor = cls(config, **config_kwargs)
+        compressor._pending_source = model_or_path
+        return compressor
+
+    def quantize(self, save_dir: str | os.PathLike, file_prefix: str | None = None, **kwargs: Any) -> Path:
+        if self._pending_source is None:
+            raise ValueError("quantize() needs a source: create the compressor with ReamCompressor.from_pretrained(...)")
+        check_output_dir(save_dir, kwargs.get("overwrite", False))
+        self.compress(self._pending_source)
+        return self.save_pretrained(save_dir, **kwargs)
+
+    # -- the pipeline ------------------------------------------------------------------------
+    def compress(self, model_or_path: Any, *, tokenizer: Any = None, allow_full_width: bool = False):
+        """Compress in place and return the model. `allow_full_width` permits target == current experts
+        (a no-op that exercises the whole pipeline; used to prove it lossless)."""
+        config = self.config
+        if isinstance(model_or_path, (str, os.PathLike)):
+            source = SourceCheckpoint(resolve_source(model_or_path))
+            config_dict, model, source_name = source.config, None, str(model_or_path)
+        else:
+            model, source = model_or_path, None
+            config_dict, source_name = model.config.to_dict(), getattr(model, "name_or_path", "") or "<in-memory model>"
+        family = family_for_config(config_dict)
+        text = text_config_dict(config_dict)
+        num_experts = expert_count(family, config_dict)
+        top_k = int(text["num_experts_per_tok"])
+        target = config.resolve_target(num_experts, top_k)
+        if target == num_experts and not allow_full_width:
+            raise ValueError(
+                f"target_experts={target} equals the model's {num_experts} experts; nothing to compress, choose fewer"
+            )
+        check_grouped_routing(family, _Attrs(text), num_experts, target, top_k)
+        drop: tuple[str, ...] = ()
+        if source is not None and (found := mtp_prefixes(family, source)):
+            if config.mtp == "compress":
+                raise ValueError(
+                    f"{source_name} has MTP layers ({', '.join(found)}); compressing them is not supported yet: "
+                    "pass mtp='drop' (removed, config fixed) or mtp='keep' (left full width, not loadable by vLLM)"
+                )
+            if config.mtp == "drop":
+                drop = found
+        check_sources(config.calibration)
+
+        if tokenizer is None:
+            tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None))
+        sequences = load_calibration(config, tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        batches = make_batches(sequences, config.batch_size, pad_id)
+        device = torch.device(config.device)
+        if model is None:
+            model = self._load_model(source.folder, device)
+        model.eval()
+
+        result = CompressionResult(family, num_experts, target, source, source_name)
+        result.calibration_sequences = len(sequences)
+        result.calibration_tokens = int(sum(int(s.numel()) for s in sequences))
+        result.dropped_prefixes = drop
+        trunk_prefix = self._trunk_prefix(family, source)
+        self._run_layers(model, family, batches, target, device, trunk_prefix, result)
+        set_config_expert_count(family, model.config, target)
+        self.model, self.tokenizer, self.result = model, tokenizer, result
+        return model
+
+    def _load_tokenizer(self, folder):
+        from transformers import AutoTokenizer
+
+        if folder is None or not Path(str(folder)).is_dir():
+            raise ValueError("no tokenizer: pass tokenizer=... to compress() for an in-memory model")
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as error:
+            raise ValueError(f"cannot load the tokenizer from {folder}: {error}") from None
+
+    def _load_model(self, folder: Path, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        dtype = "auto" if self.config.dtype == "auto" else _TORCH_DTYPES[self.config.dtype]
+        # eager experts are the fastest on CPU and gather no per-token weight copies (TRANSFORMERS.md)
+        implementation = "eager" if device.type == "cpu" else "grouped_mm"
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, experts_implementation=implementation)
+        return model.to(device)
+
+    @staticmethod
+    def _trunk_prefix(family: MoEFamily, source: SourceCheckpoint | None) -> str:
+        if source is None:
+            return "model.layers."
+        for name in source.weight_map:
+            parsed = parse_moe_name(family, name)
+            if parsed and not parsed.prefix.startswith("mtp."):
+                return parsed.prefix
+        raise ValueError(f"no MoE expert tensors found in {source.folder}")
+
+    def _run_layers(self, model, family, batches, target, device, trunk_prefix, result: CompressionResult) -> None:
+        config = self.config
+        layers = decoder_layers(model)
+        hidden, calls = capture_layer_inputs(model, layers, tqdm(batches, desc="Embedding calibration", leave=False), device)
+        total_tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
+        sample = self._sample_positions(total_tokens) if config.is_merging else None
+        groups_per_layer = routing_groups(family, _Attrs(text_config_dict(model.config.to_dict())), result.experts_before)
+        last = len(layers) - 1
+        for index, layer in enumerate(tqdm(layers, desc="Compressing layers", unit="layer")):
+            layer_calls = [per_batch[index] for per_batch in calls]
+            block = moe_block(family, layer)
+            if block is None:
+                if index < last:
+                    hidden = forward_layer(layer, hidden, layer_calls)
+                continue
+            started = time.perf_counter()
+            stats = self._layer_statistics(family, layer, block, hidden, layer_calls, batches, sample)
+            plan = plan_layer(config, stats, target, groups_per_layer)
+            if not config.sequential and index < last:
+                hidden = forward_layer(layer, hidden, layer_calls)
+            merged = self._merge(family, block, plan, stats) if config.is_merging else None
+            before = experts(family, block).num_experts
+            apply_layer_plan(family, block, plan.centroids, merged)
+            if config.sequential and index < last:
+                hidden = forward_layer(layer, hidden, layer_calls)
+            key = f"{trunk_prefix}{index}"
+            result.outputs[key] = LayerOutput(
+                experts=read_expert_weights(family, experts(family, block)),
+                router={name: getattr(router(family, block), name) for name in family.router_tensors
+                        if getattr(router(family, block), name, None) is not None},
+            )
+            report = LayerReport(
+                key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
+                None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency], time.perf_counter() - started,
+            )
+            result.layers.append(report)
+            logger.info("layer %d: %d -> %d experts in %.2fs", index, before, report.experts_after, report.seconds)
+
+    def _sample_positions(self, total_tokens: int) -> torch.Tensor:
+        """One token sample per layer, shared by every expert, so alignment compares the same tokens."""
+        size = min(self.config.activation_sample_tokens, total_tokens)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return torch.randperm(total_tokens, generator=generator)[:size].sort().values
+
+    def _layer_statistics(self, family, layer, block, hidden, calls, batches, sample) -> LayerStatistics:
+        config = self.config
+        experts_module, router_module = experts(family, block), router(family, block)
+        accumulator = LayerStatsAccumulator(
+            read_expert_weights(family, experts_module),
+            activation_for(family, experts_module),
+            family.scoring,
+            dense=config.is_merging,
+            with_saliency=config.method != "frequency",
+            keep_logits=config.is_merging and config.use_router_logits,
+            sample_positions=sample if config.merge in ("logits+weights", "logits") else None,
+            chunk_size=config.token_chunk_size,
+        )
+
+        def consume(x: torch.Tensor) -> None:
+            logits, topk_weights, topk_index = router_module(x)
+            accumulator.add(x, logits, topk_weights, topk_index)
+
+        feed_block_inputs(layer, block, hidden, calls, batches, consume)
+        return accumulator.finalize()
+
+    def _merge(self, family, block, plan: LayerPlan, stats: LayerStatistics) -> ExpertWeights:
+        from .merging import weight_features
+
+        weights = read_expert_weights(family, experts(family, block))
+        mode = self.config.merge
+        features = weight_features(weights.gate.float(), weights.up.float(), weights.down.float(), self.config.pca_dim) \
+            if mode in ("logits+weights", "weights") else None
+        merged = []
+        for group, group_weights in zip(plan.groups, plan.weights):
+            index = list(group.members)
+            part = weights.select(index)
+            biases = None
+            if part.gate_bias is not None:
+                biases = (part.gate_bias, part.up_bias, part.down_bias)
+            out = merge_expert_group(
+                part.gate, part.up, part.down, torch.tensor(group_weights), mode,
+                acts=None if stats.activations is None else stats.activations[index],
+                feats=None if features is None else features[index],
+                biases=biases,
+            )
+            merged.append(out)
+        return _stack_merged(merged, weights)
+
+    # -- output ------------------------------------------------------------------------------
+    def save_pretrained(
+        self, output_dir: str | os.PathLike, *, overwrite: bool = False, max_shard_size: int | None = None
+    ) -> Path:
+        """Write the checkpoint to a temporary folder, verify it, then move it into place."""
+        if self.result is None:
+            raise ValueError("nothing to save: call compress() first")
+        from .checkpoint import DEFAULT_MAX_SHARD_BYTES
+
+        result, config = self.result, self.config
+        shard_bytes = max_shard_size or DEFAULT_MAX_SHARD_BYTES
+        with atomic_output_dir(output_dir, overwrite) as folder:
+            if result.source is not None:
+                source = result.source
+                write_compressed_tensors(folder, source, result.family, result.outputs, result.dropped_prefixes, shard_bytes)
+                mtp_count = 0 if result.dropped_prefixes else None
+                write_json(folder / "config.json",
+                           edit_config_json(source.config, result.family, result.experts_after, config.to_dict(), mtp_count))
+                copy_side_files(source.folder, folder)
+            else:
+                self._save_in_memory(folder, shard_bytes)
+            write_json(folder / MANIFEST_NAME, self.manifest())
+            verify_checkpoint(folder, result.family, result.source, full_width_layers=self._full_width_layers(),
+                              dropped_prefixes=result.dropped_prefixes)
+        logger.info("wrote %s", output_dir)
+        return Path(output_dir)
+
+    def _full_width_layers(self) -> set[str]:
+        result = self.result
+        if result.source is None or self.config.mtp != "keep":
+            return set()
+        prefixes = mtp_prefixes(result.family, result.source)
+        return {p.layer_key for n in result.source.weight_map
+                if n.startswith(prefixes) and (p := parse_moe_name(result.family, n))}
+
+    def _save_in_memory(self, folder: Path, shard_bytes: int) -> None:
+        import json
+
+        self.model.save_pretrained(str(folder), max_shard_size=shard_bytes)
+        config_path = folder / "config.json"
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        family = self.result.family
+        text = text_config_dict(saved)
+        # transformers may re-serialise the count under another name (Qwen3-MoE: num_local_experts);
+        # readers of the family's Hub checkpoints (vLLM included) look for the family's own key.
+        text[family.expert_count_keys[0]] = self.result.experts_after
+        saved[CONFIG_KEY] = self.config.to_dict()
+        write_json(config_path, saved)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(folder))
+
+    def manifest(self) -> dict[str, Any]:
+        result = self.result
+        return {
+            "format": "ream-hf manifest v1",
+            "ream_hf_version": __version__,
+            "source": result.source_name,
+            "family": result.family.name,
+            "method": self.config.method,
+            "experts_before": result.experts_before,
+            "experts_after": result.experts_after,
+            "calibration": {"sequences": result.calibration_sequences, "tokens": result.calibration_tokens},
+            "mtp": {"mode": self.config.mtp, "dropped": list(result.dropped_prefixes)},
+            "layers": [report.manifest_entry() for report in result.layers],
+        }
+
+
+class _Attrs:
+    """Attribute access over a config dict, so the same checks run on config.json and on config objects."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return self._data.get(name)
+
+
+def _stack_merged(merged: list, like: ExpertWeights) -> ExpertWeights:
+    gate = torch.stack([m[0] for m in merged])
+    up = torch.stack([m[1] for m in merged])
+    down = torch.stack([m[2] for m in merged])
+    if like.gate_bias is None:
+        return ExpertWeights(gate, up, down)
+    biases = [m[3] for m in merged]
+    return ExpertWeights(gate, up, down, torch.stack([b[0] for b in biases]), torch.stack([b[1] for b in biases]),
+                         torch.stack([b[2] for b in biases]))

@@ -1,0 +1,222 @@
+"""`ReamConfig`: every setting of a compression run, validated up front and stored in the output.
+
+It follows transformers' quantization configs (`QuantizationConfigMixin`): explicit fields,
+`to_dict` / `from_dict` / `to_json_string` / `to_json_file`. The saved checkpoint records it under
+`ream_config` in config.json, never as `quantization_config` (which would make transformers and
+vLLM expect a quantizer plug-in and refuse the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+PRUNING_METHODS = ("reap", "frequency")
+MERGING_METHODS = ("ream", "hc_smoe", "m_smoe")
+METHODS = MERGING_METHODS + PRUNING_METHODS
+MERGE_MODES = ("logits+weights", "weights", "logits", "avg", "none")
+MTP_MODES = ("compress", "keep", "drop")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CONFIG_KEY = "ream_config"
+
+
+@dataclass
+class CalibrationSource:
+    """One calibration source: a local .txt/.jsonl file or a Hub dataset id.
+
+    `text_field` may name several fields, joined with a blank line (NuminaMath: problem + solution).
+    `filter` keeps rows whose field value is in the given list (NuminaMath's `source`).
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    text_field: str | list[str] = "text"
+    filter: dict[str, list[str]] | None = None
+
+    @classmethod
+    def parse(cls, value: str | dict | CalibrationSource) -> CalibrationSource:
+        if isinstance(value, CalibrationSource):
+            return value
+        if isinstance(value, str):
+            return cls(path=value)
+        if isinstance(value, dict):
+            unknown = set(value) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(
+                    f"calibration source has unknown keys {sorted(unknown)}; use path, name, split, text_field, filter"
+                )
+            return cls(**value)
+        raise ValueError(f"calibration source must be a path, a Hub dataset id or a dict, got {type(value).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def paper_calibration_mix() -> tuple[list[CalibrationSource], list[float]]:
+    """The REAM paper's mix for coding-oriented models: c4 / NuminaMath-1.5 / the-stack-smol = 0.0 / 0.3 / 0.7."""
+    sources = [
+        CalibrationSource(path="allenai/c4", name="en", text_field="text"),
+        CalibrationSource(
+            path="AI-MO/NuminaMath-1.5",
+            text_field=["problem", "solution"],
+            filter={"source": ["cn_k12", "olympiads"]},
+        ),
+        CalibrationSource(path="bigcode/the-stack-smol", text_field="content"),
+    ]
+    return sources, [0.0, 0.3, 0.7]
+
+
+def _default_sources() -> list[CalibrationSource]:
+    return paper_calibration_mix()[0]
+
+
+def _default_ratios() -> list[float]:
+    return paper_calibration_mix()[1]
+
+
+@dataclass
+class ReamConfig(QuantizationConfigMixin):
+    """Settings of one compression run. Defaults are the REAM paper's full method.
+
+    Exactly one of `target_experts` (experts kept per MoE layer) and `compression_ratio`
+    (fraction of experts removed, e.g. 0.25 for 128 -> 96) must be given.
+    """
+
+    target_experts: int | None = None
+    compression_ratio: float | None = None
+    method: str = "ream"
+    # calibration
+    calibration: list[CalibrationSource] = field(default_factory=_default_sources)
+    calibration_ratios: list[float] | None = field(default_factory=_default_ratios)
+    num_calibration_sequences: int = 3072
+    sequence_length: int = 512
+    min_sequence_fraction: float = 0.9
+    seed: int = 42
+    # REAM and its ablations
+    group_size: int = 16
+    gated_similarity: bool = True
+    use_router_logits: bool = True
+    merge: str = "logits+weights"
+    sequential: bool = True
+    pca_dim: int = 64
+    activation_sample_tokens: int = 32768
+    # MTP layers (DeepSeek-V3 / GLM-4.5 / Qwen3-Next / Qwen3.5)
+    mtp: str = "compress"
+    # execution
+    batch_size: int = 8
+    token_chunk_size: int = 2048
+    device: str = "cpu"
+    dtype: str = "auto"
+
+    quant_method: str = field(default="ream", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.calibration = [CalibrationSource.parse(s) for s in self.calibration]
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the fix; run before any work starts."""
+        if (self.target_experts is None) == (self.compression_ratio is None):
+            raise ValueError(
+                "give exactly one of target_experts (experts kept per layer) or compression_ratio "
+                "(fraction removed, e.g. 0.25)"
+            )
+        if self.target_experts is not None and (
+            not isinstance(self.target_experts, int) or isinstance(self.target_experts, bool) or self.target_experts < 1
+        ):
+            raise ValueError(f"target_experts must be a positive integer, got {self.target_experts!r}")
+        if self.compression_ratio is not None and not (0.0 < float(self.compression_ratio) < 1.0):
+            raise ValueError(
+                f"compression_ratio must be in (0, 1) (fraction of experts removed), got {self.compression_ratio!r}"
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}; got {self.merge!r}")
+        if self.mtp not in MTP_MODES:
+            raise ValueError(f"mtp must be one of {', '.join(MTP_MODES)}; got {self.mtp!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if not self.calibration:
+            raise ValueError("calibration needs at least one source (a .txt/.jsonl file or a Hub dataset id)")
+        if self.calibration_ratios is not None:
+            if len(self.calibration_ratios) != len(self.calibration):
+                raise ValueError(
+                    f"calibration_ratios has {len(self.calibration_ratios)} entries for "
+                    f"{len(self.calibration)} calibration sources; give one ratio per source"
+                )
+            if any(r < 0 for r in self.calibration_ratios) or sum(self.calibration_ratios) <= 0:
+                raise ValueError("calibration_ratios must be non-negative with a positive sum")
+        for name in ("num_calibration_sequences", "sequence_length", "batch_size", "token_chunk_size", "pca_dim",
+                     "activation_sample_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.group_size < 0:
+            raise ValueError(f"group_size must be >= 0 (0 = M-SMoE rule), got {self.group_size}")
+        if not (0.0 < self.min_sequence_fraction <= 1.0):
+            raise ValueError(f"min_sequence_fraction must be in (0, 1], got {self.min_sequence_fraction}")
+
+    # -- derived ----------------------------------------------------------------------------
+    def resolve_target(self, num_experts: int, top_k: int) -> int:
+        """Experts to keep in a layer of `num_experts`; refuses targets the router cannot serve."""
+        if self.target_experts is not None:
+            target = self.target_experts
+        else:
+            target = round(num_experts * (1.0 - float(self.compression_ratio)))
+        if target > num_experts:
+            raise ValueError(
+                f"target_experts={target} is more than the model's {num_experts} experts; choose fewer"
+            )
+        if target < top_k:
+            raise ValueError(
+                f"target_experts={target} is below the router's top-k ({top_k}); keep at least {top_k} experts"
+            )
+        return target
+
+    @property
+    def is_merging(self) -> bool:
+        return self.method in MERGING_METHODS
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "calibration":
+                value = [s.to_dict() for s in value]
+            out[f.name] = value
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        data = {k: v for k, v in dict(config_dict).items() if k != "quant_method"}
+        unknown = set(data) - {f.name for f in fields(cls) if f.init}
+        if unknown:
+            raise ValueError(f"unknown ReamConfig fields {sorted(unknown)}")
+        return super().from_dict(data, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ReamConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> ReamConfig:
+        """Read the settings back from a compressed checkpoint's config.json."""
+        config_path = Path(model_dir) / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{model_dir} has no config.json; give the folder of a ream-hf checkpoint")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if CONFIG_KEY not in config:
+            raise ValueError(f"{config_path} has no '{CONFIG_KEY}' entry: it was not written by ream-hf")
+        return cls.from_dict(config[CONFIG_KEY])

@@ -1,0 +1,170 @@
+"""The embedded default job: a tiny Qwen3-MoE the package builds itself, compressed end to end.
+
+Everything here runs offline in seconds, so a fresh install can prove the whole pipeline
+(calibration -> statistics -> grouping -> surgery -> checkpoint -> reload) without the Hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Qwen-style ChatML template, so chat endpoints and lm-eval's --apply_chat_template work on the tiny model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the expert router token layer model merge prune weight sum number code data math train "
+    "def return import for while if else class self value list print range len true false "
+    "one two three four five six seven eight nine ten plus minus times equals answer question "
+    "a an of to in is it that with as on by at from this be are was we you they he she"
+).split()
+
+
+def demo_corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
+    """Deterministic prose/code/arithmetic lines: enough structure for a BPE and for calibration."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(num_lines):
+        kind = i % 3
+        if kind == 0:
+            lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 24))) + ".")
+        elif kind == 1:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            lines.append(f"Question: what is {a} plus {b}? Answer: {a + b}.")
+        else:
+            name = rng.choice(["f", "g", "step", "merge", "score"])
+            lines.append(f"def {name}(x, y):\n    return x * {rng.randint(1, 9)} + y - {rng.randint(0, 9)}\n")
+    return lines
+
+
+def build_tiny_tokenizer(path: str | Path, vocab_size: int = 512):
+    """Train a byte-level BPE on the demo corpus and save it as a fast tokenizer folder.
+
+    A real BPE (not a character map) keeps tokenisation behaviour close to the Hub models'
+    while costing about a second and no download.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(demo_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def hub_style_config(folder: str | Path, renames: dict[str, str]) -> None:
+    """Rename config.json keys to what Hub checkpoints use (transformers re-serialises some under new names)."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config = {renames.get(key, key): value for key, value in config.items()}
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def build_tiny_qwen3_moe(folder: str | Path, *, seed: int = 0, num_experts: int = 16, num_layers: int = 2,
+                         hidden_size: int = 64, moe_intermediate_size: int = 64, top_k: int = 4) -> Path:
+    """A random Qwen3-MoE checkpoint + tokenizer, laid out like the Hub's (config key `num_experts`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer(folder)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        moe_intermediate_size=moe_intermediate_size, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=hidden_size // 4, num_experts=num_experts, num_experts_per_tok=top_k,
+        norm_topk_prob=True, max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(folder))
+    hub_style_config(folder, {"num_local_experts": "num_experts"})
+    return folder
+
+
+def write_demo_calibration(path: str | Path, num_lines: int = 600, seed: int = 1) -> Path:
+    path = Path(path)
+    path.write_text("\n".join(demo_corpus(num_lines, seed)), encoding="utf-8")
+    return path
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+
+
+def mean_loss(folder: Path, texts: list[str]) -> float:
+    """Mean next-token loss of a saved checkpoint on `texts`: a before/after sanity number."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = tokenizer("\n".join(texts), return_tensors="pt")["input_ids"][:, :512]
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def run_demo(workdir: str | Path, method: str = "ream", target_experts: int = 8) -> list[tuple[str, str, str]]:
+    """Build, compress, save, reload; rows of (quantity, before, after) for the CLI to print."""
+    import time
+
+    from .compressor import ReamCompressor
+    from .config import ReamConfig
+
+    workdir = Path(workdir)
+    source = build_tiny_qwen3_moe(workdir / "source")
+    calibration = write_demo_calibration(workdir / "calibration.txt")
+    config = ReamConfig(
+        target_experts=target_experts, method=method, calibration=[str(calibration)], calibration_ratios=None,
+        num_calibration_sequences=64, sequence_length=128, batch_size=8, group_size=4, seed=42,
+    )
+    started = time.perf_counter()
+    compressor = ReamCompressor(config)
+    model = compressor.compress(str(source))
+    output = compressor.save_pretrained(workdir / "compressed", overwrite=True)
+    seconds = time.perf_counter() - started
+    held_out = demo_corpus(60, seed=7)
+    before_params = sum(p.numel() for p in _load(source).parameters())
+    after_params = sum(p.numel() for p in model.parameters())
+    return [
+        ("experts per MoE layer", str(compressor.result.experts_before), str(compressor.result.experts_after)),
+        ("parameters", f"{before_params:,}", f"{after_params:,}"),
+        ("size on disk (MB)", f"{folder_bytes(source) / 1e6:.2f}", f"{folder_bytes(output) / 1e6:.2f}"),
+        ("held-out loss (reloaded)", f"{mean_loss(source, held_out):.3f}", f"{mean_loss(output, held_out):.3f}"),
+        ("seconds (compress + save)", "", f"{seconds:.1f}"),
+        ("output folder", "", str(output)),
+    ]
+
+
+def _load(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder))

@@ -1,0 +1,78 @@
+"""From a layer's statistics to its plan: which source experts form each output expert, and how merged.
+
+Grouped routing (DeepSeek-V3, GLM-4.5 with n_group > 1) routes within fixed blocks of consecutive
+experts, so every routing group keeps the same number of experts and groups never cross blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ReamConfig
+from .grouping import (
+    ExpertGroup,
+    hc_smoe_groups,
+    m_smoe_groups,
+    merge_weights,
+    prune_groups,
+    pseudo_prune_groups,
+)
+from .similarity import expert_distance
+from .stats import LayerStatistics
+
+
+@dataclass
+class LayerPlan:
+    groups: list[ExpertGroup]  # output expert j = groups[j]
+    weights: list[list[float]]  # merge weight of each member, same order as groups[j].members
+    scores: torch.Tensor  # the ranking criterion: saliency, or frequency for "frequency"
+
+    @property
+    def centroids(self) -> list[int]:
+        return [g.centroid for g in self.groups]
+
+
+def ranking_scores(config: ReamConfig, stats: LayerStatistics) -> torch.Tensor:
+    if config.method == "frequency":
+        return stats.frequency.double()
+    return stats.saliency
+
+
+def merge_saliency(saliency: torch.Tensor) -> torch.Tensor:
+    """Never-routed experts get saliency 0; raise them to min(0.5, smallest non-zero) so they still merge."""
+    positive = saliency[saliency > 0]
+    floor = min(0.5, float(positive.min())) if positive.numel() else 1.0
+    return torch.where(saliency > 0, saliency, torch.full_like(saliency, floor))
+
+
+def _groups_for_block(config: ReamConfig, stats: LayerStatistics, experts: list[int], target: int) -> list[ExpertGroup]:
+    """Groups over the subset `experts` (one routing group) with local statistics, mapped back to global ids."""
+    index = torch.tensor(experts)
+    scores = ranking_scores(config, stats)[index]
+    if not config.is_merging:
+        local = prune_groups(scores, target)
+    elif config.method == "hc_smoe":
+        local = hc_smoe_groups(stats.gated_outputs[index], target, scores)
+    else:
+        logits = stats.router_logits[:, index] if (config.use_router_logits and stats.router_logits is not None) else None
+        distance = expert_distance(stats.gated_outputs[index], logits)
+        if config.method == "m_smoe" or config.group_size == 0:
+            local = m_smoe_groups(scores, distance, target)
+        else:
+            local = pseudo_prune_groups(scores, distance, target, config.group_size)
+    return [ExpertGroup(experts[g.centroid], tuple(experts[m] for m in g.members)) for g in local]
+
+
+def plan_layer(config: ReamConfig, stats: LayerStatistics, target: int, routing_groups: int = 1) -> LayerPlan:
+    num_experts = stats.frequency.shape[0]
+    block = num_experts // routing_groups
+    groups: list[ExpertGroup] = []
+    for start in range(0, num_experts, block):
+        groups += _groups_for_block(config, stats, list(range(start, start + block)), target // routing_groups)
+    groups.sort(key=lambda g: g.centroid)
+    scores = ranking_scores(config, stats)
+    weight_source = merge_saliency(scores) if config.is_merging else scores
+    weights = [merge_weights(weight_source, g).tolist() for g in groups]
+    return LayerPlan(groups, weights, scores)

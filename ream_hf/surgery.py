@@ -1,0 +1,71 @@
+"""Applying a layer's grouping to the in-memory model: experts replaced, router rows kept by centroid."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import MoEFamily, experts, router
+from .experts import ExpertWeights, read_expert_weights, write_expert_weights
+
+
+def check_grouped_routing(family: MoEFamily, config, num_experts: int, target: int, top_k: int) -> None:
+    """Grouped top-k (DeepSeek-V3, GLM-4.5) needs the same number of experts in each routing group."""
+    if family.group_keys is None:
+        return
+    n_group = int(getattr(config, family.group_keys[0], 1) or 1)
+    topk_group = int(getattr(config, family.group_keys[1], 1) or 1)
+    if n_group <= 1:
+        return
+    if target % n_group:
+        raise ValueError(
+            f"target_experts={target} is not divisible by n_group={n_group}: grouped routing needs equal groups; "
+            f"choose a multiple of {n_group}"
+        )
+    per_group = target // n_group
+    if per_group < 2 or per_group * topk_group < top_k:
+        raise ValueError(
+            f"target_experts={target} leaves {per_group} experts in each of {n_group} routing groups, too few for "
+            f"top-{top_k} over {topk_group} groups; keep at least {n_group * max(2, -(-top_k // topk_group))}"
+        )
+
+
+def routing_groups(family: MoEFamily, config, num_experts: int) -> int:
+    if family.group_keys is None:
+        return 1
+    return int(getattr(config, family.group_keys[0], 1) or 1)
+
+
+def replace_router_rows(family: MoEFamily, router_module: nn.Module, keep: list[int]) -> None:
+    index = torch.tensor(keep, dtype=torch.long)
+    for name in family.router_tensors:
+        tensor = getattr(router_module, name, None)
+        if tensor is None:
+            continue
+        sliced = tensor.detach()[index.to(tensor.device)].clone()
+        if isinstance(tensor, nn.Parameter):
+            setattr(router_module, name, nn.Parameter(sliced, requires_grad=False))
+        else:
+            router_module.register_buffer(name, sliced, persistent=name in dict(router_module.named_buffers()))
+    router_module.num_experts = len(keep)
+
+
+def apply_layer_plan(
+    family: MoEFamily, block: nn.Module, centroids: list[int], merged: ExpertWeights | None = None
+) -> None:
+    """Output expert j takes `merged[j]` (or source expert centroids[j] when pruning) and router row centroids[j]."""
+    experts_module = experts(family, block)
+    weights = merged if merged is not None else read_expert_weights(family, experts_module).select(centroids)
+    write_expert_weights(family, experts_module, weights)
+    replace_router_rows(family, router(family, block), centroids)
+    if hasattr(block, "num_experts"):
+        block.num_experts = len(centroids)
+
+
+def set_config_expert_count(family: MoEFamily, config, count: int) -> None:
+    for key in (family.num_experts_attr, *family.expert_count_keys):
+        if hasattr(config, key):
+            setattr(config, key, count)
+    text = getattr(config, "text_config", None)
+    if text is not None and text is not config:
+        set_config_expert_count(family, text, count)

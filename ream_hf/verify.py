@@ -1,0 +1,132 @@
+"""Our own check of a written checkpoint, run before the output folder is moved into place.
+
+vLLM loads a checkpoint with a missing expert or MTP tensor without a word, so every layer's expert
+set, every router's row count and every tensor's shape is checked against the config and, where
+the source is known, every other tensor's name and shape against the source.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .arch import MoEFamily, expert_count, text_config_dict
+from .checkpoint import INDEX_NAME, SourceCheckpoint, parse_moe_name
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def expert_shapes(family: MoEFamily, text_config: dict) -> dict[str, tuple[int, ...]]:
+    hidden = int(text_config["hidden_size"])
+    inner = int(text_config.get("moe_intermediate_size") or text_config["intermediate_size"])
+    if family.expert_layout == "gpt_oss":
+        return {"gate_up_proj": (hidden, 2 * inner), "gate_up_proj_bias": (2 * inner,), "down_proj": (inner, hidden),
+                "down_proj_bias": (hidden,)}
+    return {family.disk_proj_names["gate"]: (inner, hidden), family.disk_proj_names["up"]: (inner, hidden),
+            family.disk_proj_names["down"]: (hidden, inner)}
+
+
+def read_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name, file in index.items():
+        by_file[file].append(name)
+    for file, names in by_file.items():
+        path = folder / file
+        if not path.is_file():
+            raise CheckpointError(f"shard {file} listed in the index is missing")
+        with safe_open(path, framework="pt") as handle:
+            present = set(handle.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"tensor {name} listed in the index is not in {file}")
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def verify_checkpoint(
+    folder: str | Path,
+    family: MoEFamily,
+    source: SourceCheckpoint | None = None,
+    full_width_layers: set[str] = frozenset(),
+    dropped_prefixes: tuple[str, ...] = (),
+) -> dict[str, int]:
+    """Raise CheckpointError on the first inconsistency; return experts per MoE layer.
+
+    `full_width_layers` names layers deliberately left uncompressed (an MTP layer kept with mtp="keep").
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text = text_config_dict(config)
+    target = expert_count(family, config)
+    shapes = read_shapes(folder)
+    per_expert_shapes = expert_shapes(family, text)
+    hidden = int(text["hidden_size"])
+
+    experts_seen: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+    fused_seen: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+    routers: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+    for name, shape in shapes.items():
+        parsed = parse_moe_name(family, name)
+        if parsed is None:
+            continue
+        if parsed.kind == "expert":
+            expected = per_expert_shapes.get(parsed.proj)
+            if expected is not None and shape != expected:
+                raise CheckpointError(f"{name} has shape {shape}, expected {expected}")
+            experts_seen[parsed.layer_key][parsed.expert].add(parsed.proj)
+        elif parsed.kind == "fused":
+            fused_seen[parsed.layer_key][parsed.param] = shape
+        else:
+            routers[parsed.layer_key][parsed.param] = shape
+
+    counts: dict[str, int] = {}
+    for layer, by_expert in experts_seen.items():
+        want = len(by_expert) if layer in full_width_layers else target
+        if sorted(by_expert) != list(range(want)):
+            raise CheckpointError(
+                f"layer {layer} has experts {sorted(by_expert)[:5]}... ({len(by_expert)}), expected 0..{want - 1}"
+            )
+        for expert, projs in by_expert.items():
+            if projs != set(family.disk_proj_names.values()):
+                raise CheckpointError(f"layer {layer} expert {expert} lacks {set(family.disk_proj_names.values()) - projs}")
+        counts[layer] = want
+    for layer, params in fused_seen.items():
+        want = params["down_proj"][0] if layer in full_width_layers else target
+        for param, expected in per_expert_shapes.items():
+            if params.get(param) != (want, *expected):
+                raise CheckpointError(f"layer {layer} {param} has shape {params.get(param)}, expected {(want, *expected)}")
+        counts[layer] = want
+    for layer, params in routers.items():
+        want = counts.get(layer)
+        if want is None:
+            raise CheckpointError(f"layer {layer} has a router but no expert tensors")
+        if params.get("weight") != (want, hidden):
+            raise CheckpointError(f"layer {layer} router weight has shape {params.get('weight')}, expected {(want, hidden)}")
+        for param, shape in params.items():
+            if param != "weight" and shape != (want,):
+                raise CheckpointError(f"layer {layer} router {param} has shape {shape}, expected {(want,)}")
+    missing_router = set(counts) - set(routers)
+    if missing_router:
+        raise CheckpointError(f"layers {sorted(missing_router)} have experts but no router weight")
+
+    if source is not None:
+        kept_names = [n for n in source.weight_map if not (dropped_prefixes and n.startswith(dropped_prefixes))]
+        source_layers = {p.layer_key for n in kept_names if (p := parse_moe_name(family, n))}
+        lost = source_layers - set(counts)
+        if lost:
+            raise CheckpointError(f"MoE layers {sorted(lost)} of the source are missing from the output")
+        for name in kept_names:
+            if parse_moe_name(family, name) is None and name not in shapes:
+                raise CheckpointError(f"tensor {name} of the source is missing from the output")
+    if dropped_prefixes:
+        left = [n for n in shapes if n.startswith(dropped_prefixes)]
+        if left:
+            raise CheckpointError(f"dropped MTP tensor {left[0]} is still in the output")
+    return counts
