@@ -16,9 +16,9 @@ from .config import MERGE_MODES, METHODS, MTP_MODES, DTYPES, ReamConfig
 
 def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="local model folder or Hugging Face Hub repo id")
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument("--target-experts", type=int, help="experts kept per MoE layer")
-    target.add_argument("--compression-ratio", type=float, help="fraction of experts removed, e.g. 0.25")
+    # not argparse-exclusive: ReamConfig gives the one-line error for both/neither
+    parser.add_argument("--target-experts", type=int, help="experts kept per MoE layer")
+    parser.add_argument("--compression-ratio", type=float, help="fraction of experts removed, e.g. 0.25")
     parser.add_argument("--method", choices=METHODS, default="ream")
     parser.add_argument("--calibration", action="append", metavar="FILE_OR_DATASET",
                         help=".txt, .jsonl ('text' or 'input_ids' rows) or a Hub dataset id; repeat for a mix "

@@ -36,7 +36,7 @@ from .checkpoint import (
 from .config import CONFIG_KEY, ReamConfig
 from .experts import ExpertWeights, activation_for, read_expert_weights
 from .layers import capture_layer_inputs, feed_block_inputs, forward_layer
-from .merging import merge_expert_group
+from .merging import merge_expert_group, weight_features
 from .planning import LayerPlan, plan_layer
 from .stats import LayerStatistics, LayerStatsAccumulator
 from .surgery import apply_layer_plan, check_grouped_routing, routing_groups, set_config_expert_count
@@ -286,6 +286,7 @@ class ReamCompressor(OptimumQuantizer):
             dense=config.is_merging,
             with_saliency=config.method != "frequency",
             keep_logits=config.is_merging and config.use_router_logits,
+            gated=config.gated_similarity,
             sample_positions=sample if config.merge in ("logits+weights", "logits") else None,
             chunk_size=config.token_chunk_size,
         )
@@ -298,27 +299,27 @@ class ReamCompressor(OptimumQuantizer):
         return accumulator.finalize()
 
     def _merge(self, family, block, plan: LayerPlan, stats: LayerStatistics) -> ExpertWeights:
-        from .merging import weight_features
-
+        """Each output expert from its group: members aligned to the centroid, then saliency-weighted."""
         weights = read_expert_weights(family, experts(family, block))
         mode = self.config.merge
-        features = weight_features(weights.gate.float(), weights.up.float(), weights.down.float(), self.config.pca_dim) \
-            if mode in ("logits+weights", "weights") else None
+        features = None
+        if mode in ("logits+weights", "weights"):
+            features = weight_features(weights.gate.float(), weights.up.float(), weights.down.float(), self.config.pca_dim)
         merged = []
         for group, group_weights in zip(plan.groups, plan.weights):
             index = list(group.members)
             part = weights.select(index)
-            biases = None
-            if part.gate_bias is not None:
-                biases = (part.gate_bias, part.up_bias, part.down_bias)
-            out = merge_expert_group(
-                part.gate, part.up, part.down, torch.tensor(group_weights), mode,
+            merged.append(merge_expert_group(
+                part.gate, part.up, part.down, torch.tensor(group_weights, dtype=torch.float64), mode,
                 acts=None if stats.activations is None else stats.activations[index],
                 feats=None if features is None else features[index],
-                biases=biases,
-            )
-            merged.append(out)
-        return _stack_merged(merged, weights)
+                biases={"gate_bias": part.gate_bias, "up_bias": part.up_bias, "down_bias": part.down_bias},
+            ))
+        stacked = {name: torch.stack([m[i] for m in merged]) for i, name in enumerate(("gate", "up", "down"))}
+        for name in ("gate_bias", "up_bias", "down_bias"):
+            if name in merged[0][3]:
+                stacked[name] = torch.stack([m[3][name] for m in merged])
+        return ExpertWeights(**stacked)
 
     # -- output ------------------------------------------------------------------------------
     def save_pretrained(
@@ -395,14 +396,3 @@ class _Attrs:
 
     def __getattr__(self, name: str) -> Any:
         return self._data.get(name)
-
-
-def _stack_merged(merged: list, like: ExpertWeights) -> ExpertWeights:
-    gate = torch.stack([m[0] for m in merged])
-    up = torch.stack([m[1] for m in merged])
-    down = torch.stack([m[2] for m in merged])
-    if like.gate_bias is None:
-        return ExpertWeights(gate, up, down)
-    biases = [m[3] for m in merged]
-    return ExpertWeights(gate, up, down, torch.stack([b[0] for b in biases]), torch.stack([b[1] for b in biases]),
-                         torch.stack([b[2] for b in biases]))

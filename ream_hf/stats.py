@@ -20,7 +20,7 @@ CHUNK_BYTES_BUDGET = 256 * 2**20
 class LayerStatistics:
     frequency: torch.Tensor  # (E,) int64: tokens that selected each expert
     saliency: torch.Tensor | None  # (E,) float64: REAP, mean over selecting tokens of g_i(x) * ||f_i(x)||
-    gated_outputs: torch.Tensor | None  # (E, H) float32: mean over all tokens of g_i(x) * f_i(x)
+    gated_outputs: torch.Tensor | None  # (E, H) float32: mean over all tokens of g_i(x) * f_i(x) (or f_i(x) ungated)
     router_logits: torch.Tensor | None  # (T, E) float32
     activations: torch.Tensor | None  # (E, T_s, D) float32, the same sampled tokens for every expert
     num_tokens: int
@@ -55,6 +55,7 @@ class LayerStatsAccumulator:
         dense: bool,
         with_saliency: bool = True,
         keep_logits: bool = False,
+        gated: bool = True,
         sample_positions: torch.Tensor | None = None,
         chunk_size: int = 2048,
     ) -> None:
@@ -64,6 +65,7 @@ class LayerStatsAccumulator:
         self.dense = dense
         self.with_saliency = with_saliency or dense
         self.keep_logits = keep_logits
+        self.gated = gated  # False: the "no gated similarity" ablation, plain mean expert outputs
         num_experts, inner, hidden = self.weights.gate.shape
         self.num_experts = num_experts
         self.chunk_size = chunk_rows(num_experts, hidden, inner, chunk_size)
@@ -100,7 +102,10 @@ class LayerStatsAccumulator:
         norms = out.norm(dim=-1)  # (E, c)
         selected = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32).scatter_(1, topk_index, topk_weights)
         self.saliency_sum += (selected.T * norms).sum(dim=1, dtype=torch.float64)
-        gates = gate_scores(logits, self.scoring)  # (c, E)
+        if self.gated:
+            gates = gate_scores(logits, self.scoring)  # (c, E)
+        else:
+            gates = torch.ones(x.shape[0], self.num_experts)
         self.gated_sum += torch.bmm(gates.T.unsqueeze(1), out).squeeze(1).double()
         if self.sample_positions is not None:
             lo = torch.searchsorted(self.sample_positions, first_position)

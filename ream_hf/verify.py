@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .arch import MoEFamily, expert_count, text_config_dict
-from .checkpoint import INDEX_NAME, SourceCheckpoint, parse_moe_name
+from .checkpoint import SourceCheckpoint, parse_moe_name
 
 
 class CheckpointError(ValueError):
@@ -32,7 +32,7 @@ def expert_shapes(family: MoEFamily, text_config: dict) -> dict[str, tuple[int, 
 
 
 def read_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+    index = SourceCheckpoint(folder).weight_map
     shapes: dict[str, tuple[int, ...]] = {}
     by_file: dict[str, list[str]] = defaultdict(list)
     for name, file in index.items():

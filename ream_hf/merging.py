@@ -1,0 +1,174 @@
+"""Merging one group of experts into one (METHOD.md §4): neuron alignment to the centroid, then a weighted sum.
+
+Canonical layout (see experts.py): gate (n, D, H), up (n, D, H), down (n, H, D); optional biases
+"gate_bias" / "up_bias" (n, D) and "down_bias" (n, H) passed as a dict. Hidden neuron d of an expert is
+gate row d, up row d and down column d; permuting neurons leaves the expert's function unchanged, which
+is why members are permuted to match the centroid before averaging.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+ALIGNMENT_MODES = ("logits+weights", "logits", "weights")
+PCA_SEED = 0
+
+
+def _unit_rows(rows: Tensor) -> Tensor:
+    norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+    return rows / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _principal_directions(rows: Tensor, dim: int, iterations: int = 4, oversample: int = 10) -> Tensor:
+    """Top-`dim` principal directions (C, dim) of centred rows (N, C) by randomized subspace iteration
+    with a fixed seed: deterministic, and exact whenever dim + oversample covers all C columns."""
+    mean = rows.mean(dim=0, keepdim=True)
+    width = min(dim + oversample, rows.shape[1])
+    generator = torch.Generator(device=rows.device).manual_seed(PCA_SEED)
+    basis = torch.randn(rows.shape[1], width, generator=generator, device=rows.device, dtype=rows.dtype)
+    for _ in range(iterations):  # centring applied implicitly, so the (N, C) rows are never copied
+        image = torch.linalg.qr(rows @ basis - mean @ basis).Q
+        basis = torch.linalg.qr(rows.T @ image - mean.T @ image.sum(dim=0, keepdim=True)).Q
+    _, _, right = torch.linalg.svd(rows @ basis - mean @ basis, full_matrices=False)
+    return basis @ right[:dim].T
+
+
+def weight_features(gate: Tensor, up: Tensor, down: Tensor, dim: int = 64) -> Tensor:
+    """Per-neuron weight signature for alignment: concat(gate row, up row, down column), unit-normalised,
+    then PCA over all neurons of all experts of the layer so every expert shares one basis. (E, D, p)."""
+    num_experts, inner, hidden = gate.shape
+    rows = torch.cat([gate.float(), up.float(), down.float().transpose(1, 2)], dim=2).reshape(-1, 3 * hidden)
+    rows = _unit_rows(rows)
+    dims = min(dim, 3 * hidden, num_experts * inner)
+    directions = _principal_directions(rows, dims)
+    projected = rows @ directions - rows.mean(dim=0, keepdim=True) @ directions
+    return projected.reshape(num_experts, inner, dims)
+
+
+def alignment_cost(
+    centroid_acts: Tensor | None,
+    member_acts: Tensor | None,
+    centroid_feats: Tensor | None,
+    member_feats: Tensor | None,
+    mode: str,
+) -> Tensor:
+    """(D, D) cost of matching centroid neuron i to member neuron j. Activations are (Ts, D) on the same
+    sample tokens, each neuron's column normalised over tokens here; features are `weight_features` rows."""
+    if mode not in ALIGNMENT_MODES:
+        raise ValueError(f"alignment mode must be one of {', '.join(ALIGNMENT_MODES)}; got {mode!r}")
+    cost = None
+    if "logits" in mode:
+        if centroid_acts is None or member_acts is None:
+            raise ValueError(f"merge mode {mode!r} needs hidden activation samples; collect them or use merge='weights'")
+        c_cols, m_cols = _unit_rows(centroid_acts.float().T), _unit_rows(member_acts.float().T)
+        cost = torch.cdist(c_cols, m_cols)
+    if "weights" in mode:
+        if centroid_feats is None or member_feats is None:
+            raise ValueError(f"merge mode {mode!r} needs weight features; compute them with weight_features()")
+        feature_cost = torch.cdist(centroid_feats.float(), member_feats.float())
+        cost = feature_cost if cost is None else cost + feature_cost
+    return cost
+
+
+def align_to_centroid(cost: Tensor) -> Tensor:
+    """Hungarian matching: perm (D,) with member neuron perm[n] matched to centroid neuron n."""
+    rows, columns = linear_sum_assignment(cost.detach().cpu().double().numpy())
+    perm = torch.empty(cost.shape[0], dtype=torch.long)
+    perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(columns, dtype=torch.long)
+    return perm
+
+
+def permute_expert(
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    perm: Tensor,
+    gate_bias: Tensor | None = None,
+    up_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One expert (gate (D, H), up (D, H), down (H, D)) with its hidden neurons reordered; same function."""
+    perm = perm.to(gate.device)
+    return (
+        gate[perm],
+        up[perm],
+        down[:, perm],
+        None if gate_bias is None else gate_bias[perm],
+        None if up_bias is None else up_bias[perm],
+    )
+
+
+def merge_group(
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    weights: Tensor,
+    perms: Tensor | list[Tensor] | None = None,
+    biases: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """Weighted sum of the group's (permuted) experts, accumulated in float32 and cast back to the input
+    dtype. Members are stacked centroid first; weights (n,) should sum to 1; perms[0] is the identity.
+    Returns merged gate (D, H), up (D, H), down (H, D) and the merged biases (empty dict without biases)."""
+    count = gate.shape[0]
+    if weights.shape[0] != count:
+        raise ValueError(f"{weights.shape[0]} merge weights for a group of {count} experts")
+    biases = {name: b for name, b in (biases or {}).items() if b is not None}
+    merged_gate = torch.zeros(gate.shape[1:], dtype=torch.float32, device=gate.device)
+    merged_up = torch.zeros(up.shape[1:], dtype=torch.float32, device=up.device)
+    merged_down = torch.zeros(down.shape[1:], dtype=torch.float32, device=down.device)
+    merged_biases = {name: torch.zeros(b.shape[1:], dtype=torch.float32, device=b.device) for name, b in biases.items()}
+    for j, weight in enumerate(weights.double().tolist()):
+        perm = None if perms is None else perms[j]
+        member_gate, member_up, member_down = gate[j], up[j], down[j]
+        member_biases = {name: b[j] for name, b in biases.items()}
+        if perm is not None:
+            member_gate, member_up, member_down, gate_bias, up_bias = permute_expert(
+                member_gate, member_up, member_down, perm, member_biases.get("gate_bias"), member_biases.get("up_bias")
+            )
+            member_biases.update({k: v for k, v in (("gate_bias", gate_bias), ("up_bias", up_bias)) if v is not None})
+        merged_gate.add_(member_gate.float(), alpha=weight)
+        merged_up.add_(member_up.float(), alpha=weight)
+        merged_down.add_(member_down.float(), alpha=weight)
+        for name, b in member_biases.items():
+            merged_biases[name].add_(b.float(), alpha=weight)
+    return (
+        merged_gate.to(gate.dtype),
+        merged_up.to(up.dtype),
+        merged_down.to(down.dtype),
+        {name: merged_biases[name].to(biases[name].dtype) for name in merged_biases},
+    )
+
+
+def merge_expert_group(
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    weights: Tensor,
+    mode: str,
+    acts: Tensor | None = None,
+    feats: Tensor | None = None,
+    biases: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """One output expert from its group (stacked centroid first), per merge mode: "logits+weights" /
+    "logits" / "weights" align every member to the centroid, then saliency-weighted sum; "avg" uniform
+    average without alignment; "none" the centroid unchanged. acts (n, Ts, D), feats (n, D, p)."""
+    biases = {name: b for name, b in (biases or {}).items() if b is not None}
+    count = gate.shape[0]
+    if mode == "none" or count == 1:
+        return gate[0], up[0], down[0], {name: b[0] for name, b in biases.items()}
+    if mode == "avg":
+        return merge_group(gate, up, down, torch.full((count,), 1.0 / count, dtype=torch.float64), biases=biases)
+    if mode not in ALIGNMENT_MODES:
+        raise ValueError(f"merge mode must be one of {', '.join((*ALIGNMENT_MODES, 'avg', 'none'))}; got {mode!r}")
+    perms = [torch.arange(gate.shape[1])]
+    for j in range(1, count):
+        cost = alignment_cost(
+            None if acts is None else acts[0],
+            None if acts is None else acts[j],
+            None if feats is None else feats[0],
+            None if feats is None else feats[j],
+            mode,
+        )
+        perms.append(align_to_centroid(cost))
+    return merge_group(gate, up, down, weights, perms=perms, biases=biases)

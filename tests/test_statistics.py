@@ -1,0 +1,156 @@
+"""Saliency and frequency against a slow, obviously-correct per-token computation written here.
+
+The reference re-implements each family's routing rule token by token (softmax + renormalised top-k
+for Qwen3-MoE; sigmoid + correction bias + group-limited top-k + renormalisation + scaling for GLM-4.5)
+and evaluates experts one at a time from the fused weights; it shares no code with the package.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Glm4MoeConfig
+
+from ream_hf import ReamCompressor, ReamConfig
+from ream_hf.calibration import load_calibration, make_batches
+from ream_hf.demo import build_tiny_tokenizer
+
+
+def route_softmax(logits, top_k, normalise):
+    probs = [math.exp(v) for v in logits]
+    total = sum(probs)
+    probs = [p / total for p in probs]
+    chosen = sorted(range(len(probs)), key=lambda i: -probs[i])[:top_k]
+    weights = [probs[i] for i in chosen]
+    if normalise:
+        weights = [w / sum(weights) for w in weights]
+    return chosen, weights
+
+
+def route_sigmoid_grouped(logits, bias, top_k, n_group, topk_group, normalise, scale):
+    scores = [1 / (1 + math.exp(-v)) for v in logits]
+    choice = [s + b for s, b in zip(scores, bias)]
+    size = len(scores) // n_group
+    group_score = [sum(sorted(choice[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+    groups = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+    allowed = [i for g in groups for i in range(g * size, (g + 1) * size)]
+    chosen = sorted(allowed, key=lambda i: -choice[i])[:top_k]
+    weights = [scores[i] for i in chosen]
+    if normalise:
+        weights = [w / (sum(weights) + 1e-20) for w in weights]
+    return chosen, [w * scale for w in weights]
+
+
+def expert_output(experts, i, x):
+    inner = experts.gate_up_proj.shape[1] // 2
+    gate = experts.gate_up_proj[i, :inner] @ x
+    up = experts.gate_up_proj[i, inner:] @ x
+    return experts.down_proj[i] @ (F.silu(gate) * up)
+
+
+def reference_stats(model, batches, layer_index, router_rule):
+    """Loop over real tokens of every batch; returns (frequency, saliency) lists."""
+    captured = []
+    block = model.model.layers[layer_index].mlp
+    handle = block.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    with torch.no_grad():
+        for batch in batches:
+            model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    handle.remove()
+    num = block.experts.gate_up_proj.shape[0]
+    freq, sal = [0] * num, [0.0] * num
+    with torch.no_grad():
+        for hidden, batch in zip(captured, batches):
+            for b in range(hidden.shape[0]):
+                for t in range(hidden.shape[1]):
+                    if not batch.attention_mask[b, t]:
+                        continue
+                    x = hidden[b, t]
+                    logits = (block.gate.weight @ x).tolist()
+                    chosen, weights = router_rule(block, logits)
+                    for i, w in zip(chosen, weights):
+                        freq[i] += 1
+                        sal[i] += w * float(expert_output(block.experts, i, x).norm())
+    return freq, [s / f if f else 0.0 for s, f in zip(sal, freq)]
+
+
+def compress_and_manifest(source, calibration, method, sequential, tmp_path, target):
+    config = ReamConfig(target_experts=target, method=method, calibration=[str(calibration)], calibration_ratios=None,
+                        num_calibration_sequences=12, sequence_length=64, batch_size=4, sequential=sequential)
+    compressor = ReamCompressor(config)
+    compressor.compress(str(source))
+    return compressor.manifest(), config
+
+
+def batches_for(source, config):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    return make_batches(load_calibration(config, tokenizer), config.batch_size, tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def glm_source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("glm") / "source"
+    tokenizer = build_tiny_tokenizer(folder)
+    config = Glm4MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        norm_topk_prob=True, first_k_dense_replace=1, initializer_range=0.1, max_position_embeddings=512,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(16) * 0.3)  # selection differs from scores
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_qwen3_softmax_saliency_and_frequency_match_reference(qwen3_source, ragged_calibration, tmp_path, sequential):
+    manifest, config = compress_and_manifest(qwen3_source, ragged_calibration, "reap", sequential, tmp_path, 8)
+    model = AutoModelForCausalLM.from_pretrained(str(qwen3_source)).eval()
+    batches = batches_for(qwen3_source, config)
+    assert any((b.attention_mask == 0).any() for b in batches), "the fixture must produce padding"
+    layers = [0] if sequential else [0, 1]  # with sequential=False every layer sees the original model's inputs
+    for index in layers:
+        rule = lambda block, logits: route_softmax(logits, 4, True)  # noqa: E731
+        freq, sal = reference_stats(model, batches, index, rule)
+        entry = manifest["layers"][index]
+        assert entry["frequency"] == freq
+        assert entry["saliency"] == pytest.approx(sal, rel=1e-4, abs=1e-6)
+        assert sum(freq) == 4 * manifest["calibration"]["tokens"]
+
+
+def test_glm_sigmoid_bias_grouped_saliency_matches_reference(glm_source, ragged_calibration, tmp_path):
+    manifest, config = compress_and_manifest(glm_source, ragged_calibration, "reap", False, tmp_path, 8)
+    model = AutoModelForCausalLM.from_pretrained(str(glm_source)).eval()
+    batches = batches_for(glm_source, config)
+    assert [e["index"] for e in manifest["layers"]] == [1, 2]  # layer 0 is dense
+    for entry in manifest["layers"]:
+        def rule(block, logits):
+            return route_sigmoid_grouped(logits, block.gate.e_score_correction_bias.tolist(), 4, 4, 2, True, 2.5)
+        freq, sal = reference_stats(model, batches, entry["index"], rule)
+        assert entry["frequency"] == freq
+        assert entry["saliency"] == pytest.approx(sal, rel=1e-4, abs=1e-6)
+
+
+def test_frequency_method_ranks_by_counts(qwen3_source, ragged_calibration, tmp_path):
+    manifest, _ = compress_and_manifest(qwen3_source, ragged_calibration, "frequency", True, tmp_path, 8)
+    for entry in manifest["layers"]:
+        kept = [g["centroid"] for g in entry["groups"]]
+        freq = entry["frequency"]
+        threshold = sorted(freq, reverse=True)[7]
+        assert all(freq[i] >= threshold for i in kept) and len(kept) == 8
+        assert entry["saliency"] is None
+
+
+def test_grouped_routing_keeps_equal_experts_per_group(glm_source, ragged_calibration, tmp_path):
+    manifest, _ = compress_and_manifest(glm_source, ragged_calibration, "reap", True, tmp_path, 8)
+    for entry in manifest["layers"]:
+        kept = [g["centroid"] for g in entry["groups"]]
+        assert [sum(1 for k in kept if k // 4 == g) for g in range(4)] == [2, 2, 2, 2]
