@@ -9,6 +9,7 @@ and expert tensors keep the source's naming (per-expert `experts.{i}.gate_proj.w
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -83,20 +84,31 @@ class SourceCheckpoint:
             self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read {config_path}: {error}") from None
+
+    @functools.cached_property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> shard file; read on first use so config-level errors are reported first."""
         index_path = self.folder / INDEX_NAME
         if index_path.is_file():
-            self.weight_map: dict[str, str] = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            try:
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError) as error:
+                raise ValueError(f"cannot read {index_path}: {error!r}") from None
         elif (self.folder / SINGLE_NAME).is_file():
-            with safe_open(self.folder / SINGLE_NAME, framework="pt") as handle:
-                self.weight_map = {name: SINGLE_NAME for name in handle.keys()}
+            try:
+                with safe_open(self.folder / SINGLE_NAME, framework="pt") as handle:
+                    weight_map = {name: SINGLE_NAME for name in handle.keys()}
+            except Exception as error:  # safetensors raises its own error type for corrupt headers
+                raise ValueError(f"cannot read {self.folder / SINGLE_NAME}: {error}") from None
         else:
             raise ValueError(
                 f"{self.folder} has no safetensors weights ({INDEX_NAME} or {SINGLE_NAME}); convert the checkpoint "
                 "to safetensors first"
             )
-        missing = sorted({f for f in self.weight_map.values() if not (self.folder / f).is_file()})
+        missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
         if missing:
             raise ValueError(f"{self.folder} is incomplete: shard {missing[0]} listed in its index is missing")
+        return weight_map
 
     def shards(self) -> list[str]:
         """Shard files in index order, each once."""

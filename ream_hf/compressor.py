@@ -172,6 +172,7 @@ class ReamCompressor(OptimumQuantizer):
                 f"target_experts={target} equals the model's {num_experts} experts; nothing to compress, choose fewer"
             )
         check_grouped_routing(family, _Attrs(text), num_experts, target, top_k)
+        trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
         if source is not None and (found := mtp_prefixes(family, source)):
             if config.mtp == "compress":
@@ -197,7 +198,6 @@ class ReamCompressor(OptimumQuantizer):
         result.calibration_sequences = len(sequences)
         result.calibration_tokens = int(sum(int(s.numel()) for s in sequences))
         result.dropped_prefixes = drop
-        trunk_prefix = self._trunk_prefix(family, source)
         self._run_layers(model, family, batches, target, device, trunk_prefix, result)
         set_config_expert_count(family, model.config, target)
         self.model, self.tokenizer, self.result = model, tokenizer, result

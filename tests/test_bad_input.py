@@ -1,0 +1,117 @@
+"""Every bad input: a one-line error (exit 2), raised before any work starts, nothing written."""
+
+import json
+
+import pytest
+import transformers
+
+from ream_hf.cli import main
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to load weights fails the test: errors must come before work starts."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the input was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def run_cli(args, capsys):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def dense_model(folder):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    Qwen3ForCausalLM(config).save_pretrained(str(folder))
+    return folder
+
+
+def unknown_moe(folder):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "fancy_moe", "num_experts": 8, "num_experts_per_tok": 2}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+CASES = {
+    "target equals experts": (["--target-experts", "16"], "equals the model's 16 experts"),
+    "target above experts": (["--target-experts", "17"], "more than the model's 16 experts"),
+    "target below top-k": (["--target-experts", "3"], "below the router's top-k (4)"),
+    "both target and ratio": (["--target-experts", "8", "--compression-ratio", "0.5"], "exactly one of"),
+    "neither target nor ratio": ([], "exactly one of"),
+    "bad method": (["--target-experts", "8", "--method", "ream", "--group-size", "-2"], "group_size"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_targets(name, qwen3_source, calibration_txt, tmp_path, capsys, no_model_loading):
+    extra, message = CASES[name]
+    code, err = run_cli(["compress", str(qwen3_source), "--calibration", str(calibration_txt),
+                         "--output", str(tmp_path / "out"), *extra], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_moe_and_unknown_architectures(tmp_path, calibration_txt, capsys, no_model_loading):
+    dense = dense_model(tmp_path / "dense")
+    code, err = run_cli(["compress", str(dense), "--target-experts", "4", "--calibration", str(calibration_txt),
+                         "--output", str(tmp_path / "o1")], capsys)
+    assert code == 2 and "not a Mixture-of-Experts model" in err and "Qwen3-MoE" in err and "\n" not in err
+    strange = unknown_moe(tmp_path / "strange")
+    code, err = run_cli(["compress", str(strange), "--target-experts", "4", "--calibration", str(calibration_txt),
+                         "--output", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "unsupported MoE architecture 'fancy_moe'" in err and "GPT-OSS" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("content, message", [(None, "does not exist"), ("", "is empty")])
+def test_missing_or_empty_calibration_file(qwen3_source, tmp_path, capsys, no_model_loading, content, message):
+    path = tmp_path / "cal.txt"
+    if content is not None:
+        path.write_text(content)
+    code, err = run_cli(["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(path),
+                         "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_without_usable_sequences(qwen3_source, tmp_path, capsys, no_model_loading):
+    path = tmp_path / "short.jsonl"
+    path.write_text(json.dumps({"text": "too short"}) + "\n")
+    code, err = run_cli(["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(path),
+                         "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "calibration data is empty" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_folder(qwen3_source, calibration_txt, tmp_path, capsys, no_model_loading):
+    (tmp_path / "out").mkdir()
+    code, err = run_cli(["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(calibration_txt),
+                         "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["missing", "no config", "broken config", "no weights", "missing shard", "a file"])
+def test_unreadable_source(kind, tmp_path, calibration_txt, capsys, no_model_loading):
+    source = tmp_path / "src"
+    if kind != "missing" and kind != "a file":
+        source.mkdir()
+    if kind == "a file":
+        source.write_text("x")
+    if kind in ("broken config", "no weights", "missing shard"):
+        (source / "config.json").write_text("{not json" if kind == "broken config" else
+                                            json.dumps({"model_type": "qwen3_moe", "num_experts": 16}))
+    if kind == "missing shard":
+        (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    code, err = run_cli(["compress", str(source), "--target-experts", "8", "--calibration", str(calibration_txt),
+                         "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
