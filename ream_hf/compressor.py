@@ -163,15 +163,15 @@ class ReamCompressor(OptimumQuantizer):
             model, source = model_or_path, None
             config_dict, source_name = model.config.to_dict(), getattr(model, "name_or_path", "") or "<in-memory model>"
         family = family_for_config(config_dict)
-        text = text_config_dict(config_dict)
         num_experts = expert_count(family, config_dict)
-        top_k = int(text["num_experts_per_tok"])
+        text_config = (model.config if model is not None else _load_config(source.folder)).get_text_config()
+        top_k = int(text_config.num_experts_per_tok)
         target = config.resolve_target(num_experts, top_k)
         if target == num_experts and not allow_full_width:
             raise ValueError(
                 f"target_experts={target} equals the model's {num_experts} experts; nothing to compress, choose fewer"
             )
-        check_grouped_routing(family, _Attrs(text), num_experts, target, top_k)
+        check_grouped_routing(family, text_config, num_experts, target, top_k)
         trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
         if source is not None and (found := mtp_prefixes(family, source)):
@@ -238,7 +238,7 @@ class ReamCompressor(OptimumQuantizer):
         hidden, calls = capture_layer_inputs(model, layers, tqdm(batches, desc="Embedding calibration", leave=False), device)
         total_tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
         sample = self._sample_positions(total_tokens) if config.is_merging else None
-        groups_per_layer = routing_groups(family, _Attrs(text_config_dict(model.config.to_dict())), result.experts_before)
+        groups_per_layer = routing_groups(family, model.config.get_text_config(), result.experts_before)
         last = len(layers) - 1
         for index, layer in enumerate(tqdm(layers, desc="Compressing layers", unit="layer")):
             layer_calls = [per_batch[index] for per_batch in calls]
@@ -388,11 +388,10 @@ class ReamCompressor(OptimumQuantizer):
         }
 
 
-class _Attrs:
-    """Attribute access over a config dict, so the same checks run on config.json and on config objects."""
+def _load_config(folder: Path):
+    from transformers import AutoConfig
 
-    def __init__(self, data: dict[str, Any]) -> None:
-        self._data = data
-
-    def __getattr__(self, name: str) -> Any:
-        return self._data.get(name)
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as error:  # transformers raises several types for unreadable configs
+        raise ValueError(f"cannot read the model config in {folder}: {error}") from None
