@@ -34,7 +34,7 @@ from .checkpoint import (
     write_json,
 )
 from .config import CONFIG_KEY, ReamConfig
-from .experts import ExpertWeights, activation_for, read_expert_weights
+from .experts import ExpertWeights, activation_for, expert_hidden, read_expert_weights
 from .layers import capture_layer_inputs, feed_block_inputs, forward_layer
 from .merging import merge_expert_group, weight_features
 from .planning import LayerPlan, plan_layer
@@ -57,6 +57,7 @@ class LayerReport:
     frequency: list[int]
     saliency: list[float] | None
     seconds: float
+    stats_seconds: float = 0.0
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -249,6 +250,7 @@ class ReamCompressor(OptimumQuantizer):
                 continue
             started = time.perf_counter()
             stats = self._layer_statistics(family, layer, block, hidden, layer_calls, batches, sample)
+            stats_seconds = time.perf_counter() - started
             plan = plan_layer(config, stats, target, groups_per_layer)
             if not config.sequential and index < last:
                 hidden = forward_layer(layer, hidden, layer_calls)
@@ -266,6 +268,7 @@ class ReamCompressor(OptimumQuantizer):
             report = LayerReport(
                 key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
                 None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency], time.perf_counter() - started,
+                stats_seconds,
             )
             result.layers.append(report)
             logger.info("layer %d: %d -> %d experts in %.2fs", index, before, report.experts_after, report.seconds)
@@ -301,6 +304,7 @@ class ReamCompressor(OptimumQuantizer):
     def _merge(self, family, block, plan: LayerPlan, stats: LayerStatistics) -> ExpertWeights:
         """Each output expert from its group: members aligned to the centroid, then saliency-weighted."""
         weights = read_expert_weights(family, experts(family, block))
+        activation = activation_for(family, experts(family, block))
         mode = self.config.merge
         features = None
         if mode in ("logits+weights", "weights"):
@@ -309,9 +313,15 @@ class ReamCompressor(OptimumQuantizer):
         for group, group_weights in zip(plan.groups, plan.weights):
             index = list(group.members)
             part = weights.select(index)
+            if len(index) == 1:  # a singleton keeps its expert: no alignment, no activations needed
+                merged.append((part.gate[0], part.up[0], part.down[0],
+                               {n: getattr(part, n)[0] for n in ("gate_bias", "up_bias", "down_bias")
+                                if getattr(part, n) is not None}))
+                continue
             merged.append(merge_expert_group(
                 part.gate, part.up, part.down, torch.tensor(group_weights, dtype=torch.float64), mode,
-                acts=None if stats.activations is None else stats.activations[index],
+                acts=None if stats.sample_inputs is None else expert_hidden(part.to(torch.float32), activation,
+                                                                            stats.sample_inputs),
                 feats=None if features is None else features[index],
                 biases={"gate_bias": part.gate_bias, "up_bias": part.up_bias, "down_bias": part.down_bias},
             ))

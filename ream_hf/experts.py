@@ -117,13 +117,6 @@ def expert_hidden(weights: ExpertWeights, activation: Activation, x: torch.Tenso
     return activation(gate, up)
 
 
-def expert_output_from_hidden(weights: ExpertWeights, hidden: torch.Tensor) -> torch.Tensor:
-    out = torch.matmul(hidden, weights.down.transpose(1, 2))
-    if weights.down_bias is not None:
-        out = out + weights.down_bias[:, None, :]
-    return out
-
-
 def single_expert_output(weights: ExpertWeights, activation: Activation, expert: int, x: torch.Tensor) -> torch.Tensor:
     """f_i(x) for one expert on the tokens routed to it: the sparse path for pruning criteria."""
     gate = F.linear(x, weights.gate[expert], None if weights.gate_bias is None else weights.gate_bias[expert])

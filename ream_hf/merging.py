@@ -47,6 +47,13 @@ def weight_features(gate: Tensor, up: Tensor, down: Tensor, dim: int = 64) -> Te
     return projected.reshape(num_experts, inner, dims)
 
 
+def _column_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distances between rows of a and b through one (D, Ts) x (Ts, D) matmul: torch.cdist on
+    sample-length rows was the slowest step of merging; rows here are unit or zero, so this is exact."""
+    squared = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1).unsqueeze(0) - 2.0 * (a @ b.T)
+    return squared.clamp_min(0.0).sqrt()
+
+
 def alignment_cost(
     centroid_acts: Tensor | None,
     member_acts: Tensor | None,
@@ -63,7 +70,7 @@ def alignment_cost(
         if centroid_acts is None or member_acts is None:
             raise ValueError(f"merge mode {mode!r} needs hidden activation samples; collect them or use merge='weights'")
         c_cols, m_cols = _unit_rows(centroid_acts.float().T), _unit_rows(member_acts.float().T)
-        cost = torch.cdist(c_cols, m_cols)
+        cost = _column_distance(c_cols, m_cols)
     if "weights" in mode:
         if centroid_feats is None or member_feats is None:
             raise ValueError(f"merge mode {mode!r} needs weight features; compute them with weight_features()")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .experts import Activation, ExpertWeights, expert_hidden, expert_output_from_hidden, single_expert_output
+from .experts import Activation, ExpertWeights, single_expert_output
 
 CHUNK_BYTES_BUDGET = 256 * 2**20
 
@@ -22,7 +22,7 @@ class LayerStatistics:
     saliency: torch.Tensor | None  # (E,) float64: REAP, mean over selecting tokens of g_i(x) * ||f_i(x)||
     gated_outputs: torch.Tensor | None  # (E, H) float32: mean over all tokens of g_i(x) * f_i(x) (or f_i(x) ungated)
     router_logits: torch.Tensor | None  # (T, E) float32
-    activations: torch.Tensor | None  # (E, T_s, D) float32, the same sampled tokens for every expert
+    sample_inputs: torch.Tensor | None  # (T_s, H) block inputs of one token sample shared by every expert
     num_tokens: int
 
 
@@ -32,18 +32,21 @@ def gate_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
-def chunk_rows(num_experts: int, hidden: int, inner: int, requested: int) -> int:
-    """Token rows per chunk so the dense (E, rows, 2D + H) float32 intermediates stay within budget."""
-    per_row = num_experts * (2 * inner + hidden) * 4
+def chunk_rows(num_experts: int, inner: int, requested: int) -> int:
+    """Token rows per chunk so the dense (rows, E, 2D) float32 intermediates stay within budget."""
+    per_row = num_experts * 3 * inner * 4
     return max(1, min(requested, CHUNK_BYTES_BUDGET // per_row))
 
 
 class LayerStatsAccumulator:
     """Streaming accumulator for one MoE layer.
 
-    `dense=True` evaluates every expert on every token (needed for the gated output signature and
-    activation samples: REAM, HC-SMoE, M-SMoE); otherwise each expert runs only on its routed tokens,
-    which is all REAP saliency needs. `with_saliency=False` (frequency pruning) runs no expert at all.
+    `dense=True` evaluates every expert's hidden activation on every token (the gated output signature
+    needs all of them: REAM, HC-SMoE, M-SMoE). Two exact savings keep this near one GEMM per chunk:
+    gate and up projections of all experts are one (T, H) x (H, E*2D) matmul, and since the signature
+    is linear in the expert output, o_i = W_down,i (mean_x g_i(x) a_i(x)) needs the down projection
+    once per expert, not once per token. Only saliency needs ||f_i(x)||, and only on routed tokens.
+    `with_saliency=False` (frequency pruning) runs no expert at all.
     """
 
     def __init__(
@@ -67,15 +70,22 @@ class LayerStatsAccumulator:
         self.keep_logits = keep_logits
         self.gated = gated  # False: the "no gated similarity" ablation, plain mean expert outputs
         num_experts, inner, hidden = self.weights.gate.shape
-        self.num_experts = num_experts
-        self.chunk_size = chunk_rows(num_experts, hidden, inner, chunk_size)
+        self.num_experts, self.inner = num_experts, inner
+        self.chunk_size = chunk_rows(num_experts, inner, chunk_size)
         self.frequency = torch.zeros(num_experts, dtype=torch.int64)
         self.saliency_sum = torch.zeros(num_experts, dtype=torch.float64)
-        self.gated_sum = torch.zeros(num_experts, hidden, dtype=torch.float64) if dense else None
         self.logit_chunks: list[torch.Tensor] = []
         self.sample_positions = sample_positions  # sorted global token positions
         self.sample_chunks: list[torch.Tensor] = []
         self.seen_tokens = 0
+        if dense:
+            # (H, E*2D): column block e holds [gate_e; up_e]^T
+            self.gate_up_matrix = torch.cat([self.weights.gate, self.weights.up], dim=1).reshape(-1, hidden).T.contiguous()
+            self.gate_up_bias = None
+            if self.weights.gate_bias is not None:
+                self.gate_up_bias = torch.cat([self.weights.gate_bias, self.weights.up_bias], dim=1).reshape(-1)
+            self.weighted_hidden_sum = torch.zeros(num_experts, inner, dtype=torch.float64)
+            self.gate_sum = torch.zeros(num_experts, dtype=torch.float64)
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, logits: torch.Tensor, topk_weights: torch.Tensor, topk_index: torch.Tensor) -> None:
@@ -85,47 +95,52 @@ class LayerStatsAccumulator:
         self.frequency += torch.bincount(topk_index.reshape(-1), minlength=self.num_experts)
         if self.keep_logits:
             self.logit_chunks.append(logits.float().cpu())
+        if self.sample_positions is not None:
+            lo = torch.searchsorted(self.sample_positions, self.seen_tokens)
+            hi = torch.searchsorted(self.sample_positions, self.seen_tokens + x.shape[0])
+            if hi > lo:
+                self.sample_chunks.append(x[self.sample_positions[lo:hi] - self.seen_tokens].cpu())
         if self.dense:
             for start in range(0, x.shape[0], self.chunk_size):
                 stop = start + self.chunk_size
-                self._add_dense(
-                    x[start:stop], logits[start:stop], topk_weights[start:stop], topk_index[start:stop],
-                    first_position=self.seen_tokens + start,
-                )
+                self._add_dense(x[start:stop], logits[start:stop], topk_weights[start:stop], topk_index[start:stop])
         elif self.with_saliency:
-            self._add_sparse(x, topk_weights, topk_index)
+            for expert in torch.unique(topk_index).tolist():
+                token, slot = torch.nonzero(topk_index == expert, as_tuple=True)
+                out = single_expert_output(self.weights, self.activation, expert, x[token])
+                self.saliency_sum[expert] += (topk_weights[token, slot] * out.norm(dim=-1)).sum(dtype=torch.float64)
         self.seen_tokens += x.shape[0]
 
-    def _add_dense(self, x, logits, topk_weights, topk_index, first_position: int) -> None:
-        hidden = expert_hidden(self.weights, self.activation, x)  # (E, c, D)
-        out = expert_output_from_hidden(self.weights, hidden)  # (E, c, H)
-        norms = out.norm(dim=-1)  # (E, c)
-        selected = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32).scatter_(1, topk_index, topk_weights)
-        self.saliency_sum += (selected.T * norms).sum(dim=1, dtype=torch.float64)
-        if self.gated:
-            gates = gate_scores(logits, self.scoring)  # (c, E)
-        else:
-            gates = torch.ones(x.shape[0], self.num_experts)
-        self.gated_sum += torch.bmm(gates.T.unsqueeze(1), out).squeeze(1).double()
-        if self.sample_positions is not None:
-            lo = torch.searchsorted(self.sample_positions, first_position)
-            hi = torch.searchsorted(self.sample_positions, first_position + x.shape[0])
-            if hi > lo:
-                self.sample_chunks.append(hidden[:, self.sample_positions[lo:hi] - first_position].clone())
-
-    def _add_sparse(self, x, topk_weights, topk_index) -> None:
+    def _add_dense(self, x, logits, topk_weights, topk_index) -> None:
+        gate_up = x @ self.gate_up_matrix  # (c, E*2D), one GEMM for every expert
+        if self.gate_up_bias is not None:
+            gate_up += self.gate_up_bias
+        gate_up = gate_up.view(x.shape[0], self.num_experts, 2 * self.inner)
+        hidden = self.activation(gate_up[..., : self.inner], gate_up[..., self.inner :])  # (c, E, D)
+        gates = gate_scores(logits, self.scoring) if self.gated else torch.ones(x.shape[0], self.num_experts)
+        self.weighted_hidden_sum += torch.einsum("ce,ced->ed", gates, hidden).double()
+        self.gate_sum += gates.sum(dim=0, dtype=torch.float64)
         for expert in torch.unique(topk_index).tolist():
             token, slot = torch.nonzero(topk_index == expert, as_tuple=True)
-            out = single_expert_output(self.weights, self.activation, expert, x[token])
+            out = hidden[token, expert] @ self.weights.down[expert].T
+            if self.weights.down_bias is not None:
+                out += self.weights.down_bias[expert]
             self.saliency_sum[expert] += (topk_weights[token, slot] * out.norm(dim=-1)).sum(dtype=torch.float64)
 
     def finalize(self) -> LayerStatistics:
         count = self.frequency.clamp(min=1).double()
+        gated_outputs = None
+        if self.dense:
+            total = max(self.seen_tokens, 1)
+            mean_hidden = (self.weighted_hidden_sum / total).float()  # (E, D)
+            gated_outputs = torch.bmm(mean_hidden.unsqueeze(1), self.weights.down.transpose(1, 2)).squeeze(1)
+            if self.weights.down_bias is not None:
+                gated_outputs += (self.gate_sum / total).float().unsqueeze(1) * self.weights.down_bias
         return LayerStatistics(
             frequency=self.frequency.clone(),
             saliency=self.saliency_sum / count if self.with_saliency else None,
-            gated_outputs=(self.gated_sum / max(self.seen_tokens, 1)).float() if self.dense else None,
+            gated_outputs=gated_outputs,
             router_logits=torch.cat(self.logit_chunks) if self.keep_logits and self.logit_chunks else None,
-            activations=torch.cat(self.sample_chunks, dim=1) if self.sample_chunks else None,
+            sample_inputs=torch.cat(self.sample_chunks) if self.sample_chunks else None,
             num_tokens=self.seen_tokens,
         )
