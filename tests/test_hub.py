@@ -1,0 +1,308 @@
+"""Model card rendering and Hub push, against an in-process fake Hub (no network)."""
+
+import base64
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ream_hf import ReamCompressor, ReamConfig
+from ream_hf.checkpoint import INDEX_NAME
+from ream_hf.hub import (
+    EVAL_SCHEMA,
+    MTP_SPECULATIVE_CONFIG,
+    compress_and_push,
+    hub_id_for_source,
+    mtp_tensor_names,
+    render_model_card,
+    weights_summary,
+)
+
+TOKEN = "hf_test_token_123"
+BASE = "Qwen/Qwen3-30B-A3B"
+
+
+def tiny_config(calibration: Path) -> ReamConfig:
+    return ReamConfig(target_experts=8, method="reap", calibration=[str(calibration)], calibration_ratios=None,
+                      num_calibration_sequences=16, sequence_length=64)
+
+
+def results_json(original: Path, compressed: Path) -> dict:
+    return {
+        "schema": EVAL_SCHEMA,
+        "date": "2026-11-24",
+        "versions": {"vllm": "0.32.0", "lm_eval": "0.4.9"},
+        "settings": {"limit": 50, "apply_chat_template": True},
+        "models": {
+            "original": {"path": str(original), "scores": {"ifeval": 0.947, "gsm8k": 0.970, "humaneval": 0.951}},
+            "compressed": {"path": str(compressed), "scores": {"ifeval": 0.934, "gsm8k": 0.963, "humaneval": 0.933}},
+        },
+        "retention": {"ifeval": 98.63, "gsm8k": 99.28, "humaneval": 98.11},
+    }
+
+
+@pytest.fixture(scope="module")
+def compressed(qwen3_source, calibration_txt, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("hub") / "tiny-reap"
+    compressor = ReamCompressor(tiny_config(calibration_txt))
+    compressor.compress(str(qwen3_source))
+    compressor.save_pretrained(output)
+    return output
+
+
+def front_matter(readme: Path) -> dict:
+    text = readme.read_text(encoding="utf-8")
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    assert match, "the card starts with YAML front matter"
+    return yaml.safe_load(match.group(1))
+
+
+def test_card_front_matter_and_body(compressed, qwen3_source, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(compressed, folder)
+    # the source's license comes from its README front matter (the fixture is never modified: use a copy)
+    source = tmp_path / "source"
+    shutil.copytree(qwen3_source, source)
+    (source / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n", encoding="utf-8")
+    results = results_json(source, folder)
+
+    card = render_model_card(folder, base_model=BASE, source_dir=source, results=results, repo_id="me/tiny-reap")
+
+    loaded = ModelCard.load(folder / "README.md")
+    assert loaded.content == card.content
+    data = loaded.data
+    assert data.base_model == BASE
+    assert data.license == "apache-2.0"
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "text-generation"
+    assert {"moe", "expert-pruning", "reap"} <= set(data.tags)
+    assert data.model_name == "me/tiny-reap"
+    scores = {r.dataset_name: r.metric_value for r in data.eval_results}
+    assert scores == {"IFEval": 0.934, "GSM8K": 0.963, "HumanEval": 0.933}
+    assert all(isinstance(r, EvalResult) and r.task_type == "text-generation" for r in data.eval_results)
+
+    # the YAML itself: plain safe_load, and a ModelCardData round trip that keeps the eval results
+    meta = front_matter(folder / "README.md")
+    assert meta["base_model"] == BASE and meta["license"] == "apache-2.0"
+    assert meta["model-index"][0]["name"] == "me/tiny-reap"
+    assert [m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]] == [0.934, 0.963, 0.933]
+    again = ModelCardData(**meta)
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in again.eval_results] == \
+        [(r.dataset_type, r.metric_type, r.metric_value) for r in data.eval_results]
+    assert yaml.safe_load(again.to_yaml()) == meta
+
+    body = loaded.text
+    assert "| Task | Metric | Qwen/Qwen3-30B-A3B | This model | Retention |" in body
+    assert "| IFEval | accuracy | 94.7 | 93.4 | 98.6% |" in body
+    assert "| HumanEval | pass@1 | 95.1 | 93.3 | 98.1% |" in body
+    assert "| **Average** | | **95.6** | **94.3** | **98.7%** |" in body
+    assert "| Experts per MoE layer | 16 | 8 |" in body
+    assert "| MoE layers | 2 | 2 |" in body
+    assert "reduced from **16 to 8**" in body
+    after, before = weights_summary(folder), weights_summary(qwen3_source)
+    assert before.parameters > after.parameters > 0
+    assert f"| Parameters | {before.parameters:,} | {after.parameters:,} |" in body
+    config = json.loads((folder / "config.json").read_text())["ream_config"]
+    assert json.dumps(config, indent=2) in body, "the full ReamConfig as a JSON block"
+    assert "16 sequences x 64 tokens" in body
+    assert "vllm serve me/tiny-reap" in body and "python -m vllm.entrypoints.openai.api_server" in body
+    assert "--speculative-config" not in body, "no MTP weights in this checkpoint"
+    assert "2604.04356" in body and "2510.13999" in body
+    assert "apply_chat_template" in body, "the tiny tokenizer has a chat template"
+
+
+def test_card_reads_results_file_and_defaults_without_source(compressed, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(compressed, folder)
+    results = results_json(Path("/nowhere"), folder)
+    del results["models"]["original"]["scores"]["humaneval"]  # render whatever tasks are present
+    del results["retention"]["humaneval"]
+    (folder / "eval_results.json").write_text(json.dumps(results))
+
+    card = render_model_card(folder, base_model=BASE, source_dir=tmp_path / "missing")
+
+    assert card.data.license == "other", "no source README or config license: 'other'"
+    assert "| HumanEval | pass@1 | — | 93.3 | — |" in card.text
+    assert "| **Average** | | **95.8** | **94.8** | **99.0%** |" in card.text, "average over the paired tasks"
+    assert "| Parameters | not measured |" in card.text
+
+
+def test_card_without_results_has_no_model_index(compressed, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(compressed, folder)
+    render_model_card(folder, base_model=BASE)
+    meta = front_matter(folder / "README.md")
+    assert "model-index" not in meta
+    assert "No benchmark results were recorded" in (folder / "README.md").read_text()
+
+
+def test_mtp_flag_only_when_the_index_has_mtp_weights(compressed, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(compressed, folder)
+    index_path = folder / INDEX_NAME
+    if not index_path.is_file():  # a single-shard checkpoint: write the index a sharded one would have
+        from ream_hf.hub import read_safetensors_header
+
+        names = read_safetensors_header(folder / "model.safetensors")
+        index_path.write_text(json.dumps({"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
+    index = json.loads(index_path.read_text())
+    shard = next(iter(index["weight_map"].values()))
+    index["weight_map"]["mtp.layers.0.mlp.experts.0.gate_proj.weight"] = shard
+    index_path.write_text(json.dumps(index))
+
+    card = render_model_card(folder, base_model=BASE, repo_id="me/tiny-mtp")
+
+    assert f"--speculative-config '{MTP_SPECULATIVE_CONFIG}'" in card.text
+    assert card.text.count("--speculative-config") == 2, "both serve commands carry it"
+
+
+def test_mtp_names_and_hub_ids():
+    names = ["model.layers.0.mlp.gate.weight", "model.layers.2.mlp.gate.weight", "mtp.fc.weight", "lm_head.weight"]
+    assert mtp_tensor_names(names, num_hidden_layers=2) == ["model.layers.2.mlp.gate.weight", "mtp.fc.weight"]
+    assert mtp_tensor_names(names, num_hidden_layers=3) == ["mtp.fc.weight"]
+    assert hub_id_for_source("Qwen/Qwen3-30B-A3B") == "Qwen/Qwen3-30B-A3B"
+    assert hub_id_for_source("./not/a/hub/id") is None
+
+
+def test_hub_cache_folder_names_its_repo(tmp_path):
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen3-30B-A3B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert hub_id_for_source(snapshot) == "Qwen/Qwen3-30B-A3B"
+    assert hub_id_for_source(tmp_path) is None
+
+
+# -- a fake Hub behind huggingface_hub's own HTTP client ------------------------------------------------
+class FakeHub:
+    """Answers the endpoints `create_repo`, `model_info`, `upload_folder` (preupload + commit) call."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.files: dict[str, bytes] = {}
+        self.commit_headers: list[dict] = []
+        self.unexpected: list[str] = []
+
+    def __call__(self, request, http):
+        body = request.read()
+        self.requests.append((request.method, request.url.path, dict(request.headers), body))
+        path = request.url.path
+        if request.method == "GET" and path == "/api/agent-harnesses":  # huggingface_hub 2.x user-agent details
+            return http.Response(404, json={"error": "not faked"})
+        if request.method == "POST" and path == "/api/repos/create":
+            payload = json.loads(body)
+            return http.Response(200, json={"url": f"https://huggingface.co/{payload['organization']}/{payload['name']}"})
+        if request.method == "GET" and re.fullmatch(r"/api/models/[^/]+/[^/]+", path):
+            return http.Response(200, json={"id": path.removeprefix("/api/models/"), "cardData": {"license": "apache-2.0"}})
+        if request.method == "POST" and re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/[^/]+", path):
+            files = json.loads(body)["files"]
+            return http.Response(200, json={"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})
+        if request.method == "POST" and path == "/api/validate-yaml":
+            return http.Response(200, json={"errors": [], "warnings": []})
+        if request.method == "POST" and re.fullmatch(r"/api/models/[^/]+/[^/]+/commit/[^/]+", path):
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "header":
+                    self.commit_headers.append(item["value"])
+                elif item["key"] == "file":
+                    self.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                else:
+                    self.unexpected.append(f"commit item {item['key']}")
+            return http.Response(200, json={"commitUrl": "https://huggingface.co/me/tiny-reap/commit/" + "0" * 40,
+                                            "commitOid": "0" * 40, "pullRequestUrl": None})
+        self.unexpected.append(f"{request.method} {path}")
+        return http.Response(404, json={"error": "not faked"})
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    http = getattr(_http, "httpx2", None) or _http.httpx  # huggingface_hub 2.x ships httpx2, 1.x httpx
+    hub = FakeHub()
+    previous = _http._GLOBAL_CLIENT_FACTORY
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # scripts/test.sh sets HF_HUB_OFFLINE=1
+    monkeypatch.setattr(constants, "HF_DEBUG", True)  # log every request (curl form): none may show the token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    _http.set_client_factory(lambda: http.Client(
+        transport=http.MockTransport(lambda request: hub(request, http)),
+        event_hooks={"request": [_http.hf_request_event_hook]},
+        follow_redirects=True,
+    ))
+    try:
+        yield hub
+    finally:
+        _http.set_client_factory(previous)
+
+
+def test_compress_and_push_uploads_the_folder_and_never_the_token(fake_hub, qwen3_source, calibration_txt, tmp_path,
+                                                                  caplog):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="huggingface_hub")
+    output = tmp_path / "tiny-reap"
+
+    url = compress_and_push(ReamCompressor(tiny_config(calibration_txt)), str(qwen3_source), "me/tiny-reap",
+                            token=TOKEN, output_dir=output, base_model=BASE, private=True)
+
+    assert url == "https://huggingface.co/me/tiny-reap"
+    assert fake_hub.unexpected == []
+    create = json.loads(next(body for method, path, _, body in fake_hub.requests if path == "/api/repos/create"))
+    assert create == {"name": "tiny-reap", "organization": "me", "visibility": "private", "type": "model"}
+    repo_calls = [(path, headers) for _, path, headers, _ in fake_hub.requests if path.startswith(("/api/repos", "/api/models"))]
+    assert {path for path, _ in repo_calls} >= {"/api/repos/create", "/api/models/me/tiny-reap/preupload/main",
+                                                "/api/models/me/tiny-reap/commit/main"}
+    assert all(headers.get("authorization") == f"Bearer {TOKEN}" for _, headers in repo_calls)
+
+    uploaded = fake_hub.files
+    local = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file()}
+    assert set(uploaded) == local
+    assert {"README.md", "config.json", "ream_manifest.json", "tokenizer.json", "tokenizer_config.json"} <= local
+    assert any(name.endswith(".safetensors") for name in uploaded)
+    for name, content in uploaded.items():
+        assert content == (output / name).read_bytes(), name
+        assert TOKEN.encode() not in content, f"the token leaked into {name}"
+    assert "eval_results.json" not in uploaded, "evaluate=False"
+
+    card = ModelCard(uploaded["README.md"].decode())
+    assert card.data.base_model == BASE
+    assert card.data.license == "apache-2.0", "the source folder has no README: the license comes from the Hub"
+    assert "model-index" not in card.data.to_dict()
+    manifest = json.loads(uploaded["ream_manifest.json"])
+    assert (manifest["experts_before"], manifest["experts_after"]) == (16, 8)
+
+    assert caplog.records, "DEBUG logging was captured"
+    assert any("preupload" in r.getMessage() or "Request" in r.getMessage() for r in caplog.records)
+    for record in caplog.records:
+        assert TOKEN not in record.getMessage() and TOKEN not in str(record.args), record.getMessage()
+    assert TOKEN not in caplog.text
+
+
+def test_push_refuses_before_work(fake_hub, qwen3_source, calibration_txt, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    compressor = ReamCompressor(tiny_config(calibration_txt))
+    with pytest.raises(ValueError, match="no Hugging Face token"):
+        compress_and_push(compressor, str(qwen3_source), "me/tiny-reap", base_model=BASE)
+    with pytest.raises(ValueError, match="base_model"):
+        compress_and_push(compressor, str(qwen3_source), "me/tiny-reap", token=TOKEN)
+    with pytest.raises(ValueError, match="invalid Hub repo id"):
+        compress_and_push(compressor, str(qwen3_source), "me/bad repo", token=TOKEN, base_model=BASE)
+    assert compressor.result is None and fake_hub.requests == [], "nothing compressed, nothing sent"
+
+
+def test_push_refuses_a_folder_holding_the_token(fake_hub, compressed, tmp_path):
+    from ream_hf.hub import push_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(compressed, folder)
+    (folder / "notes.txt").write_text(f"token={TOKEN}\n")
+    with pytest.raises(ValueError, match="contains the Hugging Face token") as error:
+        push_folder(folder, "me/tiny-reap", token=TOKEN)
+    assert TOKEN not in str(error.value)
+    assert fake_hub.requests == []
