@@ -151,79 +151,111 @@ def disk_expert_tensors(family: MoEFamily, source_name: MoETensorName, output: L
     return tensors
 
 
-class ShardWriter:
-    """Writes tensors into size-capped safetensors shards and the index, named like transformers does."""
+class PartWriter:
+    """Writes tensor groups (a layer, or the rest) into size-capped part files, each renamed into place.
 
-    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    Parts are numbered in writing order; `finalize_parts` renames them to transformers' shard names and
+    writes the index. Streaming and in-memory runs write the same groups in the same order, so their
+    files are byte-identical, and a resumed run continues with the next part number.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, parts: list[str] | None = None):
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[str, list[str]]] = []  # temporary file name, tensor names
-        self.total_bytes = 0
+        self.parts: list[str] = list(parts or [])
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = tensor.detach().contiguous().cpu()
-        self.pending_bytes += size
-        self.total_bytes += size
+    def write_group(self, items: Iterator[tuple[str, torch.Tensor]]) -> None:
+        pending: dict[str, torch.Tensor] = {}
+        size = 0
+        for name, tensor in items:
+            nbytes = tensor.numel() * tensor.element_size()
+            if pending and size + nbytes > self.max_shard_bytes:
+                self._flush(pending)
+                pending, size = {}, 0
+            pending[name] = tensor.detach().contiguous().cpu()
+            size += nbytes
+        if pending:
+            self._flush(pending)
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        temp_name = f"shard-{len(self.written):05d}.tmp"
-        save_file(self.pending, str(self.folder / temp_name), metadata={"format": "pt"})
-        self.written.append((temp_name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> dict[str, str]:
-        self.flush()
-        count = len(self.written)
-        weight_map: dict[str, str] = {}
-        for number, (temp_name, names) in enumerate(self.written, 1):
-            final = f"model-{number:05d}-of-{count:05d}.safetensors"
-            os.replace(self.folder / temp_name, self.folder / final)
-            os.chmod(self.folder / final, 0o644)  # safetensors writes 0600; checkpoints are meant to be shared
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return weight_map
+    def _flush(self, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"part-{len(self.parts):05d}.safetensors"
+        temp = self.folder / (name + ".tmp")
+        save_file(tensors, str(temp), metadata={"format": "pt"})
+        os.replace(temp, self.folder / name)
+        self.parts.append(name)
 
 
-def write_compressed_tensors(
-    folder: Path,
-    source: SourceCheckpoint,
-    family: MoEFamily,
-    outputs: dict[str, LayerOutput],
-    drop_prefixes: tuple[str, ...] = (),
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> dict[str, str]:
-    """Stream the source shards into the output: copy, replace (layers in `outputs`) or drop each tensor."""
-    writer = ShardWriter(folder, max_shard_bytes)
+def finalize_parts(parts_folder: Path, parts: list[str], output: Path) -> dict[str, str]:
+    """Link (or copy) parts into `output` as model-0000i-of-0000n.safetensors and write the index."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for number, part in enumerate(parts, 1):
+        final = f"model-{number:05d}-of-{len(parts):05d}.safetensors"
+        try:  # a link keeps the work folder intact until the output is in place (a failed save loses nothing)
+            os.link(parts_folder / part, output / final)
+        except OSError:  # another filesystem
+            shutil.copy2(parts_folder / part, output / final)
+        if parts_folder == output:
+            os.remove(parts_folder / part)
+        os.chmod(output / final, 0o644)  # safetensors writes 0600; checkpoints are meant to be shared
+        with safe_open(output / final, framework="pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                total += _numel(piece.get_shape()) * torch.empty(0, dtype=_DTYPES[piece.get_dtype()]).element_size()
+                weight_map[name] = final
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (output / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return weight_map
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def output_groups(source: SourceCheckpoint, trunk_prefix: str, num_layers: int,
+                  drop_prefixes: tuple[str, ...] = ()) -> list[list[str]]:
+    """Source tensor names per output group: each trunk layer in order, then everything else."""
+    groups: list[list[str]] = [[] for _ in range(num_layers + 1)]
+    for name in source.weight_map:
+        if drop_prefixes and name.startswith(drop_prefixes):
+            continue
+        index = _trunk_layer(name, trunk_prefix)
+        groups[index if index is not None and index < num_layers else num_layers].append(name)
+    return groups
+
+
+def _trunk_layer(name: str, trunk_prefix: str) -> int | None:
+    if not name.startswith(trunk_prefix):
+        return None
+    head = name[len(trunk_prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def group_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str],
+                  outputs: dict[str, LayerOutput]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The output tensors for a group of source names: copied as they are, or replaced for compressed layers."""
     emitted_layers: set[str] = set()
-    for shard in source.shards():
-        with safe_open(source.folder / shard, framework="pt") as handle:
-            for name in source.names_in(shard):
-                if drop_prefixes and name.startswith(drop_prefixes):
-                    continue
-                parsed = parse_moe_name(family, name)
-                output = outputs.get(parsed.layer_key) if parsed else None
-                if output is None:
-                    writer.add(name, handle.get_tensor(name))
-                    continue
-                dtype = _DTYPES[handle.get_slice(name).get_dtype()]
-                if parsed.kind == "router":
-                    writer.add(name, output.router[parsed.param].to(dtype))
-                elif parsed.layer_key not in emitted_layers:
-                    emitted_layers.add(parsed.layer_key)
-                    for out_name, tensor in disk_expert_tensors(family, parsed, output).items():
-                        writer.add(out_name, tensor.to(dtype))
-    missing = set(outputs) - emitted_layers
-    if missing:
-        raise RuntimeError(f"no expert tensors found in the source for layers {sorted(missing)}")
-    return writer.close()
+    handles = {shard: safe_open(source.folder / shard, framework="pt") for shard in {source.weight_map[n] for n in names}}
+    try:
+        for name in names:
+            handle = handles[source.weight_map[name]]
+            parsed = parse_moe_name(family, name)
+            output = outputs.get(parsed.layer_key) if parsed else None
+            if output is None:
+                yield name, handle.get_tensor(name)
+                continue
+            dtype = _DTYPES[handle.get_slice(name).get_dtype()]
+            if parsed.kind == "router":
+                yield name, output.router[parsed.param].to(dtype)
+            elif parsed.layer_key not in emitted_layers:
+                emitted_layers.add(parsed.layer_key)
+                for out_name, tensor in disk_expert_tensors(family, parsed, output).items():
+                    yield out_name, tensor.to(dtype)
+    finally:
+        handles.clear()
 
 
 def edit_config_json(

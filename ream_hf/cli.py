@@ -39,7 +39,13 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mtp", choices=MTP_MODES, default="compress")
     parser.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard")
+    parser.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its work folder")
+    parser.add_argument("--work-dir", help="work folder for streaming and resume (default: .OUTPUT.ream-work beside "
+                                           "the output folder)")
+    parser.add_argument("--no-streaming", action="store_true", help="load the whole model into memory instead")
+    parser.add_argument("--hidden-states-budget-gb", type=float, default=8.0,
+                        help="calibration hidden states beyond this spill to memory-mapped files")
 
 
 def _config_from_args(args: argparse.Namespace) -> ReamConfig:
@@ -49,6 +55,8 @@ def _config_from_args(args: argparse.Namespace) -> ReamConfig:
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, group_size=args.group_size,
         merge=args.merge, pca_dim=args.pca_dim, sequential=not args.no_sequential,
         gated_similarity=not args.no_gated_similarity, use_router_logits=not args.no_router_logits, mtp=args.mtp,
+        max_shard_size=args.max_shard_size, streaming=not args.no_streaming,
+        hidden_states_budget_gb=args.hidden_states_budget_gb,
     )
     if args.calibration:
         kwargs["calibration"] = args.calibration
@@ -65,8 +73,10 @@ def _compress(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     check_output_dir(args.output, args.overwrite)
     compressor = ReamCompressor(config)
-    compressor.compress(args.source)
-    output = compressor.save_pretrained(args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    output_path = Path(args.output)
+    work_dir = args.work_dir or output_path.parent / f".{output_path.name}.ream-work"
+    compressor.compress(args.source, resume=args.resume, work_dir=work_dir)
+    output = compressor.save_pretrained(args.output, overwrite=args.overwrite)
     result = compressor.result
     print(f"{result.source_name}: {result.experts_before} -> {result.experts_after} experts in "
           f"{len(result.layers)} MoE layers ({config.method}); wrote {output}")

@@ -30,17 +30,28 @@ from .checkpoint import (
     copy_side_files,
     edit_config_json,
     parse_moe_name,
-    write_compressed_tensors,
+    PartWriter,
+    finalize_parts,
+    group_tensors,
+    output_groups,
     write_json,
 )
 from .config import CONFIG_KEY, ReamConfig
 from .experts import ExpertWeights, activation_for, expert_hidden, read_expert_weights
-from .layers import capture_layer_inputs, feed_block_inputs, forward_layer
+from .layers import capture_layer_inputs, feed_block_inputs, forward_layer, run_layer
+from .streaming import HiddenStateStore, LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
 from .merging import merge_expert_group, weight_features
+from .mtp import check_mtp_layers, mtp_prefixes, run_mtp_layers
 from .planning import LayerPlan, plan_layer
 from .stats import LayerStatistics, LayerStatsAccumulator
 from .surgery import apply_layer_plan, check_grouped_routing, routing_groups, set_config_expert_count
 from .verify import verify_checkpoint
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +97,10 @@ class CompressionResult:
     calibration_sequences: int = 0
     calibration_tokens: int = 0
     dropped_prefixes: tuple[str, ...] = ()
+    layer_entries: list[dict[str, Any]] = field(default_factory=list)  # manifest entries, restored on resume
+    work: WorkFolder | None = None
+    forward_last_layer: bool = False  # the last trunk layer's outputs are needed (MTP layers follow)
+    final_hidden: list[torch.Tensor] | None = None
 
 
 def resolve_source(model_path: str | os.PathLike) -> Path:
@@ -106,24 +121,6 @@ def resolve_source(model_path: str | os.PathLike) -> Path:
                                                                         "*.jinja", "*.py", "*.tiktoken"]))
     except Exception as error:  # the hub raises many types; the user needs one line
         raise ValueError(f"cannot download {model_path} from the Hugging Face Hub: {error}") from None
-
-
-def mtp_prefixes(family: MoEFamily, source: SourceCheckpoint) -> tuple[str, ...]:
-    """Name prefixes of the source's multi-token-prediction layers (dropped by transformers on load)."""
-    if family.mtp_style is None:
-        return ()
-    text = text_config_dict(source.config)
-    if family.mtp_style == "mtp":
-        return ("mtp.",) if any(n.startswith("mtp.") for n in source.weight_map) else ()
-    first_mtp = int(text["num_hidden_layers"])
-    prefixes = set()
-    for name in source.weight_map:
-        parts = name.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part == "layers" and parts[i + 1].isdigit() and int(parts[i + 1]) >= first_mtp:
-                prefixes.add(".".join(parts[: i + 2]) + ".")
-    return tuple(sorted(prefixes))
-
 
 class ReamCompressor(OptimumQuantizer):
     """Compress an MoE model's experts per `ReamConfig`; save a checkpoint vLLM and transformers load as is."""
@@ -153,8 +150,13 @@ class ReamCompressor(OptimumQuantizer):
         return self.save_pretrained(save_dir, **kwargs)
 
     # -- the pipeline ------------------------------------------------------------------------
-    def compress(self, model_or_path: Any, *, tokenizer: Any = None, allow_full_width: bool = False):
-        """Compress in place and return the model. `allow_full_width` permits target == current experts
+    def compress(self, model_or_path: Any, *, tokenizer: Any = None, allow_full_width: bool = False,
+                 resume: bool = False, work_dir: str | os.PathLike | None = None):
+        """Compress and return the model (a meta-device skeleton when streaming).
+
+        A folder or Hub id is streamed layer by layer (`ReamConfig.streaming`, the default) through a work
+        folder (`work_dir`, default under ~/.cache/ream-hf/work, keyed by source and settings) from which
+        `resume=True` continues an interrupted run. `allow_full_width` permits target == current experts
         (a no-op that exercises the whole pipeline; used to prove it lossless)."""
         config = self.config
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -176,11 +178,8 @@ class ReamCompressor(OptimumQuantizer):
         trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
         if source is not None and (found := mtp_prefixes(family, source)):
-            if config.mtp == "compress":
-                raise ValueError(
-                    f"{source_name} has MTP layers ({', '.join(found)}); compressing them is not supported yet: "
-                    "pass mtp='drop' (removed, config fixed) or mtp='keep' (left full width, not loadable by vLLM)"
-                )
+            if config.mtp == "compress":  # compressed after the trunk (_run_mtp); incomplete MTP layers fail here
+                check_mtp_layers(family, source)
             if config.mtp == "drop":
                 drop = found
         check_sources(config.calibration)
@@ -191,7 +190,15 @@ class ReamCompressor(OptimumQuantizer):
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         batches = make_batches(sequences, config.batch_size, pad_id)
         device = torch.device(config.device)
-        if model is None:
+        loader = work = None
+        if source is not None and model is None and config.streaming:
+            job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width})
+            work = WorkFolder.open(Path(work_dir) if work_dir else default_work_root() / job, job, resume)
+            loader = LayerLoader(source, family, trunk_prefix, device)
+            model = build_skeleton(source.folder, _load_config(source.folder), self._source_dtype(source), device, loader)
+        elif resume:
+            raise ValueError("resume needs streaming (the default) and a source folder or Hub id, not a loaded model")
+        elif model is None:
             model = self._load_model(source.folder, device)
         model.eval()
 
@@ -199,10 +206,25 @@ class ReamCompressor(OptimumQuantizer):
         result.calibration_sequences = len(sequences)
         result.calibration_tokens = int(sum(int(s.numel()) for s in sequences))
         result.dropped_prefixes = drop
-        self._run_layers(model, family, batches, target, device, trunk_prefix, result)
+        result.work = work
+        self._run_layers(model, family, batches, target, device, trunk_prefix, result, loader)
         set_config_expert_count(family, model.config, target)
         self.model, self.tokenizer, self.result = model, tokenizer, result
         return model
+
+    def _source_dtype(self, source: SourceCheckpoint) -> torch.dtype:
+        """The dtype `from_pretrained(dtype="auto")` would pick: the one config.json records."""
+        if self.config.dtype != "auto":
+            return _TORCH_DTYPES[self.config.dtype]
+        text = text_config_dict(source.config)
+        recorded = source.config.get("dtype") or source.config.get("torch_dtype") or text.get("dtype") \
+            or text.get("torch_dtype") or "float32"
+        if recorded not in _TORCH_DTYPES:
+            raise ValueError(f"unsupported dtype {recorded!r} in {source.folder}/config.json; pass --dtype")
+        return _TORCH_DTYPES[recorded]
+
+    def _dtype(self):
+        return "auto" if self.config.dtype == "auto" else _TORCH_DTYPES[self.config.dtype]
 
     def _load_tokenizer(self, folder):
         from transformers import AutoTokenizer
@@ -217,7 +239,7 @@ class ReamCompressor(OptimumQuantizer):
     def _load_model(self, folder: Path, device: torch.device):
         from transformers import AutoModelForCausalLM
 
-        dtype = "auto" if self.config.dtype == "auto" else _TORCH_DTYPES[self.config.dtype]
+        dtype = self._dtype()
         # eager experts are the fastest on CPU and gather no per-token weight copies (TRANSFORMERS.md)
         implementation = "eager" if device.type == "cpu" else "grouped_mm"
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, experts_implementation=implementation)
@@ -233,45 +255,80 @@ class ReamCompressor(OptimumQuantizer):
                 return parsed.prefix
         raise ValueError(f"no MoE expert tensors found in {source.folder}")
 
-    def _run_layers(self, model, family, batches, target, device, trunk_prefix, result: CompressionResult) -> None:
-        config = self.config
+    def _run_layers(self, model, family, batches, target, device, trunk_prefix, result: CompressionResult,
+                    loader: LayerLoader | None = None) -> None:
+        config, work = self.config, result.work
         layers = decoder_layers(model)
         hidden, calls = capture_layer_inputs(model, layers, tqdm(batches, desc="Embedding calibration", leave=False), device)
         total_tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
         sample = self._sample_positions(total_tokens) if config.is_merging else None
         groups_per_layer = routing_groups(family, model.config.get_text_config(), result.experts_before)
         last = len(layers) - 1
-        for index, layer in enumerate(tqdm(layers, desc="Compressing layers", unit="layer")):
+        store = writer = groups = None
+        start = 0
+        if work is not None:
+            hidden_bytes = sum(h.numel() * h.element_size() for h in hidden)
+            store = HiddenStateStore(work.folder, in_memory=hidden_bytes <= config.hidden_states_budget_gb * 2**30)
+            writer = PartWriter(work.folder, config.max_shard_size, parts=work.state["parts"])
+            groups = output_groups(result.source, trunk_prefix, len(layers), result.dropped_prefixes)
+            start = work.finished_layers
+            if start:
+                hidden = store.read_all(start, len(batches))
+                result.layer_entries = list(work.state["layers"])
+            elif not store.in_memory:
+                hidden = [store.write(0, b, h) for b, h in enumerate(hidden)]
+        progress = tqdm(range(start, len(layers)), desc="Compressing layers", unit="layer", initial=start, total=len(layers))
+        for index in progress:
+            layer = layers[index]
+            started = time.perf_counter()
+            if loader is not None:
+                loader.fill(layer, f"{trunk_prefix}{index}.")
             layer_calls = [per_batch[index] for per_batch in calls]
             block = moe_block(family, layer)
+            forward = index < last or result.forward_last_layer
             if block is None:
-                if index < last:
-                    hidden = forward_layer(layer, hidden, layer_calls)
-                continue
-            started = time.perf_counter()
-            stats = self._layer_statistics(family, layer, block, hidden, layer_calls, batches, sample)
-            stats_seconds = time.perf_counter() - started
-            plan = plan_layer(config, stats, target, groups_per_layer)
-            if not config.sequential and index < last:
-                hidden = forward_layer(layer, hidden, layer_calls)
-            merged = self._merge(family, block, plan, stats) if config.is_merging else None
-            before = experts(family, block).num_experts
-            apply_layer_plan(family, block, plan.centroids, merged)
-            if config.sequential and index < last:
-                hidden = forward_layer(layer, hidden, layer_calls)
-            key = f"{trunk_prefix}{index}"
-            result.outputs[key] = LayerOutput(
-                experts=read_expert_weights(family, experts(family, block)),
-                router={name: getattr(router(family, block), name) for name in family.router_tensors
-                        if getattr(router(family, block), name, None) is not None},
-            )
-            report = LayerReport(
-                key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
-                None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency], time.perf_counter() - started,
-                stats_seconds,
-            )
-            result.layers.append(report)
-            logger.info("layer %d: %d -> %d experts in %.2fs", index, before, report.experts_after, report.seconds)
+                if forward:
+                    hidden = self._forward(layer, hidden, layer_calls, store, index + 1)
+            else:
+                stats = self._layer_statistics(family, layer, block, hidden, layer_calls, batches, sample)
+                stats_seconds = time.perf_counter() - started
+                plan = plan_layer(config, stats, target, groups_per_layer)
+                if not config.sequential and forward:
+                    hidden = self._forward(layer, hidden, layer_calls, store, index + 1)
+                merged = self._merge(family, block, plan, stats) if config.is_merging else None
+                before = experts(family, block).num_experts
+                apply_layer_plan(family, block, plan.centroids, merged)
+                if config.sequential and forward:
+                    hidden = self._forward(layer, hidden, layer_calls, store, index + 1)
+                key = f"{trunk_prefix}{index}"
+                result.outputs[key] = LayerOutput(
+                    experts=read_expert_weights(family, experts(family, block)),
+                    router={name: getattr(router(family, block), name) for name in family.router_tensors
+                            if getattr(router(family, block), name, None) is not None},
+                )
+                report = LayerReport(
+                    key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
+                    None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency],
+                    time.perf_counter() - started, stats_seconds,
+                )
+                result.layers.append(report)
+                result.layer_entries.append(report.manifest_entry())
+                logger.info("layer %d: %d -> %d experts, %.2f s, peak RSS %.2f GB", index, before,
+                            report.experts_after, report.seconds, peak_rss_gb())
+            if work is not None:
+                writer.write_group(group_tensors(result.source, family, groups[index], result.outputs))
+                result.outputs.pop(f"{trunk_prefix}{index}", None)  # written: its views die with the layer
+                loader.release(layer)
+                work.commit(index + 1, writer.parts, result.layer_entries)
+                store.drop_before(index + 1)
+        result.final_hidden = hidden
+        self._run_mtp(model, family, batches, target, device, calls, result)
+
+    def _forward(self, layer, hidden, calls, store: HiddenStateStore | None, generation: int) -> list[torch.Tensor]:
+        """The layer's outputs for every batch: the next layer's inputs (persisted when resumable)."""
+        if store is None:
+            return forward_layer(layer, hidden, calls)
+        return [store.write(generation, b, run_layer(layer, h, call)) for b, (h, call) in enumerate(zip(hidden, calls))]
 
     def _sample_positions(self, total_tokens: int) -> torch.Tensor:
         """One token sample per layer, shared by every expert, so alignment compares the same tokens."""
@@ -332,29 +389,44 @@ class ReamCompressor(OptimumQuantizer):
         return ExpertWeights(**stacked)
 
     # -- output ------------------------------------------------------------------------------
-    def save_pretrained(
-        self, output_dir: str | os.PathLike, *, overwrite: bool = False, max_shard_size: int | None = None
-    ) -> Path:
-        """Write the checkpoint to a temporary folder, verify it, then move it into place."""
+    def save_pretrained(self, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the checkpoint to a temporary folder, verify it, then move it into place.
+
+        After a streaming run the trunk layers' shards are already written in the work folder: they are
+        moved (not copied) into the output, and the work folder is removed once the output is in place.
+        """
         if self.result is None:
             raise ValueError("nothing to save: call compress() first")
-        from .checkpoint import DEFAULT_MAX_SHARD_BYTES
-
         result, config = self.result, self.config
-        shard_bytes = max_shard_size or DEFAULT_MAX_SHARD_BYTES
         with atomic_output_dir(output_dir, overwrite) as folder:
             if result.source is not None:
                 source = result.source
-                write_compressed_tensors(folder, source, result.family, result.outputs, result.dropped_prefixes, shard_bytes)
+                num_layers = len(decoder_layers(self.model))
+                groups = output_groups(source, self._trunk_prefix(result.family, source), num_layers,
+                                       result.dropped_prefixes)
+                if result.work is not None:  # trunk layers written while streaming; the rest now
+                    parts_folder = result.work.folder
+                    writer = PartWriter(parts_folder, config.max_shard_size, parts=result.work.state["parts"])
+                    pending = [groups[-1]]
+                else:
+                    parts_folder = folder
+                    writer = PartWriter(folder, config.max_shard_size)
+                    pending = groups
+                for names in pending:
+                    writer.write_group(group_tensors(source, result.family, names, result.outputs))
+                finalize_parts(parts_folder, writer.parts, folder)
                 mtp_count = 0 if result.dropped_prefixes else None
                 write_json(folder / "config.json",
                            edit_config_json(source.config, result.family, result.experts_after, config.to_dict(), mtp_count))
                 copy_side_files(source.folder, folder)
             else:
-                self._save_in_memory(folder, shard_bytes)
+                self._save_in_memory(folder, config.max_shard_size)
             write_json(folder / MANIFEST_NAME, self.manifest())
             verify_checkpoint(folder, result.family, result.source, full_width_layers=self._full_width_layers(),
                               dropped_prefixes=result.dropped_prefixes)
+        if result.work is not None:
+            result.work.remove()
+            result.work = None
         logger.info("wrote %s", output_dir)
         return Path(output_dir)
 
@@ -394,9 +466,54 @@ class ReamCompressor(OptimumQuantizer):
             "experts_after": result.experts_after,
             "calibration": {"sequences": result.calibration_sequences, "tokens": result.calibration_tokens},
             "mtp": {"mode": self.config.mtp, "dropped": list(result.dropped_prefixes)},
-            "layers": [report.manifest_entry() for report in result.layers],
+            "layers": result.layer_entries,
         }
 
+
+    def _run_mtp(self, model, family, batches, target, device, calls, result: CompressionResult) -> None:
+        """MTP layers (mtp="compress"), METHOD.md §6: each is one more MoE layer after the trunk, fed as vLLM feeds
+        its drafter (ream_hf/mtp.py), compressed with the same method and target, written under its own names.
+
+        Needs the last trunk layer's outputs: `result.final_hidden` when `result.forward_last_layer` was set,
+        else (the last layer still in memory) they are computed here from its inputs."""
+        config = self.config
+        source = result.source
+        if source is None or config.mtp != "compress" or not mtp_prefixes(family, source):
+            return
+        trunk_out = result.final_hidden
+        if not result.forward_last_layer:
+            last = decoder_layers(model)[-1]
+            if any(t.is_meta for t in last.parameters()):
+                raise RuntimeError("MTP layers need the last trunk layer's outputs: set result.forward_last_layer "
+                                   "before the trunk loop when streaming")
+            trunk_out = forward_layer(last, trunk_out, [per_batch[-1] for per_batch in calls])
+        groups_per_layer = routing_groups(family, model.config.get_text_config(), result.experts_before)
+        for item in tqdm(run_mtp_layers(model, family, source, trunk_out, batches, calls, device),
+                         desc="Compressing MTP layers", unit="layer"):
+            block = moe_block(family, item.layer)
+            if block is None:  # a dense MTP layer: copied as it is
+                continue
+            started = time.perf_counter()
+            sample = self._sample_positions(item.num_tokens) if config.is_merging else None
+            stats = self._layer_statistics(family, item.layer, block, item.hidden, item.calls, item.batches, sample)
+            stats_seconds = time.perf_counter() - started
+            plan = plan_layer(config, stats, target, groups_per_layer)
+            merged = self._merge(family, block, plan, stats) if config.is_merging else None
+            before = experts(family, block).num_experts
+            apply_layer_plan(family, block, plan.centroids, merged)
+            result.outputs[item.key] = LayerOutput(
+                experts=read_expert_weights(family, experts(family, block)),
+                router={name: getattr(router(family, block), name) for name in family.router_tensors
+                        if getattr(router(family, block), name, None) is not None},
+            )
+            report = LayerReport(
+                item.key, item.index, before, len(plan.groups), plan, stats.frequency.tolist(),
+                None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency],
+                time.perf_counter() - started, stats_seconds,
+            )
+            result.layers.append(report)
+            result.layer_entries.append(report.manifest_entry())
+            logger.info("MTP layer %s: %d -> %d experts, %.2f s", item.key, before, report.experts_after, report.seconds)
 
 def _load_config(folder: Path):
     from transformers import AutoConfig

@@ -109,6 +109,9 @@ class ReamConfig(QuantizationConfigMixin):
     # MTP layers (DeepSeek-V3 / GLM-4.5 / Qwen3-Next / Qwen3.5)
     mtp: str = "compress"
     # execution
+    streaming: bool = True  # one decoder layer in memory at a time (source folders / Hub ids)
+    hidden_states_budget_gb: float = 8.0  # calibration hidden states beyond this spill to memory-mapped files
+    max_shard_size: int = 5 * 2**30  # bytes per output safetensors shard
     batch_size: int = 8
     token_chunk_size: int = 2048
     device: str = "cpu"
@@ -159,6 +162,10 @@ class ReamConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_shard_size, int) or self.max_shard_size < 1:
+            raise ValueError(f"max_shard_size must be a positive number of bytes, got {self.max_shard_size!r}")
+        if self.hidden_states_budget_gb < 0:
+            raise ValueError(f"hidden_states_budget_gb must be >= 0, got {self.hidden_states_budget_gb}")
         if self.group_size < 0:
             raise ValueError(f"group_size must be >= 0 (0 = M-SMoE rule), got {self.group_size}")
         if not (0.0 < self.min_sequence_fraction <= 1.0):

@@ -44,6 +44,8 @@ def capture_layer_inputs(
             calls[index] = LayerCall(args, kwargs)
             if index == 0:
                 first_hidden.append(hidden_states.detach())
+            if index == len(layers) - 1:
+                raise StopLayer  # nothing after the layers is needed (and may still be on the meta device)
             return hidden_states
 
         return recorder
@@ -54,11 +56,10 @@ def capture_layer_inputs(
     try:
         for batch in batches:
             calls.clear()
-            base(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                use_cache=False,
-            )
+            try:
+                base(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            except StopLayer:
+                pass
             per_batch.append([calls[i] for i in range(len(layers))])
     finally:
         for layer in layers:

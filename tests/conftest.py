@@ -6,6 +6,12 @@ import pytest
 from ream_hf.demo import build_tiny_qwen3_moe, demo_corpus, write_demo_calibration
 
 
+@pytest.fixture(autouse=True)
+def isolated_work_dir(tmp_path_factory, monkeypatch):
+    """Each test streams through its own work root: no unfinished run of one test is found by another."""
+    monkeypatch.setenv("REAM_HF_WORK_DIR", str(tmp_path_factory.mktemp("work")))
+
+
 @pytest.fixture(scope="session")
 def qwen3_source(tmp_path_factory) -> Path:
     """A tiny random Qwen3-MoE (16 experts, top-4, 2 layers) with tokenizer; never modified by tests."""

@@ -97,9 +97,10 @@ def test_same_inputs_give_byte_identical_files(qwen3_source, calibration_txt, tm
 
 def test_sharding_and_index(qwen3_source, calibration_txt, tmp_path):
     compressor = ReamCompressor(ReamConfig(target_experts=8, method="frequency", calibration=[str(calibration_txt)],
-                                           calibration_ratios=None, num_calibration_sequences=8, sequence_length=64))
+                                           calibration_ratios=None, num_calibration_sequences=8, sequence_length=64,
+                                           max_shard_size=200_000))
     compressor.compress(str(qwen3_source))
-    compressor.save_pretrained(tmp_path / "out", max_shard_size=200_000)
+    compressor.save_pretrained(tmp_path / "out")
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"

@@ -1,0 +1,224 @@
+"""Compressing models larger than RAM: one decoder layer in memory at a time, resumable.
+
+The model is built on the meta device; embeddings and rotary tables are materialised for the
+calibration pass, then each decoder layer is filled from the source shards (only its own tensors),
+compressed, written out and dropped back to meta. Hidden states between layers stay in memory up to a
+budget and spill to memory-mapped files beyond it. A work folder keyed by a fingerprint of the source
+and the settings holds everything needed to continue after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .arch import MoEFamily, decoder_layers
+from .checkpoint import SourceCheckpoint, parse_moe_name
+from .experts import ExpertWeights, fused_expert_params
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "state.json"
+FORMAT = "ream-hf work folder v1"
+
+
+class LayerLoader:
+    """Fills meta-device modules of a skeleton model from the source's safetensors shards."""
+
+    def __init__(self, source: SourceCheckpoint, family: MoEFamily, trunk_prefix: str, device: torch.device) -> None:
+        self.source, self.family, self.trunk_prefix, self.device = source, family, trunk_prefix, device
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            if name not in self.source.weight_map:
+                raise ValueError(f"{self.source.folder} lacks tensor {name}: the checkpoint does not match its config")
+            by_shard[self.source.weight_map[name]].append(name)
+        tensors = {}
+        for shard, shard_names in by_shard.items():
+            with safe_open(self.source.folder / shard, framework="pt") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in shard_names})
+        return tensors
+
+    def fill(self, module: nn.Module, disk_prefix: str, layer_index: int | None = None) -> None:
+        """Materialise `module` (on meta) from the tensors named `disk_prefix + key`, experts fused as in memory."""
+        module.to_empty(device=self.device)
+        state = module.state_dict()
+        wanted: dict[str, str] = {}
+        fused: dict[str, list[str]] = defaultdict(list)  # experts module prefix -> in-memory fused keys
+        for key in state:
+            disk_key = self._disk_key(key)
+            head, _, leaf = key.rpartition(".")
+            if head.endswith(self.family.experts_attr) and leaf in ("gate_up_proj", "down_proj", "gate_up_proj_bias",
+                                                                      "down_proj_bias"):
+                if disk_prefix + disk_key in self.source.weight_map:  # fused on disk too (GPT-OSS)
+                    wanted[key] = disk_prefix + disk_key
+                else:
+                    fused[head].append(key)
+            else:
+                wanted[key] = disk_prefix + disk_key
+        tensors = self.read(list(wanted.values()))
+        loaded = {key: tensors[name] for key, name in wanted.items()}
+        for head, keys in fused.items():
+            loaded.update(self._fuse_experts(state, disk_prefix + self._disk_key(head) + ".", head, keys))
+        with torch.no_grad():
+            for key, tensor in loaded.items():
+                state[key].copy_(tensor.to(state[key].dtype))
+
+    def _disk_key(self, key: str) -> str:
+        block, dot, rest = key.partition(".")
+        if block == self.family.block_attr and dot:
+            return f"{self.family.on_disk_block}.{rest}"
+        return key
+
+    def _fuse_experts(self, state, disk_experts_prefix: str, head: str, keys: list[str]) -> dict[str, torch.Tensor]:
+        count = state[f"{head}.down_proj"].shape[0]
+        names = {role: [f"{disk_experts_prefix}{e}.{proj}.weight" for e in range(count)]
+                 for role, proj in self.family.disk_proj_names.items()}
+        tensors = self.read([n for group in names.values() for n in group])
+        weights = ExpertWeights(*(torch.stack([tensors[n] for n in names[role]]) for role in ("gate", "up", "down")))
+        fused = fused_expert_params(self.family, weights)
+        return {f"{head}.{name}": fused[name] for name in fused if f"{head}.{name}" in keys}
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        module.to("meta")
+
+
+def build_skeleton(folder: Path, hf_config, dtype, device: torch.device, loader: LayerLoader):
+    """The model on meta with embeddings and rotary tables real: enough to embed calibration tokens."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, experts_implementation="eager")
+    base = model.model
+    embed = base.get_input_embeddings()
+    embed_name = next(n for n in loader.source.weight_map if n.endswith("embed_tokens.weight") and not n.startswith("mtp."))
+    loader.fill(embed, embed_name[: -len("weight")])
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:  # its tables are non-persistent buffers computed at construction
+        with torch.device(device):
+            base.rotary_emb = type(rotary)(config=rotary.config)
+    return model
+
+
+def layer_names(source: SourceCheckpoint, prefix: str) -> list[str]:
+    return [name for name in source.weight_map if name.startswith(prefix)]
+
+
+def fingerprint(source: SourceCheckpoint, settings: dict[str, Any]) -> str:
+    """Identifies a job: the source's config and tensor index, and every setting that changes the output."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(source.config, sort_keys=True).encode())
+    digest.update(json.dumps(sorted(source.weight_map.items())).encode())
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+class WorkFolder:
+    """What a run needs to continue: finished layers' shard parts, the next layer's inputs, the manifest so far."""
+
+    def __init__(self, folder: Path, job: str) -> None:
+        self.folder, self.job = Path(folder), job
+        self.state: dict[str, Any] = {"format": FORMAT, "job": job, "finished_layers": 0, "parts": [], "layers": [],
+                                      "hidden_batches": 0}
+
+    @classmethod
+    def open(cls, folder: Path, job: str, resume: bool) -> WorkFolder:
+        work = cls(folder, job)
+        state_path = work.folder / STATE_NAME
+        if state_path.is_file():
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if not resume:
+                raise ValueError(
+                    f"found an unfinished run in {folder} (layer {state.get('finished_layers')} done); "
+                    "pass --resume to continue it, or delete that folder to start over"
+                )
+            if state.get("job") != job:
+                raise ValueError(
+                    f"work folder {folder} belongs to a different source or settings; resume needs the same "
+                    "source and ReamConfig, or delete that folder to start over"
+                )
+            work.state = state
+            logger.info("resuming after layer %d from %s", state["finished_layers"], folder)
+        else:
+            if work.folder.exists() and any(work.folder.iterdir()):
+                raise ValueError(f"work folder {folder} exists and is not a ream-hf work folder; choose another")
+            work.folder.mkdir(parents=True, exist_ok=True)
+        return work
+
+    @property
+    def finished_layers(self) -> int:
+        return int(self.state["finished_layers"])
+
+    def save_hidden(self, hidden: list[torch.Tensor]) -> None:
+        temp = self.folder / "hidden.safetensors.tmp"
+        save_file({f"batch.{i}": h.contiguous().cpu() for i, h in enumerate(hidden)}, str(temp))
+        os.replace(temp, self.folder / "hidden.safetensors")
+        self.state["hidden_batches"] = len(hidden)
+
+    def load_hidden(self) -> list[torch.Tensor]:
+        tensors = load_file(str(self.folder / "hidden.safetensors"))
+        return [tensors[f"batch.{i}"] for i in range(int(self.state["hidden_batches"]))]
+
+    def commit(self, finished_layers: int, parts: list[str], layer_entries: list[dict]) -> None:
+        """Atomically record progress; everything it names was written before."""
+        self.state.update(finished_layers=finished_layers, parts=parts, layers=layer_entries)
+        temp = self.folder / (STATE_NAME + ".tmp")
+        temp.write_text(json.dumps(self.state, indent=1), encoding="utf-8")
+        os.replace(temp, self.folder / STATE_NAME)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def default_work_root() -> Path:
+    return Path(os.environ.get("REAM_HF_WORK_DIR", Path.home() / ".cache" / "ream-hf" / "work"))
+
+
+__all__ = ["LayerLoader", "WorkFolder", "build_skeleton", "decoder_layers", "fingerprint", "layer_names",
+           "default_work_root", "parse_moe_name"]
+
+
+class HiddenStateStore:
+    """Calibration hidden states at one layer boundary, one file per batch.
+
+    Files make a run resumable; above the memory budget they are also the storage, read back
+    memory-mapped one batch at a time, so RAM holds one batch instead of all of them.
+    """
+
+    def __init__(self, folder: Path, in_memory: bool) -> None:
+        self.folder, self.in_memory = Path(folder), in_memory
+
+    def path(self, generation: int, batch: int) -> Path:
+        return self.folder / f"hidden-{generation:05d}" / f"{batch:06d}.pt"
+
+    def write(self, generation: int, batch: int, tensor: torch.Tensor) -> torch.Tensor:
+        path = self.path(generation, batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tensor.detach().contiguous().cpu(), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        return tensor if self.in_memory else self.read(generation, batch)
+
+    def read(self, generation: int, batch: int) -> torch.Tensor:
+        return torch.load(self.path(generation, batch), mmap=True, weights_only=True)
+
+    def read_all(self, generation: int, count: int) -> list[torch.Tensor]:
+        tensors = [self.read(generation, b) for b in range(count)]
+        return [t.clone() for t in tensors] if self.in_memory else tensors
+
+    def drop_before(self, generation: int) -> None:
+        for old in self.folder.glob("hidden-*"):
+            if int(old.name.split("-")[1]) < generation:
+                shutil.rmtree(old, ignore_errors=True)
