@@ -25,7 +25,7 @@ from typing import Any
 from . import __version__
 from .arch import text_config_dict
 from .checkpoint import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, check_output_dir
-from .config import CONFIG_KEY, MERGING_METHODS
+from .config import CONFIG_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ EVAL_SCHEMA = "ream-hf eval results v1"
 # Above this, huggingface_hub 1.x's resumable `upload_large_folder` is used (2.x's `upload_folder` is itself
 # resumable and multi-commit when hf_xet is installed, and has no separate large-folder call).
 LARGE_FOLDER_BYTES = 5 * 10**9
-DEFAULT_EVAL_TASKS = ("ifeval", "gsm8k", "humaneval")
 MTP_SPECULATIVE_CONFIG = '{"method":"mtp","num_speculative_tokens":1}'
 _TEXT_SUFFIXES = {".json", ".md", ".txt", ".jinja", ".j2", ".yaml", ".yml", ".py", ".model", ".tiktoken"}
 
@@ -48,15 +47,19 @@ class TaskInfo:
     label: str
     dataset_type: str
     dataset_name: str
-    metric_type: str
+    metric_type: str  # the headline metric `ream_hf.evaluation` reports (its METRICS, lm-eval filter dropped)
+    metric_label: str
     dataset_config: str | None = None
     dataset_split: str | None = None
 
 
 TASKS = {
-    "ifeval": TaskInfo("IFEval", "google/IFEval", "IFEval", "accuracy", dataset_split="train"),
-    "gsm8k": TaskInfo("GSM8K", "openai/gsm8k", "GSM8K", "exact_match", dataset_config="main", dataset_split="test"),
-    "humaneval": TaskInfo("HumanEval", "openai/openai_humaneval", "HumanEval", "pass@1", dataset_split="test"),
+    "ifeval": TaskInfo("IFEval", "google/IFEval", "IFEval", "prompt_level_strict_acc", "prompt-level strict acc.",
+                       dataset_split="train"),
+    "gsm8k": TaskInfo("GSM8K", "openai/gsm8k", "GSM8K", "exact_match", "exact match (flexible extract)",
+                      dataset_config="main", dataset_split="test"),
+    "humaneval": TaskInfo("HumanEval", "openai/openai_humaneval", "HumanEval", "pass@1", "pass@1 (greedy)",
+                          dataset_split="test"),
 }
 
 
@@ -257,17 +260,15 @@ def _results_context(results: dict[str, Any]) -> tuple[dict[str, Any], list[Any]
     original = results["models"]["original"]["scores"]
     compressed = results["models"]["compressed"]["scores"]
     retention = results.get("retention") or {}
-    metric_names = (results.get("settings") or {}).get("metrics") or {}
     rows, eval_results = [], []
     for task, score in compressed.items():
-        info = TASKS.get(task, TaskInfo(task, task, task, "score"))
-        metric = str(metric_names.get(task, info.metric_type))
+        info = TASKS.get(task, TaskInfo(task, task, task, "score", "score"))
         before = original.get(task)
         kept = retention.get(task)
         if kept is None and before:
             kept = 100.0 * score / before
         rows.append({
-            "task": task, "label": info.label, "metric": metric,
+            "task": task, "label": info.label, "metric": info.metric_label,
             "original": "—" if before is None else _percent(before),
             "compressed": _percent(score),
             "retention": "—" if kept is None else f"{kept:.1f}%",
@@ -276,7 +277,8 @@ def _results_context(results: dict[str, Any]) -> tuple[dict[str, Any], list[Any]
         eval_results.append(EvalResult(
             task_type="text-generation", dataset_type=info.dataset_type, dataset_name=info.dataset_name,
             dataset_config=info.dataset_config, dataset_split=info.dataset_split,
-            metric_type=metric, metric_value=round(float(score), 4), metric_name=f"{info.label} ({metric})",
+            metric_type=info.metric_type, metric_value=round(float(score), 4),
+            metric_name=f"{info.label}, {info.metric_label}",
         ))
     paired = [t for t in compressed if original.get(t) is not None]
     average = {"original": "—", "compressed": "—", "retention": "—"}
@@ -411,12 +413,11 @@ def render_model_card(
         except ValueError as error:
             logger.warning("source size not measured: %s", error)
     size = {"after_params": f"{after.parameters:,}", "after_params_short": _short_count(after.parameters),
-            "after_disk": _short_bytes(after.disk_bytes), "after_disk_short": _short_bytes(after.disk_bytes),
-            "before_params": None, "before_disk": None}
+            "after_disk": _short_bytes(after.disk_bytes), "before_params": None, "before_disk": None}
     if before is not None and before.parameters:
         size.update({
             "before_params": f"{before.parameters:,}", "before_params_short": _short_count(before.parameters),
-            "before_disk": _short_bytes(before.disk_bytes), "before_disk_short": _short_bytes(before.disk_bytes),
+            "before_disk": _short_bytes(before.disk_bytes),
             "param_reduction": f"{100.0 * (1 - after.parameters / before.parameters):.0f}",
             "disk_reduction": f"{100.0 * (1 - after.disk_bytes / before.disk_bytes):.0f}" if before.disk_bytes else "—",
         })
@@ -448,8 +449,7 @@ def render_model_card(
         base_model=base_model,
         load_id=repo_id or str(output),
         ream_hf_version=manifest.get("ream_hf_version", __version__),
-        method={"key": method_key, "label": method.label, "kind": method.kind, "description": method.description,
-                "is_merging": method_key in MERGING_METHODS},
+        method={"key": method_key, "label": method.label, "kind": method.kind, "description": method.description},
         family=manifest.get("family", text_config.get("model_type")),
         experts_before=manifest.get("experts_before"),
         experts_after=manifest.get("experts_after"),
@@ -601,8 +601,7 @@ def compress_and_push(
         if evaluate_pair is not None:
             if source_dir is None:
                 raise ValueError("evaluate=True needs a source checkpoint folder or Hub id, not an in-memory model")
-            kwargs = {"tasks": list(DEFAULT_EVAL_TASKS), "limit": None, **(eval_kwargs or {})}
-            results = evaluate_pair(str(source_dir), str(output), **kwargs)
+            results = evaluate_pair(str(source_dir), str(output), **(eval_kwargs or {}))
             (output / EVAL_RESULTS_NAME).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")
         license_info = None

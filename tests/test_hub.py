@@ -85,6 +85,10 @@ def test_card_front_matter_and_body(compressed, qwen3_source, tmp_path):
     scores = {r.dataset_name: r.metric_value for r in data.eval_results}
     assert scores == {"IFEval": 0.934, "GSM8K": 0.963, "HumanEval": 0.933}
     assert all(isinstance(r, EvalResult) and r.task_type == "text-generation" for r in data.eval_results)
+    from ream_hf.evaluation import METRICS
+
+    assert {r.dataset_name: r.metric_type for r in data.eval_results} == \
+        {"IFEval": METRICS["ifeval"], "GSM8K": METRICS["gsm8k"].split(",")[0], "HumanEval": METRICS["humaneval"]}
 
     # the YAML itself: plain safe_load, and a ModelCardData round trip that keeps the eval results
     meta = front_matter(folder / "README.md")
@@ -98,8 +102,8 @@ def test_card_front_matter_and_body(compressed, qwen3_source, tmp_path):
 
     body = loaded.text
     assert "| Task | Metric | Qwen/Qwen3-30B-A3B | This model | Retention |" in body
-    assert "| IFEval | accuracy | 94.7 | 93.4 | 98.6% |" in body
-    assert "| HumanEval | pass@1 | 95.1 | 93.3 | 98.1% |" in body
+    assert "| IFEval | prompt-level strict acc. | 94.7 | 93.4 | 98.6% |" in body
+    assert "| HumanEval | pass@1 (greedy) | 95.1 | 93.3 | 98.1% |" in body
     assert "| **Average** | | **95.6** | **94.3** | **98.7%** |" in body
     assert "| Experts per MoE layer | 16 | 8 |" in body
     assert "| MoE layers | 2 | 2 |" in body
@@ -127,7 +131,7 @@ def test_card_reads_results_file_and_defaults_without_source(compressed, tmp_pat
     card = render_model_card(folder, base_model=BASE, source_dir=tmp_path / "missing")
 
     assert card.data.license == "other", "no source README or config license: 'other'"
-    assert "| HumanEval | pass@1 | — | 93.3 | — |" in card.text
+    assert "| HumanEval | pass@1 (greedy) | — | 93.3 | — |" in card.text
     assert "| **Average** | | **95.8** | **94.8** | **99.0%** |" in card.text, "average over the paired tasks"
     assert "| Parameters | not measured |" in card.text
 
