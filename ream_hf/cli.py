@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="per-layer log lines")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_compress_arguments(commands.add_parser("compress", help="compress an MoE model"))
+    from .serve import add_serve_arguments
+
+    add_serve_arguments(commands.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server "
+                                                          "(adds MTP speculative decoding when the checkpoint has it)"))
     demo = commands.add_parser("demo", help="build a tiny Qwen3-MoE, compress it and print before/after")
     demo.add_argument("--workdir", help="where to put the demo files (default: a new temporary folder)")
     demo.add_argument("--method", choices=METHODS, default="ream")
@@ -111,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        if args.command == "serve":
+            from .serve import run_serve
+
+            return run_serve(args)
         return _compress(args) if args.command == "compress" else _demo(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

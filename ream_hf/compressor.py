@@ -388,6 +388,13 @@ class ReamCompressor(OptimumQuantizer):
                 stacked[name] = torch.stack([m[3][name] for m in merged])
         return ExpertWeights(**stacked)
 
+    def compress_and_push(self, source: Any, repo_id: str, **kwargs: Any) -> str:
+        """Compress, optionally evaluate both models, render the model card and upload; returns the repo URL.
+        Keyword arguments are those of `ream_hf.hub.compress_and_push` (private, token, evaluate, output_dir, ...)."""
+        from .hub import compress_and_push
+
+        return compress_and_push(self, source, repo_id, **kwargs)
+
     # -- output ------------------------------------------------------------------------------
     def save_pretrained(self, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the checkpoint to a temporary folder, verify it, then move it into place.

