@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ def run_job(args: argparse.Namespace) -> dict:
     import torch
 
     from ream_hf import ReamCompressor, ReamConfig
+    from ream_hf.compressor import peak_rss_gb
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
@@ -77,7 +77,7 @@ def run_job(args: argparse.Namespace) -> dict:
     return {
         "method": args.method, "sequences": args.job_sequences, "tokens": tokens, "wall_s": wall,
         "stats_s": stats_seconds, "gflops": flops / stats_seconds / 1e9 if flops else None,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_gb(),
     }
 
 

@@ -7,6 +7,7 @@ model or the calibration data is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -37,7 +38,7 @@ from .checkpoint import (
     write_json,
 )
 from .config import CONFIG_KEY, ReamConfig
-from .experts import ExpertWeights, activation_for, expert_hidden, read_expert_weights
+from .experts import ExpertWeights, activation_for, expert_hidden, read_expert_weights, routed_forward
 from .layers import capture_layer_inputs, feed_block_inputs, forward_layer, run_layer
 from .streaming import HiddenStateStore, LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
 from .merging import merge_expert_group, weight_features
@@ -49,11 +50,36 @@ from .verify import verify_checkpoint
 
 
 def peak_rss_gb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
+    subprocess would report its parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def routed_experts(family: MoEFamily, layer, device: torch.device):
+    """On CPU, run the layer's experts with `routed_forward` (bit-identical to transformers' eager loop, faster)."""
+    block = moe_block(family, layer)
+    if block is None or device.type != "cpu":
+        yield
+        return
+    module = experts(family, block)
+    weights, activation = read_expert_weights(family, module), activation_for(family, module)
+    module.forward = lambda hidden, index, scores: routed_forward(weights, activation, hidden, index, scores)
+    try:
+        yield
+    finally:
+        del module.forward
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -206,6 +232,8 @@ class ReamCompressor(OptimumQuantizer):
         result.calibration_sequences = len(sequences)
         result.calibration_tokens = int(sum(int(s.numel()) for s in sequences))
         result.dropped_prefixes = drop
+        # MTP layers are fed the last trunk layer's outputs, so that layer is run forward too
+        result.forward_last_layer = source is not None and config.mtp == "compress" and bool(mtp_prefixes(family, source))
         result.work = work
         self._run_layers(model, family, batches, target, device, trunk_prefix, result, loader)
         set_config_expert_count(family, model.config, target)
@@ -255,6 +283,7 @@ class ReamCompressor(OptimumQuantizer):
                 return parsed.prefix
         raise ValueError(f"no MoE expert tensors found in {source.folder}")
 
+    @torch.no_grad()
     def _run_layers(self, model, family, batches, target, device, trunk_prefix, result: CompressionResult,
                     loader: LayerLoader | None = None) -> None:
         config, work = self.config, result.work
@@ -288,18 +317,18 @@ class ReamCompressor(OptimumQuantizer):
             forward = index < last or result.forward_last_layer
             if block is None:
                 if forward:
-                    hidden = self._forward(layer, hidden, layer_calls, store, index + 1)
+                    hidden = self._forward(family, layer, hidden, layer_calls, store, index + 1)
             else:
                 stats = self._layer_statistics(family, layer, block, hidden, layer_calls, batches, sample)
                 stats_seconds = time.perf_counter() - started
                 plan = plan_layer(config, stats, target, groups_per_layer)
                 if not config.sequential and forward:
-                    hidden = self._forward(layer, hidden, layer_calls, store, index + 1)
+                    hidden = self._forward(family, layer, hidden, layer_calls, store, index + 1)
                 merged = self._merge(family, block, plan, stats) if config.is_merging else None
                 before = experts(family, block).num_experts
                 apply_layer_plan(family, block, plan.centroids, merged)
                 if config.sequential and forward:
-                    hidden = self._forward(layer, hidden, layer_calls, store, index + 1)
+                    hidden = self._forward(family, layer, hidden, layer_calls, store, index + 1)
                 key = f"{trunk_prefix}{index}"
                 result.outputs[key] = LayerOutput(
                     experts=read_expert_weights(family, experts(family, block)),
@@ -324,11 +353,12 @@ class ReamCompressor(OptimumQuantizer):
         result.final_hidden = hidden
         self._run_mtp(model, family, batches, target, device, calls, result)
 
-    def _forward(self, layer, hidden, calls, store: HiddenStateStore | None, generation: int) -> list[torch.Tensor]:
+    def _forward(self, family, layer, hidden, calls, store: HiddenStateStore | None, generation: int) -> list[torch.Tensor]:
         """The layer's outputs for every batch: the next layer's inputs (persisted when resumable)."""
-        if store is None:
-            return forward_layer(layer, hidden, calls)
-        return [store.write(generation, b, run_layer(layer, h, call)) for b, (h, call) in enumerate(zip(hidden, calls))]
+        with routed_experts(family, layer, torch.device(self.config.device)):
+            if store is None:
+                return forward_layer(layer, hidden, calls)
+            return [store.write(generation, b, run_layer(layer, h, call)) for b, (h, call) in enumerate(zip(hidden, calls))]
 
     def _sample_positions(self, total_tokens: int) -> torch.Tensor:
         """One token sample per layer, shared by every expert, so alignment compares the same tokens."""
@@ -476,7 +506,6 @@ class ReamCompressor(OptimumQuantizer):
             "layers": result.layer_entries,
         }
 
-
     def _run_mtp(self, model, family, batches, target, device, calls, result: CompressionResult) -> None:
         """MTP layers (mtp="compress"), METHOD.md §6: each is one more MoE layer after the trunk, fed as vLLM feeds
         its drafter (ream_hf/mtp.py), compressed with the same method and target, written under its own names.
@@ -521,6 +550,7 @@ class ReamCompressor(OptimumQuantizer):
             result.layers.append(report)
             result.layer_entries.append(report.manifest_entry())
             logger.info("MTP layer %s: %d -> %d experts, %.2f s", item.key, before, report.experts_after, report.seconds)
+
 
 def _load_config(folder: Path):
     from transformers import AutoConfig

@@ -21,14 +21,18 @@ class CheckpointError(ValueError):
     pass
 
 
-def expert_shapes(family: MoEFamily, text_config: dict) -> dict[str, tuple[int, ...]]:
+def expert_shapes(family: MoEFamily, text_config: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Per-expert shapes of (per-expert tensors, fused tensors without the expert dimension)."""
     hidden = int(text_config["hidden_size"])
     inner = int(text_config.get("moe_intermediate_size") or text_config["intermediate_size"])
+    per_expert = {family.disk_proj_names["gate"]: (inner, hidden), family.disk_proj_names["up"]: (inner, hidden),
+                  family.disk_proj_names["down"]: (hidden, inner)}
     if family.expert_layout == "gpt_oss":
-        return {"gate_up_proj": (hidden, 2 * inner), "gate_up_proj_bias": (2 * inner,), "down_proj": (inner, hidden),
-                "down_proj_bias": (hidden,)}
-    return {family.disk_proj_names["gate"]: (inner, hidden), family.disk_proj_names["up"]: (inner, hidden),
-            family.disk_proj_names["down"]: (hidden, inner)}
+        fused = {"gate_up_proj": (hidden, 2 * inner), "gate_up_proj_bias": (2 * inner,), "down_proj": (inner, hidden),
+                 "down_proj_bias": (hidden,)}
+    else:  # fused on disk as in memory (some Qwen3.5 exports): gate rows first
+        fused = {"gate_up_proj": (2 * inner, hidden), "down_proj": (hidden, inner)}
+    return per_expert, fused
 
 
 def read_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -66,7 +70,7 @@ def verify_checkpoint(
     text = text_config_dict(config)
     target = expert_count(family, config)
     shapes = read_shapes(folder)
-    per_expert_shapes = expert_shapes(family, text)
+    per_expert_shapes, fused_shapes = expert_shapes(family, text)
     hidden = int(text["hidden_size"])
 
     experts_seen: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
@@ -99,7 +103,7 @@ def verify_checkpoint(
         counts[layer] = want
     for layer, params in fused_seen.items():
         want = params["down_proj"][0] if layer in full_width_layers else target
-        for param, expected in per_expert_shapes.items():
+        for param, expected in fused_shapes.items():
             if params.get(param) != (want, *expected):
                 raise CheckpointError(f"layer {layer} {param} has shape {params.get(param)}, expected {(want, *expected)}")
         counts[layer] = want
