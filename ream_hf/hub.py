@@ -26,6 +26,7 @@ from . import __version__
 from .arch import text_config_dict
 from .checkpoint import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, check_output_dir
 from .config import CONFIG_KEY
+from .mtp import mtp_tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -143,23 +144,6 @@ def weights_summary(folder: str | os.PathLike) -> WeightsSummary:
         if not weight_map:
             names.extend(header)
     return WeightsSummary(parameters, disk_bytes, tuple(names))
-
-
-def mtp_tensor_names(names: list[str] | tuple[str, ...], num_hidden_layers: int,
-                     trunk_prefixes: tuple[str, ...] = ("model.layers.", "model.language_model.layers.")) -> list[str]:
-    """Multi-token-prediction tensors: `mtp.*` names, or trunk layers numbered at or past `num_hidden_layers`."""
-    found = []
-    for name in names:
-        if name.startswith("mtp."):
-            found.append(name)
-            continue
-        for prefix in trunk_prefixes:
-            if name.startswith(prefix):
-                index = name[len(prefix):].split(".", 1)[0]
-                if index.isdigit() and int(index) >= num_hidden_layers:
-                    found.append(name)
-                break
-    return found
 
 
 def source_license(source_dir: str | os.PathLike | None) -> dict[str, str]:
@@ -334,10 +318,7 @@ def _calibration_context(config: dict[str, Any], manifest: dict[str, Any]) -> di
 
 
 def _mtp_context(names: tuple[str, ...], text_config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
-    layer_keys = [str(layer.get("layer", "")) for layer in manifest.get("layers", [])]
-    prefixes = tuple(sorted({key.rsplit(".", 1)[0] + "." for key in layer_keys if "." in key
-                             and not key.startswith("mtp.")})) or ("model.layers.", "model.language_model.layers.")
-    found = mtp_tensor_names(names, int(text_config.get("num_hidden_layers", 10**9)), prefixes)
+    found = mtp_tensor_names(names, int(text_config.get("num_hidden_layers", 10**9)))
     mtp = manifest.get("mtp") or {}
     mode, dropped = mtp.get("mode"), mtp.get("dropped") or []
     if found and mode == "keep":

@@ -28,6 +28,8 @@ one's normed output and the token two places ahead, as vLLM's chained drafting d
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,21 +80,29 @@ class MTPLayerSpec:
         return self.layer_prefix[:-1]
 
 
+def mtp_prefix(name: str, num_hidden_layers: int) -> str | None:
+    """The MTP layer a tensor belongs to, as a name prefix, or None for a trunk tensor. The one rule for
+    every reader: a module named `mtp` near the top (Qwen3-Next/Qwen3.5, also under a VLM's prefix), or a
+    decoder layer numbered at or past `num_hidden_layers` (DeepSeek-V3/Kimi-K2/GLM-4.5 next-n layers)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "mtp" and i <= 2:
+            return ".".join(parts[: i + 1]) + "."
+        if part == "layers" and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2]) + "." if int(parts[i + 1]) >= num_hidden_layers else None
+    return None
+
+
+def mtp_tensor_names(names: Iterable[str], num_hidden_layers: int) -> list[str]:
+    return [name for name in names if mtp_prefix(name, num_hidden_layers) is not None]
+
+
 def mtp_prefixes(family: MoEFamily, source: SourceCheckpoint) -> tuple[str, ...]:
     """Name prefixes of the source's multi-token-prediction layers (dropped by transformers on load)."""
     if family.mtp_style is None:
         return ()
-    text = text_config_dict(source.config)
-    if family.mtp_style == "mtp":
-        return ("mtp.",) if any(n.startswith("mtp.") for n in source.weight_map) else ()
-    first_mtp = int(text["num_hidden_layers"])
-    prefixes = set()
-    for name in source.weight_map:
-        parts = name.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part == "layers" and parts[i + 1].isdigit() and int(parts[i + 1]) >= first_mtp:
-                prefixes.add(".".join(parts[: i + 2]) + ".")
-    return tuple(sorted(prefixes))
+    first_mtp = int(text_config_dict(source.config)["num_hidden_layers"])
+    return tuple(sorted({p for name in source.weight_map if (p := mtp_prefix(name, first_mtp)) is not None}))
 
 
 def mtp_layer_specs(family: MoEFamily, source: SourceCheckpoint) -> list[MTPLayerSpec]:

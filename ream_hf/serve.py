@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shlex
 import signal
 import socket
@@ -34,18 +33,12 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .mtp import mtp_tensor_names
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STARTUP_TIMEOUT = 300.0
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
-
-# Top-level MTP modules (Qwen3-Next / Qwen3.5: `mtp.fc`, `mtp.layers.0.*`), also under a VLM's prefixes.
-_MTP_PREFIX = re.compile(r"^(?:model\.|language_model\.|model\.language_model\.)?mtp\.")
-# Decoder layers; an index >= num_hidden_layers is an MTP/next-n layer (DeepSeek-V3, GLM-4.5).
-_LAYER_INDEX = re.compile(
-    r"^(?:model\.|language_model\.|model\.language_model\.|language_model\.model\.)?layers\.(\d+)\."
-)
-
 
 # ---------------------------------------------------------------- checkpoint inspection
 
@@ -87,23 +80,10 @@ def _num_hidden_layers(model_dir: Path) -> int | None:
 
 
 def has_mtp_weights(model_dir: str | os.PathLike) -> bool:
-    """True when the checkpoint carries multi-token-prediction weights.
-
-    Detected from tensor names only: a name under `mtp.` (Qwen3-Next/Qwen3.5 style), or a decoder
-    layer index >= `num_hidden_layers` (DeepSeek-V3/GLM-4.5 next-n layers; `text_config` for VLMs).
-    """
+    """True when the checkpoint carries multi-token-prediction weights (`ream_hf.mtp.mtp_prefix` decides which)."""
     folder = Path(model_dir)
-    names = checkpoint_tensor_names(folder)
-    if any(_MTP_PREFIX.match(name) for name in names):
-        return True
     num_layers = _num_hidden_layers(folder)
-    if num_layers is None:
-        return False
-    for name in names:
-        match = _LAYER_INDEX.match(name)
-        if match and int(match.group(1)) >= num_layers:
-            return True
-    return False
+    return bool(mtp_tensor_names(checkpoint_tensor_names(folder), num_layers if num_layers is not None else 10**9))
 
 
 # ---------------------------------------------------------------- command line
