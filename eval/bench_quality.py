@@ -1,0 +1,379 @@
+"""Compression quality on a small MoE whose experts specialise: per-domain perplexity and KL to the original.
+
+The model is `train_tiny_moe.py`'s Qwen3-MoE (4 layers, 32 experts, top-4) trained on local prose,
+Python code and arithmetic word problems; it is trained on first use (about 10 minutes on 2 cores) and
+cached. Each method compresses it from the saved folder with a calibration mix of the three domains'
+calibration files (equal thirds by default); the compressed checkpoint is written (and verified) by
+save_pretrained to a temporary folder, reloaded, and scored on held-out text that neither training nor
+calibration saw:
+  ppl <domain>  exp(mean next-token loss) on `--heldout-sequences` x 256 tokens per domain
+  mean KL       KL(original || compressed) of the next-token distributions, float32, averaged over every
+                held-out position of the three domains (per-domain values in the details table / JSON)
+
+    python eval/bench_quality.py                                  # 5 methods x 25 % / 50 %, ~6 min (+13 min training)
+    python eval/bench_quality.py --methods ream reap --ratios 0.5 --group-size 8
+    python eval/bench_quality.py --methods reap "ream:group_size=8,merge=none" "ream:mix=0:1:0"
+    python eval/bench_quality.py --ablation --ratios 0.5          # REAM ablation grid against REAP
+
+A method may carry overrides after a colon, comma separated: any ReamConfig field (group_size, merge,
+use_router_logits, gated_similarity, sequential, ...), `mix=P:C:M`, the calibration ratios of
+prose:code:math for that run, or the diagnostic `merge_weights=uniform|frequency|centroid:W` (replaces
+the saliency merge weights after planning; not a ream_hf option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import json
+import math
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_tiny_moe as tiny  # noqa: E402
+
+DEFAULT_METHODS = ("ream", "reap", "frequency", "hc_smoe", "m_smoe")
+ABLATION = (
+    "reap",
+    "frequency",
+    "ream",
+    "ream:merge=none",  # REAM's grouping, members dropped: must equal reap (same centroids)
+    "ream:group_size=2",
+    "ream:group_size=8",
+    "ream:group_size=16",
+    "ream:group_size=32",
+    "ream:merge=weights",
+    "ream:merge=logits",
+    "ream:merge=avg",
+    "ream:merge_weights=uniform",
+    "ream:merge_weights=frequency",
+    "ream:merge_weights=centroid:0.75",
+    "ream:merge_weights=centroid:0.9",
+    "ream:use_router_logits=False",
+    "ream:gated_similarity=False",
+    "ream:sequential=False",
+    "ream:mix=0:0.7:0.3",
+    "reap:mix=0:0.7:0.3",
+    "ream:mix=0:1:0",
+    "reap:mix=0:1:0",
+    "hc_smoe",
+    "hc_smoe:merge=none",  # HC-SMoE's clusters, only each representative kept
+    "hc_smoe:merge=avg",
+)
+
+
+def parse_value(text: str):
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_variant(spec: str) -> tuple[str, dict, list[float] | None, str | None]:
+    """'ream:group_size=8,merge=none' -> ('ream', {'group_size': 8, 'merge': 'none'}, mix, merge-weight rule)."""
+    method, _, rest = spec.partition(":")
+    overrides: dict = {}
+    mix = rule = None
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"bad override {item!r} in {spec!r}: use key=value")
+        if key == "mix":
+            mix = [float(v) for v in value.split(":")]
+            if len(mix) != len(tiny.DOMAINS):
+                raise SystemExit(f"mix needs {len(tiny.DOMAINS)} ratios (prose:code:math), got {value!r}")
+        elif key == "merge_weights":
+            if value not in ("saliency", "uniform", "frequency") and not re.fullmatch(r"centroid:[0-9.]+", value):
+                raise SystemExit(f"merge_weights must be saliency, uniform, frequency or centroid:W, got {value!r}")
+            rule = value
+        else:
+            overrides[key] = parse_value(value)
+    return method, overrides, mix, rule
+
+
+@contextlib.contextmanager
+def merge_weight_rule(rule: str | None):
+    """Diagnostic only (no ream_hf option does this): replace each group's merge weights after planning.
+    uniform = 1/n; frequency = members' routed-token counts; centroid:W = centroid W, the other members share
+    1 - W in proportion to saliency. The package's own rule (METHOD.md section 4) is saliency."""
+    if rule in (None, "saliency"):
+        yield
+        return
+    import ream_hf.compressor as pipeline
+
+    original = pipeline.plan_layer
+
+    def plan_layer(config, stats, target, *args, **kwargs):
+        plan = original(config, stats, target, *args, **kwargs)
+        weights = []
+        for group, old in zip(plan.groups, plan.weights):
+            n = len(group.members)
+            if n == 1:
+                weights.append([1.0])
+            elif rule == "uniform":
+                weights.append([1.0 / n] * n)
+            elif rule == "frequency":
+                counts = stats.frequency[list(group.members)].double().clamp(min=1)
+                weights.append((counts / counts.sum()).tolist())
+            else:
+                centroid = float(rule.split(":")[1])
+                rest = sum(old[1:])
+                weights.append([centroid] + [(1 - centroid) * w / rest for w in old[1:]])
+        plan.weights = weights
+        return plan
+
+    pipeline.plan_layer = plan_layer
+    try:
+        yield
+    finally:
+        pipeline.plan_layer = original
+
+
+class Scorer:
+    """Held-out sequences and the original model's next-token log-probabilities, computed once."""
+
+    def __init__(self, model, heldout: dict, batch_size: int) -> None:
+        import torch
+
+        self.heldout, self.batch_size = heldout, batch_size
+        self.reference: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for domain, ids in heldout.items():
+                self.reference[domain] = [
+                    torch.log_softmax(model(input_ids=ids[s : s + batch_size]).logits[:, :-1].float(), dim=-1)
+                    for s in range(0, ids.shape[0], batch_size)
+                ]
+
+    def score(self, model) -> dict:
+        """Per domain: perplexity and mean KL(original || model) over the held-out positions."""
+        import torch
+        import torch.nn.functional as F
+
+        out = {"ppl": {}, "kl": {}}
+        total_kl, total_n = 0.0, 0
+        with torch.no_grad():
+            for domain, ids in self.heldout.items():
+                nll, kl, n = 0.0, 0.0, 0
+                for i, start in enumerate(range(0, ids.shape[0], self.batch_size)):
+                    batch = ids[start : start + self.batch_size]
+                    logp = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
+                    ref = self.reference[domain][i]
+                    targets = batch[:, 1:]
+                    nll -= float(logp.gather(-1, targets.unsqueeze(-1)).sum(dtype=torch.float64))
+                    kl += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+                    n += targets.numel()
+                out["ppl"][domain] = math.exp(nll / n)
+                out["kl"][domain] = kl / n
+                total_kl, total_n = total_kl + kl, total_n + n
+        out["mean_kl"] = total_kl / total_n
+        return out
+
+
+def group_summary(result) -> dict:
+    """How much merging the plan does: largest group and experts folded into another, per layer."""
+    sizes = [[len(g.members) for g in report.plan.groups] for report in result.layers]
+    return {
+        "max_group": [max(s) for s in sizes],
+        "merged_experts": [sum(n - 1 for n in s) for s in sizes],
+        "centroids": [report.plan.centroids for report in result.layers],
+    }
+
+
+def build_redundant_model(source: Path, folder: Path, noise: float = 0.01, seed: int = 0) -> Path:
+    """Positive control for merging: a copy of the trained model whose 32 experts per layer are 16 of its
+    experts twice, the second copy with its hidden neurons randomly permuted (same function) plus `noise` x
+    weight std, and both copies' router rows the original row plus the same relative noise. Merging each pair
+    (after alignment) is then nearly lossless, while pruning must drop one of every pair it cannot tell apart."""
+    import shutil
+
+    import torch
+
+    from ream_hf.demo import hub_style_config
+
+    source, folder = Path(source).expanduser(), Path(folder).expanduser()
+    marker = folder / tiny.SUMMARY
+    if marker.is_file():
+        return folder
+    src = tiny.paths(source)
+    model = tiny.load_model(src["model"])
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts, router = layer.mlp.experts, layer.mlp.gate
+            count = experts.gate_up_proj.shape[0]
+            half, inner = count // 2, experts.down_proj.shape[2]
+            gate_up, down, rows = experts.gate_up_proj.clone(), experts.down_proj.clone(), router.weight.clone()
+
+            def jitter(t):
+                return t + noise * t.std() * torch.randn(t.shape, generator=generator)
+
+            for i in range(half):
+                perm = torch.randperm(inner, generator=generator)
+                gate_up_perm = torch.cat([gate_up[i, :inner][perm], gate_up[i, inner:][perm]])
+                experts.gate_up_proj[2 * i] = gate_up[i]
+                experts.down_proj[2 * i] = down[i]
+                experts.gate_up_proj[2 * i + 1] = jitter(gate_up_perm)
+                experts.down_proj[2 * i + 1] = jitter(down[i][:, perm])
+                router.weight[2 * i] = rows[i]
+                router.weight[2 * i + 1] = jitter(rows[i])
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "model").mkdir(parents=True)
+    model.save_pretrained(str(folder / "model"))
+    hub_style_config(folder / "model", {"num_local_experts": "num_experts"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src["model"] / name).is_file():
+            shutil.copy2(src["model"] / name, folder / "model" / name)
+    for path in (*src["calibration"].values(), *src["heldout"].values()):
+        shutil.copy2(path, folder / path.name)
+    summary = json.loads((source / tiny.SUMMARY).read_text())
+    summary["redundant_control"] = {"source": str(source), "noise": noise, "seed": seed}
+    marker.write_text(json.dumps(summary, indent=2) + "\n")
+    return folder
+
+
+def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_experts: int) -> dict:
+    import torch
+
+    from ream_hf import ReamCompressor, ReamConfig
+
+    method, overrides, mix, rule = parse_variant(spec)
+    target = round(num_experts * (1 - ratio))
+    ratios = mix if mix is not None else args.calibration_ratios
+    fields = dict(
+        target_experts=target, method=method,
+        calibration=[str(paths["calibration"][d]) for d in tiny.DOMAINS], calibration_ratios=ratios,
+        num_calibration_sequences=args.calibration_sequences, sequence_length=args.sequence_length,
+        group_size=args.group_size, merge="logits+weights", seed=42, batch_size=8, dtype="float32",
+    )
+    fields.update(overrides)
+    config = ReamConfig(**fields)
+    compressor = ReamCompressor(config)
+    with tempfile.TemporaryDirectory(prefix="ream-quality-") as temp:
+        # a private work folder: no stale run under ~/.cache blocks a rerun, nothing is left behind
+        extra = {"work_dir": Path(temp) / "work"} if "work_dir" in inspect.signature(compressor.compress).parameters else {}
+        started = time.perf_counter()
+        with merge_weight_rule(rule):
+            compressor.compress(str(paths["model"]), **extra)
+        seconds = time.perf_counter() - started
+        # score the checkpoint as users get it: written, verified and reloaded
+        started = time.perf_counter()
+        output = compressor.save_pretrained(Path(temp) / "compressed")
+        save_seconds = time.perf_counter() - started
+        model = tiny.load_model(output)
+        scores = scorer.score(model)
+    row = {
+        "method": spec, "ratio": ratio, "experts": target, "compress_seconds": seconds, "save_seconds": save_seconds,
+        "calibration_ratios": ratios, "calibration_sequences": compressor.result.calibration_sequences,
+        "calibration_tokens": compressor.result.calibration_tokens, **scores, **group_summary(compressor.result),
+    }
+    del model, compressor
+    gc.collect()
+    torch.set_num_threads(args.threads)
+    return row
+
+
+def fmt_row(row: dict) -> str:
+    ppl = " | ".join(f"{row['ppl'][d]:.2f}" for d in tiny.DOMAINS)
+    seconds = "" if row.get("compress_seconds") is None else f"{row['compress_seconds']:.1f}"
+    label = row["method"] if row["ratio"] == 0 else f"{row['method']} @ {row['ratio']:.0%}"
+    return f"| {label} | {row['experts']} | {ppl} | {row['mean_kl']:.4f} | {seconds} |"
+
+
+def print_tables(rows: list[dict], header: str) -> None:
+    print(f"\n{header}\n")
+    print("| method @ compression | experts | ppl prose | ppl code | ppl math | mean KL | compress s |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(fmt_row(row))
+    print("\n| method @ compression | KL prose | KL code | KL math | largest group per layer | experts merged per layer |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if row["ratio"] == 0:
+            continue
+        kl = " | ".join(f"{row['kl'][d]:.4f}" for d in tiny.DOMAINS)
+        print(f"| {row['method']} @ {row['ratio']:.0%} | {kl} | {row['max_group']} | {row['merged_experts']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model-dir", default=str(tiny.DEFAULT_OUTPUT),
+                        help="train_tiny_moe.py cache folder; trained there if missing (default %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                        help="methods, each optionally with overrides: ream:group_size=8,merge=none")
+    parser.add_argument("--ablation", action="store_true", help="run the REAM ablation grid instead of --methods")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5], help="fractions of experts removed")
+    parser.add_argument("--group-size", type=int, default=4,
+                        help="REAM group size C (default 4 = E/8, the paper's 16 for 128 experts scaled to 32)")
+    parser.add_argument("--calibration-sequences", type=int, default=192)
+    parser.add_argument("--calibration-ratios", nargs=3, type=float, default=[1.0, 1.0, 1.0],
+                        metavar=("PROSE", "CODE", "MATH"), help="calibration mix (default equal thirds)")
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--heldout-sequences", type=int, default=48, help="per domain, of --sequence-length tokens")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--redundant-control", action="store_true",
+                        help="positive control: run on a copy whose experts are duplicated pairs (built beside "
+                             "--model-dir as <model-dir>-redundant)")
+    parser.add_argument("--json", help="write every row (per-domain KL, groups, centroids) to this file")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    summary = tiny.ensure_model(Path(args.model_dir))
+    if args.redundant_control:
+        args.model_dir = str(build_redundant_model(Path(args.model_dir), Path(str(Path(args.model_dir).expanduser()) + "-redundant")))
+        print(f"redundant-expert control model: {args.model_dir}", flush=True)
+    paths = tiny.paths(Path(args.model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(paths["model"]))
+    heldout = {d: tiny.text_sequences(tokenizer, paths["heldout"][d], args.sequence_length, args.heldout_sequences)
+               for d in tiny.DOMAINS}
+    original = tiny.load_model(paths["model"])
+    num_experts = int(original.config.num_experts)
+    scorer = Scorer(original, heldout, args.eval_batch_size)
+    base = scorer.score(original)
+    del original
+    gc.collect()
+    rows = [{"method": "original", "ratio": 0.0, "experts": num_experts, "compress_seconds": None, **base}]
+    methods = list(ABLATION) if args.ablation else args.methods
+    for method in methods:
+        parse_variant(method)  # refuse typos before hours of work
+    started = time.perf_counter()
+    for ratio in args.ratios:
+        for method in methods:
+            row = run_variant(method, ratio, args, paths, scorer, num_experts)
+            rows.append(row)
+            print(fmt_row(row) + f"   [{time.perf_counter() - started:.0f}s]", flush=True)
+    mix = ":".join(f"{r:g}" for r in args.calibration_ratios)
+    header = (
+        ("REDUNDANT-EXPERT CONTROL (16 experts x 2 near-copies), " if args.redundant_control else "") +
+        f"bench_quality: tiny Qwen3-MoE ({summary['settings']['num_layers']} layers, {num_experts} experts, "
+        f"top-{summary['settings']['top_k']}, trained {summary['settings']['steps']} steps); calibration "
+        f"{args.calibration_sequences} x {args.sequence_length} tokens, prose:code:math = {mix} unless a row says "
+        f"mix=; REAM group size {args.group_size} unless a row says group_size=; held-out "
+        f"{args.heldout_sequences} x {args.sequence_length} tokens per domain; total {time.perf_counter() - started:.0f}s"
+    )
+    print_tables(rows, header)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "args": vars(args), "rows": rows}, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
