@@ -143,7 +143,7 @@ class WorkFolder:
             if not resume:
                 raise ValueError(
                     f"found an unfinished run in {folder} (layer {state.get('finished_layers')} done); "
-                    "pass --resume to continue it, or delete that folder to start over"
+                    "pass --resume (Python: resume=True) to continue it, or delete that folder to start over"
                 )
             if state.get("job") != job:
                 raise ValueError(
