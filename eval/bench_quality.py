@@ -13,7 +13,13 @@ calibration saw:
     python eval/bench_quality.py                                  # 5 methods x 25 % / 50 %, ~6 min (+13 min training)
     python eval/bench_quality.py --methods ream reap --ratios 0.5 --group-size 8
     python eval/bench_quality.py --methods reap "ream:group_size=8,merge=none" "ream:mix=0:1:0"
-    python eval/bench_quality.py --ablation --ratios 0.5          # REAM ablation grid against REAP
+    python eval/bench_quality.py --ablation                       # REAM ablation grid, both ratios (~45 min)
+    python eval/bench_quality.py --redundant-control --ratios 0.5 # experts made redundant: can merging win?
+    python eval/bench_quality.py --model-dir ~/.cache/ream-hf/tiny-moe-v1-upcycled   # after
+        python eval/train_tiny_moe.py --expert-init upcycled --output ~/.cache/ream-hf/tiny-moe-v1-upcycled
+
+On a 2-core machine shared with other jobs, `--threads 1` is several times faster than 2 (OpenMP
+threads wait on each other when either is descheduled).
 
 A method may carry overrides after a colon, comma separated: any ReamConfig field (group_size, merge,
 use_router_logits, gated_similarity, sequential, ...), `mix=P:C:M`, the calibration ratios of
