@@ -200,7 +200,7 @@ class ReamCompressor(OptimumQuantizer):
             raise ValueError(
                 f"target_experts={target} equals the model's {num_experts} experts; nothing to compress, choose fewer"
             )
-        check_grouped_routing(family, text_config, num_experts, target, top_k)
+        check_grouped_routing(family, text_config, target, top_k)
         trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
         if source is not None and (found := mtp_prefixes(family, source)):
@@ -291,7 +291,7 @@ class ReamCompressor(OptimumQuantizer):
         hidden, calls = capture_layer_inputs(model, layers, tqdm(batches, desc="Embedding calibration", leave=False), device)
         total_tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
         sample = self._sample_positions(total_tokens) if config.is_merging else None
-        groups_per_layer = routing_groups(family, model.config.get_text_config(), result.experts_before)
+        groups_per_layer = routing_groups(family, model.config.get_text_config())
         last = len(layers) - 1
         store = writer = groups = None
         start = 0
@@ -523,7 +523,7 @@ class ReamCompressor(OptimumQuantizer):
                 raise RuntimeError("MTP layers need the last trunk layer's outputs: set result.forward_last_layer "
                                    "before the trunk loop when streaming")
             trunk_out = forward_layer(last, trunk_out, [per_batch[-1] for per_batch in calls])
-        groups_per_layer = routing_groups(family, model.config.get_text_config(), result.experts_before)
+        groups_per_layer = routing_groups(family, model.config.get_text_config())
         for item in tqdm(run_mtp_layers(model, family, source, trunk_out, batches, calls, device),
                          desc="Compressing MTP layers", unit="layer"):
             block = moe_block(family, item.layer)

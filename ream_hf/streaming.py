@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .arch import MoEFamily, decoder_layers
-from .checkpoint import SourceCheckpoint, parse_moe_name
+from .arch import MoEFamily
+from .checkpoint import SourceCheckpoint
 from .experts import ExpertWeights, fused_expert_params
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class LayerLoader:
                 tensors.update({name: handle.get_tensor(name) for name in shard_names})
         return tensors
 
-    def fill(self, module: nn.Module, disk_prefix: str, layer_index: int | None = None) -> None:
+    def fill(self, module: nn.Module, disk_prefix: str) -> None:
         """Materialise `module` (on meta) from the tensors named `disk_prefix + key`, experts fused as in memory."""
         module.to_empty(device=self.device)
         state = module.state_dict()
@@ -111,10 +111,6 @@ def build_skeleton(folder: Path, hf_config, dtype, device: torch.device, loader:
         with torch.device(device):
             base.rotary_emb = type(rotary)(config=rotary.config)
     return model
-
-
-def layer_names(source: SourceCheckpoint, prefix: str) -> list[str]:
-    return [name for name in source.weight_map if name.startswith(prefix)]
 
 
 def fingerprint(source: SourceCheckpoint, settings: dict[str, Any]) -> str:
@@ -185,10 +181,6 @@ class WorkFolder:
 
 def default_work_root() -> Path:
     return Path(os.environ.get("REAM_HF_WORK_DIR", Path.home() / ".cache" / "ream-hf" / "work"))
-
-
-__all__ = ["LayerLoader", "WorkFolder", "build_skeleton", "decoder_layers", "fingerprint", "layer_names",
-           "default_work_root", "parse_moe_name"]
 
 
 class HiddenStateStore:

@@ -9,7 +9,7 @@ from .arch import MoEFamily, experts, router
 from .experts import ExpertWeights, read_expert_weights, write_expert_weights
 
 
-def check_grouped_routing(family: MoEFamily, config, num_experts: int, target: int, top_k: int) -> None:
+def check_grouped_routing(family: MoEFamily, config, target: int, top_k: int) -> None:
     """Grouped top-k (DeepSeek-V3, GLM-4.5) needs the same number of experts in each routing group."""
     if family.group_keys is None:
         return
@@ -30,7 +30,7 @@ def check_grouped_routing(family: MoEFamily, config, num_experts: int, target: i
         )
 
 
-def routing_groups(family: MoEFamily, config, num_experts: int) -> int:
+def routing_groups(family: MoEFamily, config) -> int:
     if family.group_keys is None:
         return 1
     return int(getattr(config, family.group_keys[0], 1) or 1)
