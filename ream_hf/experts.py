@@ -52,6 +52,16 @@ class Activation:
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         return self.act_fn(gate) * up
 
+    def apply_into_gate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up written over `gate` and returned. The statistics pass runs this on every expert for
+        every token; allocating a fresh (tokens, E, D) result each chunk cost more than the arithmetic."""
+        if self.kind == "glu" and type(self.act_fn).__name__ in _INPLACE_SILU:
+            return F.silu(gate, inplace=True).mul_(up)
+        return gate.copy_(self(gate, up))
+
+
+_INPLACE_SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' silu modules, both plain F.silu
+
 
 def read_expert_weights(family: MoEFamily, experts_module: nn.Module) -> ExpertWeights:
     """Views (no copies) of a fused experts module in the canonical layout."""

@@ -56,8 +56,9 @@ def _groups_for_block(config: ReamConfig, stats: LayerStatistics, experts: list[
     elif config.method == "hc_smoe":
         local = hc_smoe_groups(stats.gated_outputs[index], target, scores)
     else:
-        logits = stats.router_logits[:, index] if (config.use_router_logits and stats.router_logits is not None) else None
-        distance = expert_distance(stats.gated_outputs[index], logits)
+        gram = stats.router_logit_gram
+        gram = gram[index][:, index] if (config.use_router_logits and gram is not None) else None
+        distance = expert_distance(stats.gated_outputs[index], gram)
         if config.method == "m_smoe" or config.group_size == 0:
             local = m_smoe_groups(scores, distance, target)
         else:

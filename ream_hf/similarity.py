@@ -25,29 +25,53 @@ def output_similarity(gated_outputs: Tensor) -> Tensor:
     return (cosine + 1.0) / 2.0
 
 
+# Gram-derived distances of identical columns come out as rounding noise (about 1e-8), not 0
+GRAM_DISTANCE_NOISE = 1e-7
+
+
+def logit_gram(router_logits: Tensor) -> Tensor:
+    """(E, E) float64 dot products of the (T, E) router-logit columns: all that gate similarity needs, and
+    summable over token chunks, so the statistics pass never keeps the (T, E) logits themselves."""
+    logits = router_logits.double()
+    return logits.T @ logits
+
+
 def gate_similarity(router_logits: Tensor) -> Tensor:
     """1 - d / max(d) over the (T, E) logit columns, each normalised over tokens, so experts the router
     scores alike on the same tokens are close."""
-    columns = _unit_rows(router_logits.T)
-    distance = torch.cdist(columns, columns)
+    return gate_similarity_from_gram(logit_gram(router_logits))
+
+
+def gate_similarity_from_gram(gram: Tensor) -> Tensor:
+    """`gate_similarity` from the columns' `logit_gram`: unit columns u_i, u_j have |u_i - u_j|^2 =
+    |u_i|^2 + |u_j|^2 - 2 cos(i, j), with |u|^2 = 1, or 0 for an all-zero column (which stays zero)."""
+    gram = gram.double()
+    squared_norms = torch.diagonal(gram)
+    live = squared_norms > 0
+    scale = torch.sqrt(torch.outer(squared_norms, squared_norms))
+    cosine = torch.where(scale > 0, gram / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(gram))
+    unit = live.double()
+    distance = (unit[:, None] + unit[None, :] - 2.0 * cosine.clamp(-1.0, 1.0)).clamp_min(0.0).sqrt()
+    distance = torch.where(distance < GRAM_DISTANCE_NOISE, torch.zeros_like(distance), distance)
     distance = (distance + distance.T) / 2
     distance.fill_diagonal_(0.0)
     largest = distance.max()
     if largest <= 0:
-        return torch.ones_like(distance)
-    return 1.0 - distance / largest
+        return torch.ones_like(distance, dtype=torch.float32)
+    return (1.0 - distance / largest).float()
 
 
-def expert_distance(gated_outputs: Tensor, router_logits: Tensor | None) -> Tensor:
-    """1 - sim with sim the mean of output and gate similarity (output only without logits); (E, E), zero diagonal."""
+def expert_distance(gated_outputs: Tensor, router_logit_gram: Tensor | None) -> Tensor:
+    """1 - sim with sim the mean of output and gate similarity (output only without logits); (E, E), zero
+    diagonal. The gate term comes from the router-logit columns' `logit_gram`."""
     similarity = output_similarity(gated_outputs)
-    if router_logits is not None:
-        if router_logits.shape[1] != gated_outputs.shape[0]:
+    if router_logit_gram is not None:
+        if router_logit_gram.shape != (gated_outputs.shape[0],) * 2:
             raise ValueError(
-                f"router_logits has {router_logits.shape[1]} expert columns but gated_outputs has "
+                f"router_logit_gram has shape {tuple(router_logit_gram.shape)} but gated_outputs has "
                 f"{gated_outputs.shape[0]} experts; pass the same layer's statistics"
             )
-        similarity = (similarity + gate_similarity(router_logits)) / 2
+        similarity = (similarity + gate_similarity_from_gram(router_logit_gram)) / 2
     distance = 1.0 - similarity
     distance = (distance + distance.T) / 2
     distance.fill_diagonal_(0.0)

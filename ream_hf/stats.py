@@ -1,8 +1,9 @@
 """Per-layer expert statistics, accumulated in one streaming pass over token chunks.
 
 Memory never holds (experts x tokens x hidden) for more than one chunk: running sums are kept for
-frequency, REAP saliency and the gated output signature; only the router-logit matrix (T, E) and a
-fixed-size activation sample grow with the data, as METHOD.md §1 requires.
+frequency, REAP saliency, the gated output signature and the router-logit columns' dot products (all gate
+similarity needs); only the fixed-size activation sample is kept as rows, so a layer's statistics take the
+same memory whatever the number of calibration tokens.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from .experts import Activation, ExpertWeights, single_expert_output
+from .similarity import logit_gram
 
-CHUNK_BYTES_BUDGET = 256 * 2**20
+# The (rows, E*2D) float32 gate/up buffer of one chunk. Kept under glibc's 32 MiB mmap ceiling so every
+# temporary of a chunk is recycled by malloc: larger chunks were mmapped afresh each time and page-faulted
+# (a third of the statistics pass was kernel time), and a smaller working set also stays in cache.
+CHUNK_BYTES_BUDGET = 24 * 2**20
+MIN_CHUNK_ROWS = 16
+ROUTED_BYTES_BUDGET = 16 * 2**20  # hidden rows of routed pairs gathered for one saliency window
 
 
 @dataclass
@@ -21,7 +28,7 @@ class LayerStatistics:
     frequency: torch.Tensor  # (E,) int64: tokens that selected each expert
     saliency: torch.Tensor | None  # (E,) float64: REAP, mean over selecting tokens of g_i(x) * ||f_i(x)||
     gated_outputs: torch.Tensor | None  # (E, H) float32: mean over all tokens of g_i(x) * f_i(x) (or f_i(x) ungated)
-    router_logits: torch.Tensor | None  # (T, E) float32
+    router_logit_gram: torch.Tensor | None  # (E, E) float64: dot products of the router-logit columns over tokens
     sample_inputs: torch.Tensor | None  # (T_s, H) block inputs of one token sample shared by every expert
     num_tokens: int
 
@@ -33,9 +40,9 @@ def gate_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 
 
 def chunk_rows(num_experts: int, inner: int, requested: int) -> int:
-    """Token rows per chunk so the dense (rows, E, 2D) float32 intermediates stay within budget."""
-    per_row = num_experts * 3 * inner * 4
-    return max(1, min(requested, CHUNK_BYTES_BUDGET // per_row))
+    """Token rows per chunk so the dense (rows, E, 2D) float32 gate/up buffer stays within budget."""
+    per_row = num_experts * 2 * inner * 4
+    return max(1, min(requested, max(MIN_CHUNK_ROWS, CHUNK_BYTES_BUDGET // per_row)))
 
 
 class LayerStatsAccumulator:
@@ -57,7 +64,7 @@ class LayerStatsAccumulator:
         *,
         dense: bool,
         with_saliency: bool = True,
-        keep_logits: bool = False,
+        with_logit_gram: bool = False,
         gated: bool = True,
         sample_positions: torch.Tensor | None = None,
         chunk_size: int = 2048,
@@ -67,14 +74,14 @@ class LayerStatsAccumulator:
         self.scoring = scoring
         self.dense = dense
         self.with_saliency = with_saliency or dense
-        self.keep_logits = keep_logits
         self.gated = gated  # False: the "no gated similarity" ablation, plain mean expert outputs
         num_experts, inner, hidden = self.weights.gate.shape
         self.num_experts, self.inner = num_experts, inner
+        device = self.device = self.weights.gate.device  # running sums live beside the weights; finalize() moves to CPU
+        self.logit_gram = torch.zeros(num_experts, num_experts, dtype=torch.float64, device=device) if with_logit_gram else None
         self.chunk_size = chunk_rows(num_experts, inner, chunk_size)
-        self.frequency = torch.zeros(num_experts, dtype=torch.int64)
-        self.saliency_sum = torch.zeros(num_experts, dtype=torch.float64)
-        self.logit_chunks: list[torch.Tensor] = []
+        self.frequency = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        self.saliency_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
         self.sample_positions = sample_positions  # sorted global token positions
         self.sample_chunks: list[torch.Tensor] = []
         self.seen_tokens = 0
@@ -84,26 +91,35 @@ class LayerStatsAccumulator:
             self.gate_up_bias = None
             if self.weights.gate_bias is not None:
                 self.gate_up_bias = torch.cat([self.weights.gate_bias, self.weights.up_bias], dim=1).reshape(-1)
-            self.weighted_hidden_sum = torch.zeros(num_experts, inner, dtype=torch.float64)
-            self.gate_sum = torch.zeros(num_experts, dtype=torch.float64)
+            self.weighted_hidden_sum = torch.zeros(num_experts, inner, dtype=torch.float64, device=device)
+            self.gate_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
+            self.gate_up_buffer: torch.Tensor | None = None  # reused by every chunk
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, logits: torch.Tensor, topk_weights: torch.Tensor, topk_index: torch.Tensor) -> None:
         """x: (T, H) block inputs of real (non-padding) tokens; the rest is the router's output for them."""
-        x = x.float()
-        topk_weights = topk_weights.float()
+        x, logits = x.to(self.device, torch.float32), logits.to(self.device, torch.float32)
+        topk_weights, topk_index = topk_weights.to(self.device, torch.float32), topk_index.to(self.device)
         self.frequency += torch.bincount(topk_index.reshape(-1), minlength=self.num_experts)
-        if self.keep_logits:
-            self.logit_chunks.append(logits.float().cpu())
+        if self.logit_gram is not None:
+            self.logit_gram += logit_gram(logits)
         if self.sample_positions is not None:
-            lo = torch.searchsorted(self.sample_positions, self.seen_tokens)
-            hi = torch.searchsorted(self.sample_positions, self.seen_tokens + x.shape[0])
+            lo = int(torch.searchsorted(self.sample_positions, self.seen_tokens))
+            hi = int(torch.searchsorted(self.sample_positions, self.seen_tokens + x.shape[0]))
             if hi > lo:
-                self.sample_chunks.append(x[self.sample_positions[lo:hi] - self.seen_tokens].cpu())
+                rows = (self.sample_positions[lo:hi] - self.seen_tokens).to(self.device)
+                self.sample_chunks.append(x[rows].cpu())
         if self.dense:
-            for start in range(0, x.shape[0], self.chunk_size):
-                stop = start + self.chunk_size
-                self._add_dense(x[start:stop], logits[start:stop], topk_weights[start:stop], topk_index[start:stop])
+            k = topk_index.shape[1]
+            window = self.chunk_size * max(1, ROUTED_BYTES_BUDGET // (self.chunk_size * k * self.inner * 4))
+            for first in range(0, x.shape[0], window):  # saliency once per window: fewer per-expert matmuls
+                last = min(first + window, x.shape[0])
+                routed_hidden = torch.empty((last - first) * k, self.inner, dtype=torch.float32, device=self.device)
+                for start in range(first, last, self.chunk_size):
+                    stop = min(start + self.chunk_size, last)
+                    self._add_dense(x[start:stop], logits[start:stop], topk_index[start:stop],
+                                    routed_hidden[(start - first) * k : (stop - first) * k])
+                self._add_saliency(routed_hidden, topk_weights[first:last], topk_index[first:last])
         elif self.with_saliency:
             for expert in torch.unique(topk_index).tolist():
                 token, slot = torch.nonzero(topk_index == expert, as_tuple=True)
@@ -111,21 +127,45 @@ class LayerStatsAccumulator:
                 self.saliency_sum[expert] += (topk_weights[token, slot] * out.norm(dim=-1)).sum(dtype=torch.float64)
         self.seen_tokens += x.shape[0]
 
-    def _add_dense(self, x, logits, topk_weights, topk_index) -> None:
-        gate_up = x @ self.gate_up_matrix  # (c, E*2D), one GEMM for every expert
+    def _add_dense(self, x, logits, topk_index, routed_hidden) -> None:
+        """Gated signature sums for one chunk; copies the routed (token, expert) hidden rows into
+        `routed_hidden` (token-major, as topk_index) for the saliency of the enclosing window."""
+        rows = x.shape[0]
+        if self.gate_up_buffer is None or self.gate_up_buffer.shape[0] < rows:
+            self.gate_up_buffer = torch.empty(rows, self.gate_up_matrix.shape[1], dtype=torch.float32, device=self.device)
+        gate_up = torch.mm(x, self.gate_up_matrix, out=self.gate_up_buffer[:rows])  # one GEMM for every expert
         if self.gate_up_bias is not None:
             gate_up += self.gate_up_bias
-        gate_up = gate_up.view(x.shape[0], self.num_experts, 2 * self.inner)
-        hidden = self.activation(gate_up[..., : self.inner], gate_up[..., self.inner :])  # (c, E, D)
-        gates = gate_scores(logits, self.scoring) if self.gated else torch.ones(x.shape[0], self.num_experts)
-        self.weighted_hidden_sum += torch.einsum("ce,ced->ed", gates, hidden).double()
-        self.gate_sum += gates.sum(dim=0, dtype=torch.float64)
-        for expert in torch.unique(topk_index).tolist():
-            token, slot = torch.nonzero(topk_index == expert, as_tuple=True)
-            out = hidden[token, expert] @ self.weights.down[expert].T
-            if self.weights.down_bias is not None:
-                out += self.weights.down_bias[expert]
-            self.saliency_sum[expert] += (topk_weights[token, slot] * out.norm(dim=-1)).sum(dtype=torch.float64)
+        gate_up = gate_up.view(rows, self.num_experts, 2 * self.inner)
+        hidden = self.activation.apply_into_gate(gate_up[..., : self.inner], gate_up[..., self.inner :])  # (c, E, D) view
+        tokens = torch.arange(rows, device=self.device).repeat_interleave(topk_index.shape[1])
+        routed_hidden.copy_(hidden[tokens, topk_index.reshape(-1)])
+        if self.gated:
+            gates = gate_scores(logits, self.scoring)
+            hidden.mul_(gates.unsqueeze(-1))  # saliency has read the ungated rows it needs
+            self.gate_sum += gates.sum(dim=0, dtype=torch.float64)
+        else:
+            self.gate_sum += rows
+        self.weighted_hidden_sum += hidden.sum(dim=0).double()
+
+    def _add_saliency(self, routed_hidden: torch.Tensor, topk_weights: torch.Tensor, topk_index: torch.Tensor) -> None:
+        """g_i(x) * ||f_i(x)|| on routed (token, expert) pairs only, from their hidden rows (T*k, D): the pairs
+        are sorted by expert so each expert's down projection is one matmul on a contiguous slice."""
+        flat = topk_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        expert_of_pair = flat[order]
+        routed_hidden = routed_hidden[order]
+        norms = torch.empty(routed_hidden.shape[0], dtype=torch.float32, device=self.device)
+        start = 0
+        for expert, count in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
+            if count:
+                out = routed_hidden[start : start + count] @ self.weights.down[expert].T
+                if self.weights.down_bias is not None:
+                    out += self.weights.down_bias[expert]
+                norms[start : start + count] = torch.linalg.vector_norm(out, dim=-1)
+                start += count
+        pair_saliency = topk_weights.reshape(-1)[order].double() * norms.double()
+        self.saliency_sum.index_add_(0, expert_of_pair, pair_saliency)
 
     def finalize(self) -> LayerStatistics:
         count = self.frequency.clamp(min=1).double()
@@ -136,11 +176,12 @@ class LayerStatsAccumulator:
             gated_outputs = torch.bmm(mean_hidden.unsqueeze(1), self.weights.down.transpose(1, 2)).squeeze(1)
             if self.weights.down_bias is not None:
                 gated_outputs += (self.gate_sum / total).float().unsqueeze(1) * self.weights.down_bias
+            gated_outputs = gated_outputs.cpu()
         return LayerStatistics(
-            frequency=self.frequency.clone(),
-            saliency=self.saliency_sum / count if self.with_saliency else None,
+            frequency=self.frequency.cpu(),
+            saliency=(self.saliency_sum / count).cpu() if self.with_saliency else None,
             gated_outputs=gated_outputs,
-            router_logits=torch.cat(self.logit_chunks) if self.keep_logits and self.logit_chunks else None,
+            router_logit_gram=None if self.logit_gram is None else self.logit_gram.cpu(),
             sample_inputs=torch.cat(self.sample_chunks) if self.sample_chunks else None,
             num_tokens=self.seen_tokens,
         )

@@ -1,6 +1,6 @@
 import torch
 
-from ream_hf.similarity import expert_distance, gate_similarity, output_similarity
+from ream_hf.similarity import expert_distance, gate_similarity, gate_similarity_from_gram, logit_gram, output_similarity
 
 
 def test_output_similarity_identical_is_one_opposite_is_zero():
@@ -46,7 +46,7 @@ def test_gate_similarity_all_equal_columns_is_all_ones():
 def test_expert_distance_combines_terms_with_zero_diagonal():
     torch.manual_seed(1)
     outputs, logits = torch.randn(5, 8), torch.randn(30, 5)
-    distance = expert_distance(outputs, logits)
+    distance = expert_distance(outputs, logit_gram(logits))
     expected = 1 - (output_similarity(outputs) + gate_similarity(logits)) / 2
     expected.fill_diagonal_(0)
     assert torch.allclose(distance, expected, atol=1e-6)
@@ -55,3 +55,18 @@ def test_expert_distance_combines_terms_with_zero_diagonal():
     alone = expert_distance(outputs, None)
     assert torch.allclose(alone, (1 - output_similarity(outputs)).fill_diagonal_(0), atol=1e-6)
     assert torch.equal(torch.diagonal(expert_distance(torch.zeros(3, 4), None)), torch.zeros(3))
+
+
+def test_gate_similarity_from_chunked_gram_equals_cdist_of_unit_columns():
+    torch.manual_seed(2)
+    logits = torch.randn(40, 6)
+    logits[:, 4] = 0.0  # a column of zeros stays a zero vector: distance 1 to every unit column
+    gram = sum(logit_gram(logits[start : start + 7]) for start in range(0, 40, 7))
+    columns = logits.double().T
+    norms = columns.norm(dim=1, keepdim=True)
+    unit = columns / torch.where(norms > 0, norms, torch.ones_like(norms))
+    distance = torch.cdist(unit, unit, compute_mode="donot_use_mm_for_euclid_dist")
+    distance.fill_diagonal_(0)
+    want = (1 - distance / distance.max()).float()
+    assert torch.allclose(gate_similarity_from_gram(gram), want, atol=1e-6)
+    assert torch.allclose(gate_similarity(logits), want, atol=1e-6)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ream_hf.experts import Activation, ExpertWeights
+from ream_hf import stats as stats_module
 from ream_hf.stats import LayerStatsAccumulator, gate_scores
 
 
@@ -28,9 +29,12 @@ def naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated=True):
     return freq, sal / freq.clamp(min=1), gated_mean
 
 
-@pytest.mark.parametrize("kind", ["glu", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["glu", "glu_gelu", "gpt_oss"])
 @pytest.mark.parametrize("scoring, gated", [("softmax", True), ("sigmoid", True), ("softmax", False)])
-def test_dense_accumulator_matches_naive(kind, scoring, gated):
+@pytest.mark.parametrize("saliency_window", ["one per call", "one per chunk"])
+def test_dense_accumulator_matches_naive(kind, scoring, gated, saliency_window, monkeypatch):
+    if saliency_window == "one per chunk":
+        monkeypatch.setattr(stats_module, "ROUTED_BYTES_BUDGET", 1)
     torch.manual_seed(0)
     num, inner, hidden, tokens, k = 6, 5, 7, 50, 2
     biased = kind == "gpt_oss"
@@ -38,12 +42,13 @@ def test_dense_accumulator_matches_naive(kind, scoring, gated):
         torch.randn(num, inner, hidden), torch.randn(num, inner, hidden), torch.randn(num, hidden, inner),
         *( (torch.randn(num, inner), torch.randn(num, inner), torch.randn(num, hidden)) if biased else (None,) * 3),
     )
-    activation = Activation("gpt_oss") if biased else Activation("glu", act_fn=nn.SiLU())
+    activation = {"glu": Activation("glu", act_fn=nn.SiLU()), "glu_gelu": Activation("glu", act_fn=nn.GELU()),
+                  "gpt_oss": Activation("gpt_oss")}[kind]  # silu runs in place, the others through a copy
     x, logits = torch.randn(tokens, hidden), torch.randn(tokens, num)
     topk_w, topk_i = torch.softmax(logits, -1).topk(k, dim=-1)
     topk_i[0] = torch.tensor([0, 1])  # make sure expert 5 may go unrouted in some seeds; expert 0 is routed
     acc = LayerStatsAccumulator(weights, activation, scoring, dense=True, gated=gated, chunk_size=16,
-                                sample_positions=torch.tensor([3, 17, 40]), keep_logits=True)
+                                sample_positions=torch.tensor([3, 17, 40]), with_logit_gram=True)
     acc.add(x[:30], logits[:30], topk_w[:30], topk_i[:30])  # two calls and several chunks
     acc.add(x[30:], logits[30:], topk_w[30:], topk_i[30:])
     stats = acc.finalize()
@@ -52,7 +57,7 @@ def test_dense_accumulator_matches_naive(kind, scoring, gated):
     assert torch.allclose(stats.saliency, sal, rtol=1e-5, atol=1e-6)
     assert torch.allclose(stats.gated_outputs, gated_mean, rtol=1e-4, atol=1e-5)
     assert torch.equal(stats.sample_inputs, x[[3, 17, 40]])
-    assert torch.equal(stats.router_logits, logits)
+    assert torch.allclose(stats.router_logit_gram, logits.double().T @ logits.double(), rtol=1e-12)
 
 
 def test_sparse_accumulator_matches_naive_and_unrouted_expert_has_zero_saliency():
