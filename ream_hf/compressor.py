@@ -41,7 +41,7 @@ from .config import CONFIG_KEY, ReamConfig
 from .experts import ExpertWeights, activation_for, expert_hidden, read_expert_weights, routed_forward
 from .layers import capture_layer_inputs, feed_block_inputs, forward_layer, run_layer
 from .streaming import HiddenStateStore, LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
-from .merging import merge_expert_group, weight_features
+from .merging import ActivationGram, merge_expert_group, weight_features
 from .mtp import check_mtp_layers, mtp_prefixes, run_mtp_layers
 from .planning import LayerPlan, plan_layer
 from .stats import LayerStatistics, LayerStatsAccumulator
@@ -80,6 +80,21 @@ def routed_experts(family: MoEFamily, layer, device: torch.device):
         yield
     finally:
         del module.forward
+
+ALIGNMENT_CHUNK_BYTES = 24 * 2**20  # a group's (members, rows, D) gate/up/activation intermediates per chunk
+
+
+def group_activation_gram(group: ExpertWeights, activation, sample_inputs: torch.Tensor) -> ActivationGram:
+    """The group's alignment activations on the shared token sample, folded chunk by chunk into their Gram
+    sums: a 16-member group on 32k sample tokens would otherwise hold about 0.8 GB of activations."""
+    group = group.to(torch.float32)
+    count, inner, _ = group.gate.shape
+    rows = max(16, ALIGNMENT_CHUNK_BYTES // (3 * 4 * count * inner))
+    gram = ActivationGram(count, inner)
+    for start in range(0, sample_inputs.shape[0], rows):
+        gram.add(expert_hidden(group, activation, sample_inputs[start : start + rows].to(group.gate.device, torch.float32)))
+    return gram
+
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -354,11 +369,13 @@ class ReamCompressor(OptimumQuantizer):
         self._run_mtp(model, family, batches, target, device, calls, result)
 
     def _forward(self, family, layer, hidden, calls, store: HiddenStateStore | None, generation: int) -> list[torch.Tensor]:
-        """The layer's outputs for every batch: the next layer's inputs (persisted when resumable)."""
+        """The layer's outputs for every batch: the next layer's inputs (persisted when resumable). Each batch's
+        inputs are replaced in `hidden` as soon as its outputs exist, so one generation is held, not two."""
         with routed_experts(family, layer, torch.device(self.config.device)):
-            if store is None:
-                return forward_layer(layer, hidden, calls)
-            return [store.write(generation, b, run_layer(layer, h, call)) for b, (h, call) in enumerate(zip(hidden, calls))]
+            for b, call in enumerate(calls):
+                out = run_layer(layer, hidden[b], call)
+                hidden[b] = out if store is None else store.write(generation, b, out)
+        return hidden
 
     def _sample_positions(self, total_tokens: int) -> torch.Tensor:
         """One token sample per layer, shared by every expert, so alignment compares the same tokens."""
@@ -375,7 +392,7 @@ class ReamCompressor(OptimumQuantizer):
             family.scoring,
             dense=config.is_merging,
             with_saliency=config.method != "frequency",
-            keep_logits=config.is_merging and config.use_router_logits,
+            with_logit_gram=config.is_merging and config.use_router_logits,
             gated=config.gated_similarity,
             sample_positions=sample if config.merge in ("logits+weights", "logits") else None,
             chunk_size=config.token_chunk_size,
@@ -407,10 +424,9 @@ class ReamCompressor(OptimumQuantizer):
                 continue
             merged.append(merge_expert_group(
                 part.gate, part.up, part.down, torch.tensor(group_weights, dtype=torch.float64), mode,
-                acts=None if stats.sample_inputs is None else expert_hidden(part.to(torch.float32), activation,
-                                                                            stats.sample_inputs),
                 feats=None if features is None else features[index],
                 biases={"gate_bias": part.gate_bias, "up_bias": part.up_bias, "down_bias": part.down_bias},
+                gram=None if stats.sample_inputs is None else group_activation_gram(part, activation, stats.sample_inputs),
             ))
         stacked = {name: torch.stack([m[i] for m in merged]) for i, name in enumerate(("gate", "up", "down"))}
         for name in ("gate_bias", "up_bias", "down_bias"):

@@ -47,11 +47,38 @@ def weight_features(gate: Tensor, up: Tensor, down: Tensor, dim: int = 64) -> Te
     return projected.reshape(num_experts, inner, dims)
 
 
-def _column_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Euclidean distances between rows of a and b through one (D, Ts) x (Ts, D) matmul: torch.cdist on
-    sample-length rows was the slowest step of merging; rows here are unit or zero, so this is exact."""
-    squared = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1).unsqueeze(0) - 2.0 * (a @ b.T)
-    return squared.clamp_min(0.0).sqrt()
+class ActivationGram:
+    """What the activation part of the alignment cost needs, accumulated over chunks of sample tokens.
+
+    The cost compares neuron columns of (Ts, D) activation matrices after normalising each column over the
+    tokens. The distance between unit columns depends only on their norms and dot products, so these running
+    sums give it exactly, and a large group's activations never have to be held as (members, Ts, D).
+    """
+
+    def __init__(self, count: int, inner: int) -> None:
+        self.squared_norms = torch.zeros(count, inner, dtype=torch.float64)  # (n, D)
+        self.centroid_dots = torch.zeros(count, inner, inner, dtype=torch.float64)  # [j][a, b] = <c col a, j col b>
+
+    @classmethod
+    def of(cls, acts: Tensor) -> ActivationGram:
+        """From whole activation samples (n, Ts, D), centroid first."""
+        gram = cls(acts.shape[0], acts.shape[2])
+        gram.add(acts)
+        return gram
+
+    def add(self, acts: Tensor) -> None:
+        """Activations (n, c, D) of the group (centroid first) on the next chunk of sample tokens."""
+        acts = acts.float()
+        self.squared_norms += acts.pow(2).sum(dim=1).double().cpu()
+        self.centroid_dots += torch.matmul(acts[0].T, acts).double().cpu()
+
+    def distance(self, member: int) -> Tensor:
+        """(D, D) Euclidean distances between the centroid's unit columns and member's (zero columns stay zero)."""
+        centroid_norm, member_norm = self.squared_norms[0].sqrt(), self.squared_norms[member].sqrt()
+        scale = torch.outer(torch.where(centroid_norm > 0, centroid_norm, 1.0), torch.where(member_norm > 0, member_norm, 1.0))
+        cosine = self.centroid_dots[member] / scale
+        unit = (centroid_norm > 0).double()[:, None] + (member_norm > 0).double()[None, :]
+        return (unit - 2.0 * cosine).clamp_min(0.0).sqrt().float()
 
 
 def alignment_cost(
@@ -60,17 +87,21 @@ def alignment_cost(
     centroid_feats: Tensor | None,
     member_feats: Tensor | None,
     mode: str,
+    *,
+    activation_distance: Tensor | None = None,
 ) -> Tensor:
     """(D, D) cost of matching centroid neuron i to member neuron j. Activations are (Ts, D) on the same
-    sample tokens, each neuron's column normalised over tokens here; features are `weight_features` rows."""
+    sample tokens, each neuron's column normalised over tokens here (or their distances already computed by
+    `ActivationGram.distance`); features are `weight_features` rows."""
     if mode not in ALIGNMENT_MODES:
         raise ValueError(f"alignment mode must be one of {', '.join(ALIGNMENT_MODES)}; got {mode!r}")
     cost = None
     if "logits" in mode:
-        if centroid_acts is None or member_acts is None:
-            raise ValueError(f"merge mode {mode!r} needs hidden activation samples; collect them or use merge='weights'")
-        c_cols, m_cols = _unit_rows(centroid_acts.float().T), _unit_rows(member_acts.float().T)
-        cost = _column_distance(c_cols, m_cols)
+        if activation_distance is None:
+            if centroid_acts is None or member_acts is None:
+                raise ValueError(f"merge mode {mode!r} needs hidden activation samples; collect them or use merge='weights'")
+            activation_distance = ActivationGram.of(torch.stack([centroid_acts, member_acts])).distance(1)
+        cost = activation_distance
     if "weights" in mode:
         if centroid_feats is None or member_feats is None:
             raise ValueError(f"merge mode {mode!r} needs weight features; compute them with weight_features()")
@@ -156,10 +187,12 @@ def merge_expert_group(
     acts: Tensor | None = None,
     feats: Tensor | None = None,
     biases: dict[str, Tensor] | None = None,
+    gram: ActivationGram | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """One output expert from its group (stacked centroid first), per merge mode: "logits+weights" /
     "logits" / "weights" align every member to the centroid, then saliency-weighted sum; "avg" uniform
-    average without alignment; "none" the centroid unchanged. acts (n, Ts, D), feats (n, D, p)."""
+    average without alignment; "none" the centroid unchanged. Activations come as acts (n, Ts, D) or as
+    their `ActivationGram`; feats (n, D, p)."""
     biases = {name: b for name, b in (biases or {}).items() if b is not None}
     count = gate.shape[0]
     if mode == "none" or count == 1:
@@ -168,14 +201,17 @@ def merge_expert_group(
         return merge_group(gate, up, down, torch.full((count,), 1.0 / count, dtype=torch.float64), biases=biases)
     if mode not in ALIGNMENT_MODES:
         raise ValueError(f"merge mode must be one of {', '.join((*ALIGNMENT_MODES, 'avg', 'none'))}; got {mode!r}")
+    if gram is None and acts is not None and "logits" in mode:
+        gram = ActivationGram.of(acts)
     perms = [torch.arange(gate.shape[1])]
     for j in range(1, count):
         cost = alignment_cost(
-            None if acts is None else acts[0],
-            None if acts is None else acts[j],
+            None,
+            None,
             None if feats is None else feats[0],
             None if feats is None else feats[j],
             mode,
+            activation_distance=None if gram is None else gram.distance(j),
         )
         perms.append(align_to_centroid(cost))
     return merge_group(gate, up, down, weights, perms=perms, biases=biases)

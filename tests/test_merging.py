@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ream_hf.merging import (
+    ActivationGram,
     align_to_centroid,
     alignment_cost,
     merge_expert_group,
@@ -154,3 +155,20 @@ def test_alignment_cost_checks_mode_and_inputs():
     cost = alignment_cost(acts, 3.0 * acts, None, None, "logits")  # activations are normalised per neuron
     assert cost.shape == (INNER, INNER)
     assert torch.allclose(torch.diagonal(cost), torch.zeros(INNER), atol=1e-3)
+
+
+def test_activation_gram_over_chunks_equals_cdist_of_unit_columns():
+    generator = torch.Generator().manual_seed(11)
+    acts = torch.randn(3, TOKENS, INNER, generator=generator)
+    acts[1, :, 2] = 0.0  # a dead neuron: its column stays a zero vector, as before normalisation
+    gram = ActivationGram(3, INNER)
+    for start in range(0, TOKENS, 10):  # uneven chunks
+        gram.add(acts[:, start : start + 10])
+    columns = acts.double().transpose(1, 2)
+    norms = columns.norm(dim=2, keepdim=True)
+    unit = columns / torch.where(norms > 0, norms, torch.ones_like(norms))
+    for member in (1, 2):
+        want = exact_cdist(unit[0], unit[member]).float()
+        assert torch.allclose(gram.distance(member), want, atol=1e-5)
+        assert torch.allclose(ActivationGram.of(acts).distance(member), want, atol=1e-5)
+    assert torch.allclose(gram.distance(1)[:, 2], torch.ones(INNER, dtype=torch.float32), atol=1e-6)
