@@ -66,7 +66,7 @@ def run_job(args: argparse.Namespace) -> dict:
     )
     compressor = ReamCompressor(config)
     started = time.perf_counter()
-    compressor.compress(str(work / "source"))
+    compressor.compress(str(work / "source"), work_dir=tempfile.mkdtemp(prefix="work-", dir=work))
     wall = time.perf_counter() - started
     layers = compressor.result.layers
     stats_seconds = sum(r.stats_seconds for r in layers)
