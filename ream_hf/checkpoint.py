@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "ream_manifest.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 NOT_COPIED = {"config.json", INDEX_NAME, "README.md", ".gitattributes"}
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
@@ -159,7 +158,7 @@ class PartWriter:
     files are byte-identical, and a resumed run continues with the next part number.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, parts: list[str] | None = None):
+    def __init__(self, folder: Path, max_shard_bytes: int, parts: list[str] | None = None):
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
         self.parts: list[str] = list(parts or [])

@@ -13,38 +13,40 @@ from pathlib import Path
 
 from .config import MERGE_MODES, METHODS, MTP_MODES, DTYPES, ReamConfig
 
+DEFAULTS = ReamConfig  # the dataclass's field defaults (class attributes): one source for CLI and Python
+
 
 def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="local model folder or Hugging Face Hub repo id")
     # not argparse-exclusive: ReamConfig gives the one-line error for both/neither
     parser.add_argument("--target-experts", type=int, help="experts kept per MoE layer")
     parser.add_argument("--compression-ratio", type=float, help="fraction of experts removed, e.g. 0.25")
-    parser.add_argument("--method", choices=METHODS, default="ream")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
     parser.add_argument("--calibration", action="append", metavar="FILE_OR_DATASET",
                         help=".txt, .jsonl ('text' or 'input_ids' rows) or a Hub dataset id; repeat for a mix "
                              "(default: the paper's c4/NuminaMath/the-stack-smol mix)")
     parser.add_argument("--calibration-ratios", type=float, nargs="+", help="one ratio per --calibration source")
-    parser.add_argument("--num-sequences", type=int, default=3072)
-    parser.add_argument("--sequence-length", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto")
-    parser.add_argument("--group-size", type=int, default=16, help="REAM group size C (0 = M-SMoE rule)")
-    parser.add_argument("--merge", choices=MERGE_MODES, default="logits+weights")
-    parser.add_argument("--pca-dim", type=int, default=64)
+    parser.add_argument("--num-sequences", type=int, default=DEFAULTS.num_calibration_sequences)
+    parser.add_argument("--sequence-length", type=int, default=DEFAULTS.sequence_length)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--device", default=DEFAULTS.device)
+    parser.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
+    parser.add_argument("--group-size", type=int, default=DEFAULTS.group_size, help="REAM group size C (0 = M-SMoE rule)")
+    parser.add_argument("--merge", choices=MERGE_MODES, default=DEFAULTS.merge)
+    parser.add_argument("--pca-dim", type=int, default=DEFAULTS.pca_dim)
     parser.add_argument("--no-sequential", action="store_true", help="statistics from the original model (ablation)")
     parser.add_argument("--no-gated-similarity", action="store_true", help="ablation: plain expert outputs")
     parser.add_argument("--no-router-logits", action="store_true", help="ablation: similarity from outputs only")
-    parser.add_argument("--mtp", choices=MTP_MODES, default="compress")
+    parser.add_argument("--mtp", choices=MTP_MODES, default=DEFAULTS.mtp)
     parser.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--max-shard-size", type=int, default=5 * 2**30, help="bytes per safetensors shard")
+    parser.add_argument("--max-shard-size", type=int, default=DEFAULTS.max_shard_size, help="bytes per safetensors shard")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its work folder")
     parser.add_argument("--work-dir", help="work folder for streaming and resume (default: .OUTPUT.ream-work beside "
                                            "the output folder)")
     parser.add_argument("--no-streaming", action="store_true", help="load the whole model into memory instead")
-    parser.add_argument("--hidden-states-budget-gb", type=float, default=8.0,
+    parser.add_argument("--hidden-states-budget-gb", type=float, default=DEFAULTS.hidden_states_budget_gb,
                         help="calibration hidden states beyond this spill to memory-mapped files")
 
 
