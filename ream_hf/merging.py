@@ -8,6 +8,8 @@ is why members are permuted to match the centroid before averaging.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -21,29 +23,58 @@ def _unit_rows(rows: Tensor) -> Tensor:
     return rows / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def _principal_directions(rows: Tensor, dim: int, iterations: int = 4, oversample: int = 10) -> Tensor:
-    """Top-`dim` principal directions (C, dim) of centred rows (N, C) by randomized subspace iteration
-    with a fixed seed: deterministic, and exact whenever dim + oversample covers all C columns."""
-    mean = rows.mean(dim=0, keepdim=True)
-    width = min(dim + oversample, rows.shape[1])
-    generator = torch.Generator(device=rows.device).manual_seed(PCA_SEED)
-    basis = torch.randn(rows.shape[1], width, generator=generator, device=rows.device, dtype=rows.dtype)
-    for _ in range(iterations):  # centring applied implicitly, so the (N, C) rows are never copied
-        image = torch.linalg.qr(rows @ basis - mean @ basis).Q
-        basis = torch.linalg.qr(rows.T @ image - mean.T @ image.sum(dim=0, keepdim=True)).Q
-    _, _, right = torch.linalg.svd(rows @ basis - mean @ basis, full_matrices=False)
-    return basis @ right[:dim].T
+FEATURE_CHUNK_BYTES = 64 * 2**20  # float32 neuron rows built at once; the whole layer's would be 2x its bf16 size
+
+
+def _neuron_row_chunks(gate: Tensor, up: Tensor, down: Tensor) -> Iterator[Tensor]:
+    """Unit-normalised concat(gate row, up row, down column) of every hidden neuron, a few experts at a time:
+    (chunk experts * D, 3H) float32 blocks in expert order, rebuilt on each pass instead of stored."""
+    num_experts, inner, hidden = gate.shape
+    per_chunk = max(1, FEATURE_CHUNK_BYTES // (inner * 3 * hidden * 4))
+    for start in range(0, num_experts, per_chunk):
+        part = slice(start, start + per_chunk)
+        rows = torch.cat([gate[part].float(), up[part].float(), down[part].float().transpose(1, 2)], dim=2)
+        yield _unit_rows(rows.reshape(-1, 3 * hidden))
+
+
+def _principal_directions(row_chunks: Callable[[], Iterator[Tensor]], dim: int, iterations: int = 4,
+                          oversample: int = 10) -> tuple[Tensor, Tensor]:
+    """Top-`dim` principal directions (C, dim) of the centred rows (N, C), and the row mean (1, C), by
+    randomized subspace iteration with a fixed seed: deterministic, and exact whenever dim + oversample covers
+    all C columns. Rows come from `row_chunks()` (called once per pass), so the (N, C) matrix never exists."""
+    total, count = None, 0
+    for rows in row_chunks():
+        total = rows.sum(dim=0, keepdim=True) if total is None else total + rows.sum(dim=0, keepdim=True)
+        count += rows.shape[0]
+    mean = total / count
+    columns = mean.shape[1]
+    width = min(dim + oversample, columns)
+    generator = torch.Generator(device=mean.device).manual_seed(PCA_SEED)
+    basis = torch.randn(columns, width, generator=generator, device=mean.device, dtype=mean.dtype)
+
+    def centred_image(basis: Tensor) -> Tensor:  # (N, width): centred rows times basis
+        return torch.cat([rows @ basis for rows in row_chunks()]) - mean @ basis
+
+    for _ in range(iterations):
+        image = torch.linalg.qr(centred_image(basis)).Q
+        back = -mean.T @ image.sum(dim=0, keepdim=True)
+        start = 0
+        for rows in row_chunks():
+            back += rows.T @ image[start : start + rows.shape[0]]
+            start += rows.shape[0]
+        basis = torch.linalg.qr(back).Q
+    _, _, right = torch.linalg.svd(centred_image(basis), full_matrices=False)
+    return basis @ right[:dim].T, mean
 
 
 def weight_features(gate: Tensor, up: Tensor, down: Tensor, dim: int = 64) -> Tensor:
     """Per-neuron weight signature for alignment: concat(gate row, up row, down column), unit-normalised,
     then PCA over all neurons of all experts of the layer so every expert shares one basis. (E, D, p)."""
     num_experts, inner, hidden = gate.shape
-    rows = torch.cat([gate.float(), up.float(), down.float().transpose(1, 2)], dim=2).reshape(-1, 3 * hidden)
-    rows = _unit_rows(rows)
     dims = min(dim, 3 * hidden, num_experts * inner)
-    directions = _principal_directions(rows, dims)
-    projected = rows @ directions - rows.mean(dim=0, keepdim=True) @ directions
+    row_chunks = lambda: _neuron_row_chunks(gate, up, down)  # noqa: E731
+    directions, mean = _principal_directions(row_chunks, dims)
+    projected = torch.cat([rows @ directions for rows in row_chunks()]) - mean @ directions
     return projected.reshape(num_experts, inner, dims)
 
 

@@ -172,3 +172,16 @@ def test_activation_gram_over_chunks_equals_cdist_of_unit_columns():
         assert torch.allclose(gram.distance(member), want, atol=1e-5)
         assert torch.allclose(ActivationGram.of(acts).distance(member), want, atol=1e-5)
     assert torch.allclose(gram.distance(1)[:, 2], torch.ones(INNER, dtype=torch.float32), atol=1e-6)
+
+
+def test_weight_features_built_a_few_experts_at_a_time_match_one_block(monkeypatch):
+    from ream_hf import merging
+
+    gate, up, down = random_experts(5, seed=12)
+    whole = weight_features(gate, up, down, dim=6)
+    monkeypatch.setattr(merging, "FEATURE_CHUNK_BYTES", 1)  # one expert's neurons per block
+    chunked = weight_features(gate, up, down, dim=6)
+    assert chunked.shape == whole.shape == (5, INNER, 6)
+    # the same PCA up to rounding: directions may flip sign, distances between neurons may not change
+    flat_whole, flat_chunked = whole.reshape(-1, 6).double(), chunked.reshape(-1, 6).double()
+    assert torch.allclose(exact_cdist(flat_chunked, flat_chunked), exact_cdist(flat_whole, flat_whole), atol=1e-4)
