@@ -69,7 +69,9 @@ class LayerStatsAccumulator:
         sample_positions: torch.Tensor | None = None,
         chunk_size: int = 2048,
     ) -> None:
-        self.weights = weights.to(torch.float32)
+        # the source dtype is kept: a float32 copy of a bfloat16 layer would double its memory; what the math
+        # needs in float32 (the fused gate/up matrix, one expert's down projection) is converted where used
+        self.weights = weights
         self.activation = activation
         self.scoring = scoring
         self.dense = dense
@@ -87,10 +89,13 @@ class LayerStatsAccumulator:
         self.seen_tokens = 0
         if dense:
             # (H, E*2D): column block e holds [gate_e; up_e]^T
-            self.gate_up_matrix = torch.cat([self.weights.gate, self.weights.up], dim=1).reshape(-1, hidden).T.contiguous()
+            gate_up = torch.cat([self.weights.gate, self.weights.up], dim=1).reshape(-1, hidden)
+            self.gate_up_matrix = torch.empty(hidden, gate_up.shape[0], dtype=torch.float32, device=device)
+            self.gate_up_matrix.copy_(gate_up.T)
+            del gate_up
             self.gate_up_bias = None
             if self.weights.gate_bias is not None:
-                self.gate_up_bias = torch.cat([self.weights.gate_bias, self.weights.up_bias], dim=1).reshape(-1)
+                self.gate_up_bias = torch.cat([self.weights.gate_bias, self.weights.up_bias], dim=1).reshape(-1).float()
             self.weighted_hidden_sum = torch.zeros(num_experts, inner, dtype=torch.float64, device=device)
             self.gate_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
             self.gate_up_buffer: torch.Tensor | None = None  # reused by every chunk
@@ -123,7 +128,8 @@ class LayerStatsAccumulator:
         elif self.with_saliency:
             for expert in torch.unique(topk_index).tolist():
                 token, slot = torch.nonzero(topk_index == expert, as_tuple=True)
-                out = single_expert_output(self.weights, self.activation, expert, x[token])
+                one = self.weights.select([expert]).to(torch.float32)
+                out = single_expert_output(one, self.activation, 0, x[token])
                 self.saliency_sum[expert] += (topk_weights[token, slot] * out.norm(dim=-1)).sum(dtype=torch.float64)
         self.seen_tokens += x.shape[0]
 
@@ -159,9 +165,9 @@ class LayerStatsAccumulator:
         start = 0
         for expert, count in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
             if count:
-                out = routed_hidden[start : start + count] @ self.weights.down[expert].T
+                out = routed_hidden[start : start + count] @ self.weights.down[expert].T.float()
                 if self.weights.down_bias is not None:
-                    out += self.weights.down_bias[expert]
+                    out += self.weights.down_bias[expert].float()
                 norms[start : start + count] = torch.linalg.vector_norm(out, dim=-1)
                 start += count
         pair_saliency = topk_weights.reshape(-1)[order].double() * norms.double()
@@ -173,9 +179,9 @@ class LayerStatsAccumulator:
         if self.dense:
             total = max(self.seen_tokens, 1)
             mean_hidden = (self.weighted_hidden_sum / total).float()  # (E, D)
-            gated_outputs = torch.bmm(mean_hidden.unsqueeze(1), self.weights.down.transpose(1, 2)).squeeze(1)
+            gated_outputs = torch.stack([self.weights.down[e].float() @ mean_hidden[e] for e in range(self.num_experts)])
             if self.weights.down_bias is not None:
-                gated_outputs += (self.gate_sum / total).float().unsqueeze(1) * self.weights.down_bias
+                gated_outputs += (self.gate_sum / total).float().unsqueeze(1) * self.weights.down_bias.float()
             gated_outputs = gated_outputs.cpu()
         return LayerStatistics(
             frequency=self.frequency.cpu(),

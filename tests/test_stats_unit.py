@@ -60,6 +60,26 @@ def test_dense_accumulator_matches_naive(kind, scoring, gated, saliency_window, 
     assert torch.allclose(stats.router_logit_gram, logits.double().T @ logits.double(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_bfloat16_weights_give_the_statistics_of_their_float32_values(dense):
+    torch.manual_seed(3)
+    num, inner, hidden = 4, 6, 8
+    weights = ExpertWeights(torch.randn(num, inner, hidden), torch.randn(num, inner, hidden), torch.randn(num, hidden, inner))
+    rounded = weights.to(torch.bfloat16)
+    activation = Activation("glu", act_fn=nn.SiLU())
+    x, logits = torch.randn(30, hidden), torch.randn(30, num)
+    topk_w, topk_i = torch.softmax(logits, -1).topk(2, dim=-1)
+    results = []
+    for w in (rounded, rounded.to(torch.float32)):
+        acc = LayerStatsAccumulator(w, activation, "softmax", dense=dense)
+        acc.add(x, logits, topk_w, topk_i)
+        results.append(acc.finalize())
+    assert rounded.gate.dtype == torch.bfloat16  # the accumulator converts what it needs, not the caller
+    assert torch.allclose(results[0].saliency, results[1].saliency, rtol=1e-6)
+    if dense:
+        assert torch.allclose(results[0].gated_outputs, results[1].gated_outputs, rtol=1e-5, atol=1e-6)
+
+
 def test_sparse_accumulator_matches_naive_and_unrouted_expert_has_zero_saliency():
     torch.manual_seed(1)
     num, inner, hidden = 5, 4, 6
