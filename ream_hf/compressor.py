@@ -412,7 +412,7 @@ class ReamCompressor(OptimumQuantizer):
         mode = self.config.merge
         features = None
         if mode in ("logits+weights", "weights"):
-            features = weight_features(weights.gate.float(), weights.up.float(), weights.down.float(), self.config.pca_dim)
+            features = weight_features(weights.gate, weights.up, weights.down, self.config.pca_dim)  # float32 per block
         merged = []
         for group, group_weights in zip(plan.groups, plan.weights):
             index = list(group.members)
