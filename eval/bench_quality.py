@@ -166,7 +166,6 @@ class Scorer:
     def score(self, model) -> dict:
         """Per domain: perplexity and mean KL(original || model) over the held-out positions."""
         import torch
-        import torch.nn.functional as F
 
         out = {"ppl": {}, "kl": {}}
         total_kl, total_n = 0.0, 0

@@ -31,15 +31,13 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import random
-import re
 import shutil
 import sys
 import sysconfig
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DOMAINS = ("prose", "code", "math")

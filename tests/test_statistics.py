@@ -5,7 +5,6 @@ for Qwen3-MoE; sigmoid + correction bias + group-limited top-k + renormalisation
 and evaluates experts one at a time from the fused weights; it shares no code with the package.
 """
 
-import json
 import math
 
 import pytest
