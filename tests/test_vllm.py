@@ -104,7 +104,6 @@ def checkpoint_expert_abs_sums(folder: Path) -> dict[tuple[int, int], tuple[floa
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_greedy_generation_equals_transformers_on_reap_compressed_qwen3_moe(tmp_path):
-    pytest.importorskip("vllm")
 
     lines = demo_corpus(12, seed=3)[:4]  # prose, arithmetic, code, prose
     source = build_tiny_qwen3_moe(tmp_path / "source", seed=0, hidden_size=HIDDEN_SIZE)
