@@ -14,6 +14,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .similarity import unit_column_distance
+
 ALIGNMENT_MODES = ("logits+weights", "logits", "weights")
 PCA_SEED = 0
 
@@ -105,11 +107,7 @@ class ActivationGram:
 
     def distance(self, member: int) -> Tensor:
         """(D, D) Euclidean distances between the centroid's unit columns and member's (zero columns stay zero)."""
-        centroid_norm, member_norm = self.squared_norms[0].sqrt(), self.squared_norms[member].sqrt()
-        scale = torch.outer(torch.where(centroid_norm > 0, centroid_norm, 1.0), torch.where(member_norm > 0, member_norm, 1.0))
-        cosine = self.centroid_dots[member] / scale
-        unit = (centroid_norm > 0).double()[:, None] + (member_norm > 0).double()[None, :]
-        return (unit - 2.0 * cosine).clamp_min(0.0).sqrt().float()
+        return unit_column_distance(self.centroid_dots[member], self.squared_norms[0], self.squared_norms[member]).float()
 
 
 def alignment_cost(

@@ -42,16 +42,21 @@ def gate_similarity(router_logits: Tensor) -> Tensor:
     return gate_similarity_from_gram(logit_gram(router_logits))
 
 
+def unit_column_distance(dots: Tensor, left_squared_norms: Tensor, right_squared_norms: Tensor) -> Tensor:
+    """(a, b) float64 Euclidean distances between columns after each is scaled to unit norm, from the columns'
+    dot products (a, b) and squared norms alone (so both can be summed over token chunks): unit columns u, v
+    have |u - v|^2 = |u|^2 + |v|^2 - 2 cos(u, v), with |u|^2 = 1, or 0 for an all-zero column (which stays zero)."""
+    left, right = left_squared_norms.double().sqrt(), right_squared_norms.double().sqrt()
+    scale = torch.outer(torch.where(left > 0, left, 1.0), torch.where(right > 0, right, 1.0))
+    cosine = (dots.double() / scale).clamp(-1.0, 1.0)
+    unit = (left > 0).double()[:, None] + (right > 0).double()[None, :]
+    return (unit - 2.0 * cosine).clamp_min(0.0).sqrt()
+
+
 def gate_similarity_from_gram(gram: Tensor) -> Tensor:
-    """`gate_similarity` from the columns' `logit_gram`: unit columns u_i, u_j have |u_i - u_j|^2 =
-    |u_i|^2 + |u_j|^2 - 2 cos(i, j), with |u|^2 = 1, or 0 for an all-zero column (which stays zero)."""
-    gram = gram.double()
+    """`gate_similarity` from the columns' `logit_gram`."""
     squared_norms = torch.diagonal(gram)
-    live = squared_norms > 0
-    scale = torch.sqrt(torch.outer(squared_norms, squared_norms))
-    cosine = torch.where(scale > 0, gram / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(gram))
-    unit = live.double()
-    distance = (unit[:, None] + unit[None, :] - 2.0 * cosine.clamp(-1.0, 1.0)).clamp_min(0.0).sqrt()
+    distance = unit_column_distance(gram, squared_norms, squared_norms)
     distance = torch.where(distance < GRAM_DISTANCE_NOISE, torch.zeros_like(distance), distance)
     distance = (distance + distance.T) / 2
     distance.fill_diagonal_(0.0)
