@@ -8,11 +8,12 @@ same memory whatever the number of calibration tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .experts import Activation, ExpertWeights, single_expert_output
+from .experts import Activation, ExpertWeights, pairs_by_expert, single_expert_output
 from .similarity import logit_gram
 
 # The (rows, E*2D) float32 gate/up buffer of one chunk. Kept under glibc's 32 MiB mmap ceiling so every
@@ -119,23 +120,19 @@ class LayerStatsAccumulator:
             window = self.chunk_size * max(1, ROUTED_BYTES_BUDGET // (self.chunk_size * k * self.inner * 4))
             for first in range(0, x.shape[0], window):  # saliency once per window: fewer per-expert matmuls
                 last = min(first + window, x.shape[0])
-                routed_hidden = torch.empty((last - first) * k, self.inner, dtype=torch.float32, device=self.device)
+                routed_hidden = torch.empty(k, last - first, self.inner, dtype=torch.float32, device=self.device)
                 for start in range(first, last, self.chunk_size):
                     stop = min(start + self.chunk_size, last)
                     self._add_dense(x[start:stop], logits[start:stop], topk_index[start:stop],
-                                    routed_hidden[(start - first) * k : (stop - first) * k])
-                self._add_saliency(routed_hidden, topk_weights[first:last], topk_index[first:last])
+                                    routed_hidden[:, start - first : stop - first])
+                self._add_saliency(topk_weights[first:last], topk_index[first:last], self._down_projection(routed_hidden.view(-1, self.inner)))
         elif self.with_saliency:
-            for expert in torch.unique(topk_index).tolist():
-                token, slot = torch.nonzero(topk_index == expert, as_tuple=True)
-                one = self.weights.select([expert]).to(torch.float32)
-                out = single_expert_output(one, self.activation, 0, x[token])
-                self.saliency_sum[expert] += (topk_weights[token, slot] * out.norm(dim=-1)).sum(dtype=torch.float64)
+            self._add_saliency(topk_weights, topk_index, self._full_expert(x))
         self.seen_tokens += x.shape[0]
 
     def _add_dense(self, x, logits, topk_index, routed_hidden) -> None:
         """Gated signature sums for one chunk; copies the routed (token, expert) hidden rows into
-        `routed_hidden` (token-major, as topk_index) for the saliency of the enclosing window."""
+        `routed_hidden` (k, c, D), slot-major as `pairs_by_expert` numbers them, for the window's saliency."""
         rows = x.shape[0]
         if self.gate_up_buffer is None or self.gate_up_buffer.shape[0] < rows:
             self.gate_up_buffer = torch.empty(rows, self.gate_up_matrix.shape[1], dtype=torch.float32, device=self.device)
@@ -144,8 +141,7 @@ class LayerStatsAccumulator:
             gate_up += self.gate_up_bias
         gate_up = gate_up.view(rows, self.num_experts, 2 * self.inner)
         hidden = self.activation.apply_into_gate(gate_up[..., : self.inner], gate_up[..., self.inner :])  # (c, E, D) view
-        tokens = torch.arange(rows, device=self.device).repeat_interleave(topk_index.shape[1])
-        routed_hidden.copy_(hidden[tokens, topk_index.reshape(-1)])
+        routed_hidden.copy_(hidden[torch.arange(rows, device=self.device), topk_index.T])
         if self.gated:
             gates = gate_scores(logits, self.scoring)
             hidden.mul_(gates.unsqueeze(-1))  # saliency has read the ungated rows it needs
@@ -154,24 +150,35 @@ class LayerStatsAccumulator:
             self.gate_sum += rows
         self.weighted_hidden_sum += hidden.sum(dim=0).double()
 
-    def _add_saliency(self, routed_hidden: torch.Tensor, topk_weights: torch.Tensor, topk_index: torch.Tensor) -> None:
-        """g_i(x) * ||f_i(x)|| on routed (token, expert) pairs only, from their hidden rows (T*k, D): the pairs
-        are sorted by expert so each expert's down projection is one matmul on a contiguous slice."""
-        flat = topk_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        expert_of_pair = flat[order]
-        routed_hidden = routed_hidden[order]
-        norms = torch.empty(routed_hidden.shape[0], dtype=torch.float32, device=self.device)
-        start = 0
-        for expert, count in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
-            if count:
-                out = routed_hidden[start : start + count] @ self.weights.down[expert].T.float()
-                if self.weights.down_bias is not None:
-                    out += self.weights.down_bias[expert].float()
-                norms[start : start + count] = torch.linalg.vector_norm(out, dim=-1)
-                start += count
-        pair_saliency = topk_weights.reshape(-1)[order].double() * norms.double()
-        self.saliency_sum.index_add_(0, expert_of_pair, pair_saliency)
+    def _add_saliency(self, topk_weights: torch.Tensor, topk_index: torch.Tensor,
+                      expert_output: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        """g_i(x) * ||f_i(x)|| on routed (token, expert) pairs only. `expert_output(i, pairs)` gives expert i's
+        outputs for the given pair numbers (slot-major, as `pairs_by_expert` numbers them); pairs are grouped by
+        expert, so each call is one expert's contiguous batch."""
+        order, slices = pairs_by_expert(topk_index, self.num_experts)
+        norms = torch.empty(order.shape[0], dtype=torch.float32, device=self.device)
+        for expert, part in slices:
+            norms[part] = torch.linalg.vector_norm(expert_output(expert, order[part]), dim=-1)
+        pair_saliency = topk_weights.T.reshape(-1)[order].double() * norms.double()
+        self.saliency_sum.index_add_(0, topk_index.T.reshape(-1)[order], pair_saliency)
+
+    def _down_projection(self, routed_hidden: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """Expert outputs from the routed pairs' hidden rows (dense path): just the down projection."""
+        def output(expert: int, pairs: torch.Tensor) -> torch.Tensor:
+            out = routed_hidden[pairs] @ self.weights.down[expert].T.float()
+            if self.weights.down_bias is not None:
+                out += self.weights.down_bias[expert].float()
+            return out
+
+        return output
+
+    def _full_expert(self, x: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """Expert outputs from the block inputs (sparse path): the routed expert only, on its tokens only."""
+        def output(expert: int, pairs: torch.Tensor) -> torch.Tensor:
+            one = self.weights.select([expert]).to(torch.float32)
+            return single_expert_output(one, self.activation, 0, x[pairs % x.shape[0]])
+
+        return output
 
     def finalize(self) -> LayerStatistics:
         count = self.frequency.clamp(min=1).double()
