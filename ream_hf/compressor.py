@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,35 +330,19 @@ class ReamCompressor(OptimumQuantizer):
                 loader.fill(layer, f"{trunk_prefix}{index}.")
             layer_calls = [per_batch[index] for per_batch in calls]
             block = moe_block(family, layer)
-            forward = index < last or result.forward_last_layer
+            feeds_next = index < last or result.forward_last_layer  # its outputs are some layer's inputs
+
+            def forward(layer=layer, layer_calls=layer_calls, generation=index + 1) -> None:
+                self._forward(family, layer, hidden, layer_calls, store, generation)
+
             if block is None:
-                if forward:
-                    hidden = self._forward(family, layer, hidden, layer_calls, store, index + 1)
+                if feeds_next:
+                    forward()
             else:
-                stats = self._layer_statistics(family, layer, block, hidden, layer_calls, batches, sample)
-                stats_seconds = time.perf_counter() - started
-                plan = plan_layer(config, stats, target, groups_per_layer)
-                if not config.sequential and forward:
-                    hidden = self._forward(family, layer, hidden, layer_calls, store, index + 1)
-                merged = self._merge(family, block, plan, stats) if config.is_merging else None
-                before = experts(family, block).num_experts
-                apply_layer_plan(family, block, plan.centroids, merged)
-                if config.sequential and forward:
-                    hidden = self._forward(family, layer, hidden, layer_calls, store, index + 1)
-                key = f"{trunk_prefix}{index}"
-                result.outputs[key] = LayerOutput(
-                    experts=read_expert_weights(family, experts(family, block)),
-                    router={name: getattr(router(family, block), name) for name in family.router_tensors
-                            if getattr(router(family, block), name, None) is not None},
-                )
-                report = LayerReport(
-                    key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
-                    None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency],
-                    time.perf_counter() - started, stats_seconds,
-                )
-                result.layers.append(report)
-                result.layer_entries.append(report.manifest_entry())
-                logger.info("layer %d: %d -> %d experts, %.2f s, peak RSS %.2f GB", index, before,
+                report = self._compress_moe_layer(family, layer, block, f"{trunk_prefix}{index}", index, hidden,
+                                                  layer_calls, batches, sample, target, groups_per_layer, result,
+                                                  started, forward if feeds_next else None)
+                logger.info("layer %d: %d -> %d experts, %.2f s, peak RSS %.2f GB", index, report.experts_before,
                             report.experts_after, report.seconds, peak_rss_gb())
             if work is not None:
                 writer.write_group(group_tensors(result.source, family, groups[index], result.outputs))
@@ -368,14 +353,45 @@ class ReamCompressor(OptimumQuantizer):
         result.final_hidden = hidden
         self._run_mtp(model, family, batches, target, device, calls, result)
 
-    def _forward(self, family, layer, hidden, calls, store: HiddenStateStore | None, generation: int) -> list[torch.Tensor]:
-        """The layer's outputs for every batch: the next layer's inputs (persisted when resumable). Each batch's
-        inputs are replaced in `hidden` as soon as its outputs exist, so one generation is held, not two."""
+    def _forward(self, family, layer, hidden: list[torch.Tensor], calls, store: HiddenStateStore | None,
+                 generation: int) -> None:
+        """Replace each batch's inputs in `hidden` by the layer's outputs (the next layer's inputs; persisted when
+        resumable) as soon as they exist, so one generation is held, not two."""
         with routed_experts(family, layer, torch.device(self.config.device)):
             for b, call in enumerate(calls):
                 out = run_layer(layer, hidden[b], call)
                 hidden[b] = out if store is None else store.write(generation, b, out)
-        return hidden
+
+    def _compress_moe_layer(self, family, layer, block, key: str, index: int, hidden, calls, batches, sample,
+                            target: int, groups_per_layer: int, result: CompressionResult, started: float,
+                            forward: Callable[[], None] | None = None) -> LayerReport:
+        """Statistics, plan, merge and surgery of one MoE layer (trunk or MTP), recorded in `result`. `forward`
+        re-runs the layer on the calibration data for what follows it: after the surgery (the paper's sequential
+        mode) or, for the non-sequential ablation, with the original experts."""
+        config = self.config
+        stats = self._layer_statistics(family, layer, block, hidden, calls, batches, sample)
+        stats_seconds = time.perf_counter() - started
+        plan = plan_layer(config, stats, target, groups_per_layer)
+        if forward is not None and not config.sequential:
+            forward()
+        merged = self._merge(family, block, plan, stats) if config.is_merging else None
+        before = experts(family, block).num_experts
+        apply_layer_plan(family, block, plan.centroids, merged)
+        if forward is not None and config.sequential:
+            forward()
+        result.outputs[key] = LayerOutput(
+            experts=read_expert_weights(family, experts(family, block)),
+            router={name: getattr(router(family, block), name) for name in family.router_tensors
+                    if getattr(router(family, block), name, None) is not None},
+        )
+        report = LayerReport(
+            key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
+            None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency],
+            time.perf_counter() - started, stats_seconds,
+        )
+        result.layers.append(report)
+        result.layer_entries.append(report.manifest_entry())
+        return report
 
     def _sample_positions(self, total_tokens: int) -> torch.Tensor:
         """One token sample per layer, shared by every expert, so alignment compares the same tokens."""
@@ -417,16 +433,12 @@ class ReamCompressor(OptimumQuantizer):
         for group, group_weights in zip(plan.groups, plan.weights):
             index = list(group.members)
             part = weights.select(index)
-            if len(index) == 1:  # a singleton keeps its expert: no alignment, no activations needed
-                merged.append((part.gate[0], part.up[0], part.down[0],
-                               {n: getattr(part, n)[0] for n in ("gate_bias", "up_bias", "down_bias")
-                                if getattr(part, n) is not None}))
-                continue
+            needs_activations = stats.sample_inputs is not None and len(index) > 1  # a singleton is kept as it is
             merged.append(merge_expert_group(
                 part.gate, part.up, part.down, torch.tensor(group_weights, dtype=torch.float64), mode,
                 feats=None if features is None else features[index],
                 biases={"gate_bias": part.gate_bias, "up_bias": part.up_bias, "down_bias": part.down_bias},
-                gram=None if stats.sample_inputs is None else group_activation_gram(part, activation, stats.sample_inputs),
+                gram=group_activation_gram(part, activation, stats.sample_inputs) if needs_activations else None,
             ))
         stacked = {name: torch.stack([m[i] for m in merged]) for i, name in enumerate(("gate", "up", "down"))}
         for name in ("gate_bias", "up_bias", "down_bias"):
@@ -547,25 +559,10 @@ class ReamCompressor(OptimumQuantizer):
                 continue
             started = time.perf_counter()
             sample = self._sample_positions(item.num_tokens) if config.is_merging else None
-            stats = self._layer_statistics(family, item.layer, block, item.hidden, item.calls, item.batches, sample)
-            stats_seconds = time.perf_counter() - started
-            plan = plan_layer(config, stats, target, groups_per_layer)
-            merged = self._merge(family, block, plan, stats) if config.is_merging else None
-            before = experts(family, block).num_experts
-            apply_layer_plan(family, block, plan.centroids, merged)
-            result.outputs[item.key] = LayerOutput(
-                experts=read_expert_weights(family, experts(family, block)),
-                router={name: getattr(router(family, block), name) for name in family.router_tensors
-                        if getattr(router(family, block), name, None) is not None},
-            )
-            report = LayerReport(
-                item.key, item.index, before, len(plan.groups), plan, stats.frequency.tolist(),
-                None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency],
-                time.perf_counter() - started, stats_seconds,
-            )
-            result.layers.append(report)
-            result.layer_entries.append(report.manifest_entry())
-            logger.info("MTP layer %s: %d -> %d experts, %.2f s", item.key, before, report.experts_after, report.seconds)
+            report = self._compress_moe_layer(family, item.layer, block, item.key, item.index, item.hidden, item.calls,
+                                              item.batches, sample, target, groups_per_layer, result, started)
+            logger.info("MTP layer %s: %d -> %d experts, %.2f s", item.key, report.experts_before,
+                        report.experts_after, report.seconds)
 
 
 def _load_config(folder: Path):
