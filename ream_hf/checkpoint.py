@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -200,18 +201,11 @@ def finalize_parts(parts_folder: Path, parts: list[str], output: Path) -> dict[s
         with safe_open(output / final, framework="pt") as handle:
             for name in handle.keys():
                 piece = handle.get_slice(name)
-                total += _numel(piece.get_shape()) * torch.empty(0, dtype=_DTYPES[piece.get_dtype()]).element_size()
+                total += math.prod(piece.get_shape()) * torch.empty(0, dtype=_DTYPES[piece.get_dtype()]).element_size()
                 weight_map[name] = final
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (output / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return weight_map
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def output_groups(source: SourceCheckpoint, trunk_prefix: str, num_layers: int,
