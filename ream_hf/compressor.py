@@ -40,7 +40,7 @@ from .checkpoint import (
 )
 from .config import CONFIG_KEY, ReamConfig
 from .experts import ExpertWeights, activation_for, expert_hidden, read_expert_weights, routed_forward
-from .layers import capture_layer_inputs, feed_block_inputs, forward_layer, run_layer
+from .layers import capture_layer_inputs, feed_block_inputs, run_layer
 from .streaming import HiddenStateStore, LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
 from .merging import ActivationGram, merge_expert_group, weight_features
 from .mtp import check_mtp_layers, mtp_prefixes, run_mtp_layers
@@ -141,8 +141,6 @@ class CompressionResult:
     dropped_prefixes: tuple[str, ...] = ()
     layer_entries: list[dict[str, Any]] = field(default_factory=list)  # manifest entries, restored on resume
     work: WorkFolder | None = None
-    forward_last_layer: bool = False  # the last trunk layer's outputs are needed (MTP layers follow)
-    final_hidden: list[torch.Tensor] | None = None
 
 
 def resolve_source(model_path: str | os.PathLike) -> Path:
@@ -219,7 +217,8 @@ class ReamCompressor(OptimumQuantizer):
         check_grouped_routing(family, text_config, target, top_k)
         trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
-        if source is not None and (found := mtp_prefixes(family, source)):
+        found = mtp_prefixes(family, source) if source is not None else ()
+        if found:
             if config.mtp == "compress":  # compressed after the trunk (_run_mtp); incomplete MTP layers fail here
                 check_mtp_layers(family, source)
             if config.mtp == "drop":
@@ -248,10 +247,9 @@ class ReamCompressor(OptimumQuantizer):
         result.calibration_sequences = len(sequences)
         result.calibration_tokens = int(sum(int(s.numel()) for s in sequences))
         result.dropped_prefixes = drop
-        # MTP layers are fed the last trunk layer's outputs, so that layer is run forward too
-        result.forward_last_layer = source is not None and config.mtp == "compress" and bool(mtp_prefixes(family, source))
         result.work = work
-        self._run_layers(model, family, batches, target, device, trunk_prefix, result, loader)
+        compress_mtp = bool(found) and config.mtp == "compress"
+        self._run_layers(model, family, batches, target, device, trunk_prefix, result, loader, compress_mtp)
         set_config_expert_count(family, model.config, target)
         self.model, self.tokenizer, self.result = model, tokenizer, result
         return model
@@ -301,7 +299,8 @@ class ReamCompressor(OptimumQuantizer):
 
     @torch.no_grad()
     def _run_layers(self, model, family, batches, target, device, trunk_prefix, result: CompressionResult,
-                    loader: LayerLoader | None = None) -> None:
+                    loader: LayerLoader | None = None, compress_mtp: bool = False) -> None:
+        """The trunk layer by layer, then (`compress_mtp`) the MTP layers, fed the last trunk layer's outputs."""
         config, work = self.config, result.work
         layers = decoder_layers(model)
         hidden, calls = capture_layer_inputs(model, layers, tqdm(batches, desc="Embedding calibration", leave=False), device)
@@ -330,7 +329,7 @@ class ReamCompressor(OptimumQuantizer):
                 loader.fill(layer, f"{trunk_prefix}{index}.")
             layer_calls = [per_batch[index] for per_batch in calls]
             block = moe_block(family, layer)
-            feeds_next = index < last or result.forward_last_layer  # its outputs are some layer's inputs
+            feeds_next = index < last or compress_mtp  # its outputs are some layer's inputs
 
             def forward(layer=layer, layer_calls=layer_calls, generation=index + 1) -> None:
                 self._forward(family, layer, hidden, layer_calls, store, generation)
@@ -350,8 +349,8 @@ class ReamCompressor(OptimumQuantizer):
                 loader.release(layer)
                 work.commit(index + 1, writer.parts, result.layer_entries)
                 store.drop_before(index + 1)
-        result.final_hidden = hidden
-        self._run_mtp(model, family, batches, target, device, calls, result)
+        if compress_mtp:
+            self._run_mtp(model, family, batches, target, device, calls, hidden, result)
 
     def _forward(self, family, layer, hidden: list[torch.Tensor], calls, store: HiddenStateStore | None,
                  generation: int) -> None:
@@ -534,23 +533,12 @@ class ReamCompressor(OptimumQuantizer):
             "layers": result.layer_entries,
         }
 
-    def _run_mtp(self, model, family, batches, target, device, calls, result: CompressionResult) -> None:
+    def _run_mtp(self, model, family, batches, target, device, calls, trunk_out: list[torch.Tensor],
+                 result: CompressionResult) -> None:
         """MTP layers (mtp="compress"), METHOD.md §6: each is one more MoE layer after the trunk, fed as vLLM feeds
-        its drafter (ream_hf/mtp.py), compressed with the same method and target, written under its own names.
-
-        Needs the last trunk layer's outputs: `result.final_hidden` when `result.forward_last_layer` was set,
-        else (the last layer still in memory) they are computed here from its inputs."""
-        config = self.config
-        source = result.source
-        if source is None or config.mtp != "compress" or not mtp_prefixes(family, source):
-            return
-        trunk_out = result.final_hidden
-        if not result.forward_last_layer:
-            last = decoder_layers(model)[-1]
-            if any(t.is_meta for t in last.parameters()):
-                raise RuntimeError("MTP layers need the last trunk layer's outputs: set result.forward_last_layer "
-                                   "before the trunk loop when streaming")
-            trunk_out = forward_layer(last, trunk_out, [per_batch[-1] for per_batch in calls])
+        its drafter (ream_hf/mtp.py) from the last trunk layer's outputs `trunk_out`, compressed with the same
+        method and target, written under its own names."""
+        config, source = self.config, result.source
         groups_per_layer = routing_groups(family, model.config.get_text_config())
         for item in tqdm(run_mtp_layers(model, family, source, trunk_out, batches, calls, device),
                          desc="Compressing MTP layers", unit="layer"):
