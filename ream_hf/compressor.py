@@ -235,8 +235,8 @@ class ReamCompressor(OptimumQuantizer):
         if source is not None and model is None and config.streaming:
             job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width})
             work = WorkFolder.open(Path(work_dir) if work_dir else default_work_root() / job, job, resume)
-            loader = LayerLoader(source, family, trunk_prefix, device)
-            model = build_skeleton(source.folder, _load_config(source.folder), self._source_dtype(source), device, loader)
+            loader = LayerLoader(source, family, device)
+            model = build_skeleton(_load_config(source.folder), self._source_dtype(source), device, loader)
         elif resume:
             raise ValueError("resume needs streaming (the default) and a source folder or Hub id, not a loaded model")
         elif model is None:

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .arch import MoEFamily
@@ -36,8 +35,8 @@ FORMAT = "ream-hf work folder v1"
 class LayerLoader:
     """Fills meta-device modules of a skeleton model from the source's safetensors shards."""
 
-    def __init__(self, source: SourceCheckpoint, family: MoEFamily, trunk_prefix: str, device: torch.device) -> None:
-        self.source, self.family, self.trunk_prefix, self.device = source, family, trunk_prefix, device
+    def __init__(self, source: SourceCheckpoint, family: MoEFamily, device: torch.device) -> None:
+        self.source, self.family, self.device = source, family, device
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_shard: dict[str, list[str]] = defaultdict(list)
@@ -96,7 +95,7 @@ class LayerLoader:
         module.to("meta")
 
 
-def build_skeleton(folder: Path, hf_config, dtype, device: torch.device, loader: LayerLoader):
+def build_skeleton(hf_config, dtype, device: torch.device, loader: LayerLoader):
     """The model on meta with embeddings and rotary tables real: enough to embed calibration tokens."""
     from transformers import AutoModelForCausalLM
 
@@ -127,8 +126,7 @@ class WorkFolder:
 
     def __init__(self, folder: Path, job: str) -> None:
         self.folder, self.job = Path(folder), job
-        self.state: dict[str, Any] = {"format": FORMAT, "job": job, "finished_layers": 0, "parts": [], "layers": [],
-                                      "hidden_batches": 0}
+        self.state: dict[str, Any] = {"format": FORMAT, "job": job, "finished_layers": 0, "parts": [], "layers": []}
 
     @classmethod
     def open(cls, folder: Path, job: str, resume: bool) -> WorkFolder:
@@ -157,16 +155,6 @@ class WorkFolder:
     @property
     def finished_layers(self) -> int:
         return int(self.state["finished_layers"])
-
-    def save_hidden(self, hidden: list[torch.Tensor]) -> None:
-        temp = self.folder / "hidden.safetensors.tmp"
-        save_file({f"batch.{i}": h.contiguous().cpu() for i, h in enumerate(hidden)}, str(temp))
-        os.replace(temp, self.folder / "hidden.safetensors")
-        self.state["hidden_batches"] = len(hidden)
-
-    def load_hidden(self) -> list[torch.Tensor]:
-        tensors = load_file(str(self.folder / "hidden.safetensors"))
-        return [tensors[f"batch.{i}"] for i in range(int(self.state["hidden_batches"]))]
 
     def commit(self, finished_layers: int, parts: list[str], layer_entries: list[dict]) -> None:
         """Atomically record progress; everything it names was written before."""
