@@ -22,22 +22,10 @@ from pathlib import Path
 
 
 def build_source(folder: Path, layers: int, experts: int, top_k: int, hidden: int, inner: int) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from ream_hf.demo import build_tiny_qwen3_moe
 
-    from ream_hf.demo import build_tiny_tokenizer, hub_style_config
-
-    tokenizer = build_tiny_tokenizer(folder)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=inner,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-        num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True, max_position_embeddings=1024,
-        initializer_range=0.05, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
-    hub_style_config(folder, {"num_local_experts": "num_experts"})
-    return folder
+    return build_tiny_qwen3_moe(folder, num_experts=experts, num_layers=layers, hidden_size=hidden,
+                                moe_intermediate_size=inner, top_k=top_k, initializer_range=0.05)
 
 
 def write_calibration(path: Path, sequences: int, length: int, vocab: int) -> Path:

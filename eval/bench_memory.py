@@ -20,6 +20,8 @@ from pathlib import Path
 
 from bench_compress import build_source, write_calibration
 
+from ream_hf.demo import folder_bytes
+
 
 def run_job(source: Path, calibration: Path, streaming: bool, method: str) -> dict:
     import torch
@@ -60,7 +62,7 @@ def main() -> None:
             source = Path(temp) / f"l{layers}" / "source"
             # built in a child: the parent stays small, so no job inherits a large address space
             subprocess.run([sys.executable, __file__, "--build", str(source), str(layers)], check=True, capture_output=True)
-            size = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 2**30
+            size = folder_bytes(source) / 2**30
             for mode in args.modes:
                 command = [sys.executable, __file__, "--method", args.method, "--job", str(source), str(calibration), mode]
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
 import json
 import math
 import re
@@ -269,10 +268,9 @@ def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_
     compressor = ReamCompressor(config)
     with tempfile.TemporaryDirectory(prefix="ream-quality-") as temp:
         # a private work folder: no stale run under ~/.cache blocks a rerun, nothing is left behind
-        extra = {"work_dir": Path(temp) / "work"} if "work_dir" in inspect.signature(compressor.compress).parameters else {}
         started = time.perf_counter()
         with merge_weight_rule(rule):
-            compressor.compress(str(paths["model"]), **extra)
+            compressor.compress(str(paths["model"]), work_dir=Path(temp) / "work")
         seconds = time.perf_counter() - started
         # score the checkpoint as users get it: written, verified and reloaded
         started = time.perf_counter()

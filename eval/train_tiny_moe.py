@@ -40,9 +40,10 @@ import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ream_hf.demo import SPECIAL_TOKENS
+
 DOMAINS = ("prose", "code", "math")
 DOC_SEPARATOR = "<|endoftext|>"
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 FORMAT_VERSION = 1  # bump when corpus building or training changes in a way the settings do not capture
 DEFAULT_OUTPUT = Path("~/.cache/ream-hf/tiny-moe-v1")
 

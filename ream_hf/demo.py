@@ -89,7 +89,8 @@ def hub_style_config(folder: str | Path, renames: dict[str, str]) -> None:
 
 
 def build_tiny_qwen3_moe(folder: str | Path, *, seed: int = 0, num_experts: int = 16, num_layers: int = 2,
-                         hidden_size: int = 128, moe_intermediate_size: int = 64, top_k: int = 4) -> Path:
+                         hidden_size: int = 128, moe_intermediate_size: int = 64, top_k: int = 4,
+                         initializer_range: float = 0.1) -> Path:
     """A random Qwen3-MoE checkpoint + tokenizer, laid out like the Hub's (config key `num_experts`)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
@@ -100,7 +101,7 @@ def build_tiny_qwen3_moe(folder: str | Path, *, seed: int = 0, num_experts: int 
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         moe_intermediate_size=moe_intermediate_size, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, head_dim=hidden_size // 4, num_experts=num_experts, num_experts_per_tok=top_k,
-        norm_topk_prob=True, max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=False,
+        norm_topk_prob=True, max_position_embeddings=1024, initializer_range=initializer_range, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
