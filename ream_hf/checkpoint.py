@@ -110,17 +110,15 @@ class SourceCheckpoint:
             raise ValueError(f"{self.folder} is incomplete: shard {missing[0]} listed in its index is missing")
         return weight_map
 
-    def shards(self) -> list[str]:
-        """Shard files in index order, each once."""
-        return list(dict.fromkeys(self.weight_map.values()))
-
-    def names_in(self, shard: str) -> list[str]:
-        return [name for name, file in self.weight_map.items() if file == shard]
-
-    def tensor_info(self, name: str) -> tuple[torch.dtype, list[int]]:
-        with safe_open(self.folder / self.weight_map[name], framework="pt") as handle:
-            piece = handle.get_slice(name)
-            return _DTYPES[piece.get_dtype()], piece.get_shape()
+    def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for `names`, grouped by shard with one shard open at a time."""
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        for shard, shard_names in by_shard.items():
+            with safe_open(self.folder / shard, framework="pt") as handle:
+                for name in shard_names:
+                    yield name, handle.get_tensor(name)
 
 
 _DTYPES = {

@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .arch import MoEFamily, decoder_layers, text_config_dict
@@ -205,19 +204,8 @@ def mtp_call_layer(model: nn.Module) -> int:
     return count - 1
 
 
-def _iter_tensors(source: SourceCheckpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for `names`, one shard open at a time, in the shards' order."""
-    by_shard: dict[str, list[str]] = {}
-    for name in names:
-        by_shard.setdefault(source.weight_map[name], []).append(name)
-    for shard, shard_names in by_shard.items():
-        with safe_open(source.folder / shard, framework="pt") as handle:
-            for name in shard_names:
-                yield name, handle.get_tensor(name)
-
-
 def _read_tensors(source: SourceCheckpoint, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {name: tensor.to(dtype) for name, tensor in _iter_tensors(source, names)}
+    return {name: tensor.to(dtype) for name, tensor in source.iter_tensors(names)}
 
 
 def _read_layer_state(family: MoEFamily, source: SourceCheckpoint, names: list[str], layer_prefix: str,
@@ -235,7 +223,7 @@ def _read_layer_state(family: MoEFamily, source: SourceCheckpoint, names: list[s
         raise ValueError(f"MTP layer {layer_prefix[:-1]}: per-expert tensors of the {family.expert_layout!r} layout "
                          "are not supported")
     filled: set[tuple[int, str]] = set()
-    for name, tensor in _iter_tensors(source, names):
+    for name, tensor in source.iter_tensors(names):
         p = parsed[name]
         if p is not None and p.kind == "expert":
             role = role_of[p.proj]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .arch import MoEFamily
@@ -39,16 +38,10 @@ class LayerLoader:
         self.source, self.family, self.device = source, family, device
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        by_shard: dict[str, list[str]] = defaultdict(list)
         for name in names:
             if name not in self.source.weight_map:
                 raise ValueError(f"{self.source.folder} lacks tensor {name}: the checkpoint does not match its config")
-            by_shard[self.source.weight_map[name]].append(name)
-        tensors = {}
-        for shard, shard_names in by_shard.items():
-            with safe_open(self.source.folder / shard, framework="pt") as handle:
-                tensors.update({name: handle.get_tensor(name) for name in shard_names})
-        return tensors
+        return dict(self.source.iter_tensors(names))
 
     def fill(self, module: nn.Module, disk_prefix: str) -> None:
         """Materialise `module` (on meta) from the tensors named `disk_prefix + key`, experts fused as in memory."""
