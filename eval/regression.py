@@ -11,7 +11,6 @@ then compares it with the YAML's baseline. The compressed checkpoint is deleted 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -36,7 +35,8 @@ def run(spec_path: str | Path, output: str | Path, *, work_dir: str | Path | Non
     spec = load_spec(spec_path)
     config = ream_config(spec)  # refused here, before any download, if a field is wrong
     from ream_hf import ReamCompressor
-    from ream_hf.evaluation import evaluate_pair  # GPU-side extras: imported only when a run really starts
+    # GPU-side extras: imported only when a run really starts
+    from ream_hf.evaluation import evaluate_pair, write_results
 
     work = Path(tempfile.mkdtemp(prefix=f"ream-regression-{spec.name}-", dir=work_dir))
     compressed = work / spec.name
@@ -54,9 +54,7 @@ def run(spec_path: str | Path, output: str | Path, *, work_dir: str | Path | Non
             "target_experts": spec.target_experts, "compress_seconds": round(compress_seconds, 1),
             "baseline": spec.baseline, "tolerance": spec.tolerance,
         }
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_results(results, output)
         return results
     finally:
         if keep:

@@ -45,7 +45,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .serve import VLLMServer
+from .serve import VLLMServer, _signal_group, served_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -500,10 +500,7 @@ def check_program(problem: Mapping[str, Any], completion: str) -> str:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _signal_group(process.pid, signal.SIGKILL)
     process.wait()
 
 
@@ -648,12 +645,12 @@ def evaluate_model(
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     per_task: dict[str, dict[str, Any]] = {}
-    keys: dict[str, tuple[str, Path]] = {}
+    keys: dict[str, tuple[dict[str, Any], str, Path]] = {}
     for task in tasks:
         settings = _task_settings(task, common, sources)
         key = _cache_key(digest, task, settings)
         path = _cache_path(cache_root, digest, task, key)
-        keys[task] = (key, path)
+        keys[task] = (settings, key, path)
         cached = _cache_read(path, key) if use_cache else None
         if cached is not None:
             logger.info("%s: %s from cache (%s)", model_dir, task, path)
@@ -671,7 +668,7 @@ def evaluate_model(
                                    speculative=server.speculative)
             else:
                 url = base_url.rstrip("/")
-            model_name = _served_model_name(url)
+            model_name = served_model_name(url, timeout=60)
             lm_tasks = [t for t in todo if t in LM_EVAL_TASKS]
             if lm_tasks:
                 started = time.monotonic()
@@ -698,11 +695,11 @@ def evaluate_model(
             if server is not None:
                 server.stop()
         for task in todo:
-            key, path = keys[task]
+            settings, key, path = keys[task]
             if use_cache:
                 stored = {k: v for k, v in per_task[task].items() if k not in ("cached", "seconds")}
                 _cache_write(path, {"key": key, "model_hash": digest, "task": task, "score": per_task[task]["score"],
-                                    "settings": _task_settings(task, common, sources), "result": stored,
+                                    "settings": settings, "result": stored,
                                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
 
     return {
@@ -719,11 +716,6 @@ def evaluate_model(
         "settings": {"common": {k: v for k, v in common.items() if k != "versions"}, "data_sources": sources},
         **({"humaneval_problems": per_task["humaneval"].get("problems")} if "humaneval" in per_task else {}),
     }
-
-
-def _served_model_name(base_url: str) -> str:
-    with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=60) as response:
-        return json.loads(response.read())["data"][0]["id"]
 
 
 def retention(original: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float | None]:
@@ -744,8 +736,8 @@ def evaluate_pair(original_dir: str | os.PathLike, compressed_dir: str | os.Path
     if kwargs.get("base_url") is not None:
         raise TypeError("evaluate_pair starts one server per model; base_url is for evaluate_model")
     kwargs.pop("base_url", None)
-    preflight(tasks)  # fail before the first server starts
     started = time.monotonic()
+    # evaluate_model's preflight(tasks) fails before the first server starts (and before any hashing)
     original = evaluate_model(original_dir, tasks=tasks, **kwargs)
     compressed = evaluate_model(compressed_dir, tasks=tasks, **kwargs)
     common = original["settings"]["common"]

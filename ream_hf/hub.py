@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +25,16 @@ from . import __version__
 from .arch import text_config_dict
 from .checkpoint import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, check_output_dir
 from .config import CONFIG_KEY
+from .evaluation import SCHEMA as EVAL_SCHEMA
+from .evaluation import evaluate_pair
 from .mtp import mtp_tensor_names
+from .serve import read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "ream_model_card.md.j2"
 CARD_NAME = "README.md"
 EVAL_RESULTS_NAME = "eval_results.json"
-EVAL_SCHEMA = "ream-hf eval results v1"
 # Above this, huggingface_hub 1.x's resumable `upload_large_folder` is used (2.x's `upload_folder` is itself
 # resumable and multi-commit when hf_xet is installed, and has no separate large-folder call).
 LARGE_FOLDER_BYTES = 5 * 10**9
@@ -106,19 +107,6 @@ class WeightsSummary:
     names: tuple[str, ...]
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets), without reading tensors."""
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-    except (OSError, struct.error, ValueError) as error:
-        raise ValueError(f"cannot read the safetensors header of {path}: {error}") from None
-    header.pop("__metadata__", None)
-    return header
-
-
 def weights_summary(folder: str | os.PathLike) -> WeightsSummary:
     """Parameter count (from shard headers' shapes), safetensors bytes on disk and tensor names of a folder."""
     folder = Path(folder)
@@ -163,11 +151,7 @@ def source_license(source_dir: str | os.PathLike | None) -> dict[str, str]:
                 logger.warning("cannot read the license from %s: %s", readme, error)
             else:
                 if data.license:
-                    info = {"license": str(data.license)}
-                    for key in ("license_name", "license_link"):
-                        if getattr(data, key, None):
-                            info[key] = str(getattr(data, key))
-                    return info
+                    return _license_fields(data)
         config_path = folder / "config.json"
         if config_path.is_file():
             try:
@@ -190,6 +174,11 @@ def hub_license(repo_id: str, token: str | None = None) -> dict[str, str] | None
         return None
     if data is None or not getattr(data, "license", None):
         return None
+    return _license_fields(data)
+
+
+def _license_fields(data: Any) -> dict[str, str]:
+    """`license` (+ `license_name` / `license_link` where set) of model card metadata that has a license."""
     info = {"license": str(data.license)}
     for key in ("license_name", "license_link"):
         if getattr(data, key, None):
@@ -566,12 +555,6 @@ def compress_and_push(
     _check_repo_id(base_model)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
-    evaluate_pair = None
-    if evaluate:
-        try:
-            from .evaluation import evaluate_pair
-        except ImportError as error:
-            raise ValueError(f"evaluate=True needs the evaluation extras: {error}") from None
 
     with tempfile.TemporaryDirectory(prefix="ream-hf-push-") as scratch:
         output = Path(output_dir) if output_dir is not None else Path(scratch) / repo_id.split("/")[-1]
@@ -579,7 +562,7 @@ def compress_and_push(
         compressor.save_pretrained(output, overwrite=overwrite)
         source_dir = compressor.result.source.folder if compressor.result.source is not None else None
         results = None
-        if evaluate_pair is not None:
+        if evaluate:
             if source_dir is None:
                 raise ValueError("evaluate=True needs a source checkpoint folder or Hub id, not an in-memory model")
             results = evaluate_pair(str(source_dir), str(output), **(eval_kwargs or {}))

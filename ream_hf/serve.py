@@ -31,8 +31,10 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from .arch import text_config_dict
+from .checkpoint import INDEX_NAME
 from .mtp import mtp_tensor_names
 
 logger = logging.getLogger(__name__)
@@ -43,27 +45,39 @@ _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 # ---------------------------------------------------------------- checkpoint inspection
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict:
-    """The JSON header of a .safetensors file (names, dtypes, shapes, offsets), without reading tensors."""
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 * 1024 * 1024:
-            raise ValueError(f"{path}: implausible safetensors header length {length}")
-        return json.loads(handle.read(length))
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets), without reading tensors.
+
+    `__metadata__` is removed; any unreadable file is a ValueError naming it.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(8)
+            if len(raw) != 8:
+                raise ValueError("not a safetensors file (shorter than 8 bytes)")
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100 * 1024 * 1024:
+                raise ValueError(f"implausible safetensors header length {length}")
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, ValueError) as error:
+        raise ValueError(f"cannot read the safetensors header of {path}: {error}") from None
+    header.pop("__metadata__", None)
+    return header
 
 
 def checkpoint_tensor_names(model_dir: str | os.PathLike) -> list[str]:
-    """Tensor names of a checkpoint folder: from `model.safetensors.index.json`, else the shard headers."""
+    """Tensor names of a checkpoint folder: from its safetensors index, else the headers of all its shards.
+
+    Lenient on purpose (a folder without weights has no names), unlike `ream_hf.hub.weights_summary`.
+    """
     folder = Path(model_dir)
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_NAME
     if index.is_file():
         return list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
     names: list[str] = []
     for shard in sorted(folder.glob("*.safetensors")):
-        names.extend(key for key in read_safetensors_header(shard) if key != "__metadata__")
+        names.extend(read_safetensors_header(shard))
     return names
 
 
@@ -72,7 +86,7 @@ def _num_hidden_layers(model_dir: Path) -> int | None:
     if not path.is_file():
         return None
     config = json.loads(path.read_text(encoding="utf-8"))
-    for section in (config.get("text_config") or {}, config):
+    for section in (text_config_dict(config), config):
         value = section.get("num_hidden_layers")
         if isinstance(value, int):
             return value
@@ -248,8 +262,7 @@ class VLLMServer:
 
     def model_name(self) -> str:
         """The served model id (`/v1/models`); vLLM names it after `--model` unless told otherwise."""
-        with urllib.request.urlopen(self.url + "/models", timeout=30) as response:
-            return json.loads(response.read())["data"][0]["id"]
+        return served_model_name(self.url, timeout=30)
 
     def log_tail(self, lines: int = 20) -> str:
         return _tail(self.log_path, lines)
@@ -284,6 +297,12 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def served_model_name(base_url: str, timeout: float) -> str:
+    """The model id an OpenAI-compatible server at `base_url` (`.../v1`) serves: the first of `/models`."""
+    with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=timeout) as response:
+        return json.loads(response.read())["data"][0]["id"]
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -389,6 +408,6 @@ def _serve_foreground(server: VLLMServer, model_dir: str) -> int:
 
 __all__: Iterable[str] = [
     "DEFAULT_STARTUP_TIMEOUT", "VLLMServer", "add_serve_arguments", "checkpoint_tensor_names", "free_port",
-    "has_mtp_weights", "read_safetensors_header", "run_serve", "signals_raise_keyboard_interrupt",
-    "vllm_server_command",
+    "has_mtp_weights", "read_safetensors_header", "run_serve", "served_model_name",
+    "signals_raise_keyboard_interrupt", "vllm_server_command",
 ]
