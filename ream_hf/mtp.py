@@ -173,23 +173,6 @@ def final_norm(model: nn.Module) -> nn.Module:
     return norm
 
 
-def trunk_final_norm(model: nn.Module, family: MoEFamily, source: SourceCheckpoint) -> nn.Module:
-    """The trunk's final norm with real weights: the model's own, or (a streaming skeleton keeps it on the meta
-    device) read from the source, named beside the trunk's layers (`model.norm`, `model.language_model.norm`)."""
-    norm = final_norm(model)
-    if not norm.weight.is_meta:
-        return norm
-    skip = mtp_prefixes(family, source)
-    trunk = next((p.prefix for n in source.weight_map
-                  if not (skip and n.startswith(skip)) and (p := parse_moe_name(family, n))), None)
-    name = f"{trunk[: -len('layers.')]}norm.weight" if trunk and trunk.endswith("layers.") else None
-    if name is None or name not in source.weight_map:
-        raise ValueError(f"cannot find the final norm of the trunk in {source.folder}")
-    embeddings = model.get_input_embeddings().weight
-    weight = _read_tensors(source, [name], embeddings.dtype)[name]
-    return _norm_like(model, weight).to(embeddings.device)
-
-
 def mtp_call_layer(model: nn.Module) -> int:
     """Index of the trunk layer whose call arguments an MTP layer takes: the last full-attention layer
     (hybrid Qwen3-Next/3.5 models alternate linear and full attention; MTP layers are full attention)."""
@@ -379,7 +362,9 @@ def run_mtp_layers(
     if not specs:
         return
     embed = model.get_input_embeddings()
-    norm = trunk_final_norm(model, family, source)
+    norm = final_norm(model)
+    if norm.weight.is_meta:  # the streaming skeleton fills it only where it finds it beside the embeddings
+        raise ValueError(f"cannot find the final norm of the trunk in {source.folder}")
     call_index = mtp_call_layer(model)
     layer_calls = [per_batch[call_index] for per_batch in calls]
     count = len(batches)
@@ -414,5 +399,5 @@ def _mtp_outputs(block: MTPBlock, inputs: Sequence[torch.Tensor], calls: list[La
 
 
 __all__ = ["MTPBlock", "MTPCalibration", "MTPLayerSpec", "STYLES", "build_mtp_block", "check_mtp_layers",
-           "LazyBatches", "final_norm", "mtp_call_layer", "mtp_layer_specs", "mtp_prefixes", "run_mtp_layers", "shifted_batch",
-           "trunk_final_norm"]
+           "LazyBatches", "final_norm", "mtp_call_layer", "mtp_layer_specs", "mtp_prefixes", "run_mtp_layers",
+           "shifted_batch"]

@@ -24,6 +24,7 @@ from torch import nn
 from .arch import MoEFamily
 from .checkpoint import SourceCheckpoint
 from .experts import ExpertWeights, fused_expert_params
+from .mtp import final_norm, mtp_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +90,21 @@ class LayerLoader:
 
 
 def build_skeleton(hf_config, dtype, device: torch.device, loader: LayerLoader):
-    """The model on meta with embeddings and rotary tables real: enough to embed calibration tokens."""
+    """The model on meta with embeddings, rotary tables and the final norm real: enough to embed calibration
+    tokens and, after the last layer, to feed MTP layers the normed trunk output."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, experts_implementation="eager")
     base = model.model
     embed = base.get_input_embeddings()
-    embed_name = next(n for n in loader.source.weight_map if n.endswith("embed_tokens.weight") and not n.startswith("mtp."))
+    mtp = mtp_prefixes(loader.family, loader.source)
+    embed_name = next(n for n in loader.source.weight_map
+                      if n.endswith("embed_tokens.weight") and not (mtp and n.startswith(mtp)))
     loader.fill(embed, embed_name[: -len("weight")])
+    norm_prefix = embed_name[: -len("embed_tokens.weight")] + "norm."  # the trunk's final norm sits beside it
+    if f"{norm_prefix}weight" in loader.source.weight_map:
+        loader.fill(final_norm(model), norm_prefix)
     rotary = getattr(base, "rotary_emb", None)
     if rotary is not None:  # its tables are non-persistent buffers computed at construction
         with torch.device(device):
