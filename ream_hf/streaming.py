@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from .arch import MoEFamily
 from .checkpoint import SourceCheckpoint
-from .experts import ExpertWeights, fused_expert_params
+from .experts import read_expert_weights
 from .mtp import final_norm, mtp_prefixes
 
 logger = logging.getLogger(__name__)
@@ -39,17 +38,20 @@ class LayerLoader:
         self.source, self.family, self.device = source, family, device
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        self._check_present(names)
+        return dict(self.source.iter_tensors(names))
+
+    def _check_present(self, names) -> None:
         for name in names:
             if name not in self.source.weight_map:
                 raise ValueError(f"{self.source.folder} lacks tensor {name}: the checkpoint does not match its config")
-        return dict(self.source.iter_tensors(names))
 
     def fill(self, module: nn.Module, disk_prefix: str) -> None:
         """Materialise `module` (on meta) from the tensors named `disk_prefix + key`, experts fused as in memory."""
         module.to_empty(device=self.device)
         state = module.state_dict()
         wanted: dict[str, str] = {}
-        fused: dict[str, list[str]] = defaultdict(list)  # experts module prefix -> in-memory fused keys
+        fused: set[str] = set()  # experts modules whose fused parameters are per-expert tensors on disk
         for key in state:
             disk_key = self._disk_key(key)
             head, _, leaf = key.rpartition(".")
@@ -58,16 +60,15 @@ class LayerLoader:
                 if disk_prefix + disk_key in self.source.weight_map:  # fused on disk too (GPT-OSS)
                     wanted[key] = disk_prefix + disk_key
                 else:
-                    fused[head].append(key)
+                    fused.add(head)
             else:
                 wanted[key] = disk_prefix + disk_key
         tensors = self.read(list(wanted.values()))
-        loaded = {key: tensors[name] for key, name in wanted.items()}
-        for head, keys in fused.items():
-            loaded.update(self._fuse_experts(state, disk_prefix + self._disk_key(head) + ".", head, keys))
         with torch.no_grad():
-            for key, tensor in loaded.items():
-                state[key].copy_(tensor.to(state[key].dtype))
+            for key, name in wanted.items():
+                state[key].copy_(tensors[name].to(state[key].dtype))
+        for head in sorted(fused):
+            self._fill_experts(module.get_submodule(head), disk_prefix + self._disk_key(head) + ".")
 
     def _disk_key(self, key: str) -> str:
         block, dot, rest = key.partition(".")
@@ -75,14 +76,17 @@ class LayerLoader:
             return f"{self.family.on_disk_block}.{rest}"
         return key
 
-    def _fuse_experts(self, state, disk_experts_prefix: str, head: str, keys: list[str]) -> dict[str, torch.Tensor]:
-        count = state[f"{head}.down_proj"].shape[0]
-        names = {role: [f"{disk_experts_prefix}{e}.{proj}.weight" for e in range(count)]
-                 for role, proj in self.family.disk_proj_names.items()}
-        tensors = self.read([n for group in names.values() for n in group])
-        weights = ExpertWeights(*(torch.stack([tensors[n] for n in names[role]]) for role in ("gate", "up", "down")))
-        fused = fused_expert_params(self.family, weights)
-        return {f"{head}.{name}": fused[name] for name in fused if f"{head}.{name}" in keys}
+    def _fill_experts(self, experts_module: nn.Module, disk_experts_prefix: str) -> None:
+        """Per-expert disk tensors copied one at a time into the fused parameters, through their canonical views
+        (`read_expert_weights`): no stacked or concatenated copy of the layer is ever made."""
+        views = read_expert_weights(self.family, experts_module)
+        names = {f"{disk_experts_prefix}{e}.{proj}.weight": (role, e)
+                 for role, proj in self.family.disk_proj_names.items() for e in range(views.num_experts)}
+        self._check_present(names)
+        with torch.no_grad():
+            for name, tensor in self.source.iter_tensors(list(names)):
+                role, expert = names[name]
+                getattr(views, role)[expert].copy_(tensor)
 
     @staticmethod
     def release(module: nn.Module) -> None:
