@@ -1,9 +1,16 @@
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
-from ream_hf.demo import build_tiny_qwen3_moe, demo_corpus, write_demo_calibration
+from ream_hf.demo import build_tiny_qwen3_moe, write_demo_calibration
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
@@ -36,4 +43,39 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-__all__ = ["demo_corpus", "snapshot"]
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, all shards."""
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
+EXPERT_WEIGHT = re.compile(r"(.+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def expert_abs_sums(folder: Path) -> dict[tuple[str, int], tuple[float, float]]:
+    """(layer key, expert) -> (sum|gate_proj|+sum|up_proj|, sum|down_proj|) of the per-expert tensors on disk,
+    the numbers vLLM's probes report per loaded expert (w13, w2)."""
+    sums: dict[tuple[str, int], list[float]] = {}
+    for name, tensor in tensors(folder).items():
+        if match := EXPERT_WEIGHT.match(name):
+            sums.setdefault((match[1], int(match[2])), [0.0, 0.0])[match[3] == "down_proj"] += \
+                float(tensor.abs().double().sum())
+    return {key: (w13, w2) for key, (w13, w2) in sums.items()}
+
+
+def run_vllm_script(script: str, folder: Path, prompts: list[list[int]], max_tokens: int, workdir: Path, *,
+                    name: str = "vllm_out", dtype: str = "float32", extra: dict | None = None) -> dict:
+    """Run tests/`script` (vllm_generate.py, vllm_mtp_probe.py) on `folder` in a subprocess; its JSON result."""
+    prompts_json, out_json = workdir / "prompts.json", workdir / f"{name}.json"
+    prompts_json.write_text(json.dumps(prompts))
+    command = [sys.executable, str(TESTS / script), str(folder), str(prompts_json), str(out_json), "--dtype", dtype,
+               "--max-tokens", str(max_tokens)]
+    if extra:
+        command += ["--extra", json.dumps(extra)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"{script} failed ({run.returncode}):\n{run.stderr[-4000:]}"
+    return json.loads(out_json.read_text())

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.demo import build_tiny_tokenizer, hub_style_config
 
 ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -71,3 +72,17 @@ def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, **overr
     if family in HUB_KEY_RENAMES:
         hub_style_config(folder, HUB_KEY_RENAMES[family])
     return folder
+
+
+def compress(source: Path, calibration: Path, output: Path, *, method: str = "reap", target: int = 8,
+             mtp: str = "compress", streaming: bool = False, **kw) -> ReamCompressor:
+    """Compress a tiny family checkpoint (8 calibration sequences of 48 tokens, group size 4) and save it to
+    `output`; `kw` goes to `ReamCompressor.compress` (allow_full_width, work_dir, ...). In memory unless
+    `streaming` (the library's default)."""
+    config = ReamConfig(target_experts=target, method=method, calibration=[str(calibration)], calibration_ratios=None,
+                        num_calibration_sequences=8, sequence_length=48, batch_size=4, group_size=4, mtp=mtp,
+                        streaming=streaming)
+    compressor = ReamCompressor(config)
+    compressor.compress(str(source), **kw)
+    compressor.save_pretrained(output)
+    return compressor

@@ -71,23 +71,19 @@ def test_non_moe_and_unknown_architectures(tmp_path, calibration_txt, capsys, no
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
-@pytest.mark.parametrize("content, message", [(None, "does not exist"), ("", "is empty")])
-def test_missing_or_empty_calibration_file(qwen3_source, tmp_path, capsys, no_model_loading, content, message):
-    path = tmp_path / "cal.txt"
+@pytest.mark.parametrize("name, content, message", [
+    ("cal.txt", None, "does not exist"),
+    ("cal.txt", "", "is empty"),
+    ("short.jsonl", json.dumps({"text": "too short"}) + "\n", "calibration data is empty"),  # no usable sequence
+])
+def test_missing_empty_or_unusable_calibration_file(qwen3_source, tmp_path, capsys, no_model_loading, name, content,
+                                                    message):
+    path = tmp_path / name
     if content is not None:
         path.write_text(content)
     code, err = run_cli(["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(path),
                          "--output", str(tmp_path / "out")], capsys)
     assert code == 2 and message in err and "\n" not in err
-    assert not (tmp_path / "out").exists()
-
-
-def test_calibration_without_usable_sequences(qwen3_source, tmp_path, capsys, no_model_loading):
-    path = tmp_path / "short.jsonl"
-    path.write_text(json.dumps({"text": "too short"}) + "\n")
-    code, err = run_cli(["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(path),
-                         "--output", str(tmp_path / "out")], capsys)
-    assert code == 2 and "calibration data is empty" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -234,7 +234,6 @@ QUICK = {"limit": 3, "max_tokens": 32, "humaneval_max_tokens": 32, "num_fewshot"
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_evaluate_pair_end_to_end_with_cache(tmp_path_factory, tmp_path, monkeypatch):
     original, compressed = build_tiny_pair(tmp_path_factory.getbasetemp() / "tiny_pair")
     nltk_data = punkt_tab_stub(tmp_path / "nltk_data")  # empty punkt_tab: plumbing only (see punkt_tab_stub)

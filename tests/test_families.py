@@ -7,9 +7,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.arch import family_for_config
-from tests.families import FAMILIES, build_family_checkpoint
+from tests.families import FAMILIES, build_family_checkpoint, compress
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +24,11 @@ def names_and_shapes(folder):
     return out
 
 
-def compress(source, calibration, output, method, target, **kw):
-    config = ReamConfig(target_experts=target, method=method, calibration=[str(calibration)], calibration_ratios=None,
-                        num_calibration_sequences=8, sequence_length=48, batch_size=4, group_size=4)
-    compressor = ReamCompressor(config)
-    compressor.compress(str(source), **kw)
-    compressor.save_pretrained(output)
-    return compressor
-
-
 @pytest.mark.parametrize("method", ["reap", "frequency", "ream"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_compresses_saves_and_reloads(family, method, sources, calibration_txt, tmp_path):
     source = sources[family]
-    compressor = compress(source, calibration_txt, tmp_path / "out", method, 8)
+    compressor = compress(source, calibration_txt, tmp_path / "out", method=method, streaming=True)
     src_config = json.loads((source / "config.json").read_text())
     out_config = json.loads((tmp_path / "out" / "config.json").read_text())
     arch = family_for_config(src_config)
@@ -69,7 +59,7 @@ def test_family_compresses_saves_and_reloads(family, method, sources, calibratio
 @pytest.mark.parametrize("family", FAMILIES)
 def test_same_expert_count_reproduces_logits_exactly(family, sources, calibration_txt, tmp_path):
     source = sources[family]
-    compress(source, calibration_txt, tmp_path / "out", "reap", 16, allow_full_width=True)
+    compress(source, calibration_txt, tmp_path / "out", target=16, streaming=True, allow_full_width=True)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     before = AutoModelForCausalLM.from_pretrained(str(source)).eval()(ids).logits
     after = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()(ids).logits

@@ -45,8 +45,6 @@ def test_pseudo_prune_random_cases_respect_group_size_and_target():
         num_experts = int(torch.randint(2, 40, (1,), generator=generator))
         group_size = int(torch.randint(1, 9, (1,), generator=generator))
         lowest = math.ceil(num_experts / group_size)
-        if lowest > num_experts:
-            continue
         k = int(torch.randint(lowest, num_experts + 1, (1,), generator=generator))
         saliency = torch.rand(num_experts, generator=generator)
         saliency[torch.rand(num_experts, generator=generator) < 0.2] = 0.0

@@ -18,8 +18,6 @@ import ast
 import hashlib
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,11 +32,11 @@ from ream_hf.checkpoint import SourceCheckpoint, parse_moe_name
 from ream_hf.layers import capture_layer_inputs, forward_layer
 from ream_hf.mtp import mtp_layer_specs, run_mtp_layers
 from ream_hf.verify import verify_checkpoint
-from tests.families import build_family_checkpoint
+from tests.conftest import expert_abs_sums, run_vllm_script, tensors
+from tests.families import build_family_checkpoint, compress
 
 MTP_FAMILIES = ("deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe")
 TARGET = 8
-TESTS = Path(__file__).resolve().parent
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
@@ -123,24 +121,6 @@ def add_mtp_layers(folder: Path, *, num_layers: int = 1, fused: bool = False, ec
 
 def mtp_count_key(family: str) -> str:
     return "mtp_num_hidden_layers" if family.startswith("qwen3") else "num_nextn_predict_layers"
-
-
-def compress(source: Path, calibration: Path, output: Path, *, method: str = "reap", target: int = TARGET,
-             mtp: str = "compress", streaming: bool = False, **kw) -> ReamCompressor:
-    config = ReamConfig(target_experts=target, method=method, calibration=[str(calibration)], calibration_ratios=None,
-                        num_calibration_sequences=8, sequence_length=48, batch_size=4, group_size=4, mtp=mtp,
-                        streaming=streaming)
-    compressor = ReamCompressor(config)
-    compressor.compress(str(source), work_dir=output.parent / f".work-{output.name}", **kw)
-    compressor.save_pretrained(output)
-    return compressor
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
 
 
 def mtp_names(family: str, names, config: dict) -> list[str]:
@@ -399,29 +379,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42, 43, 44], [100, 200, 300, 7,
 NEW_TOKENS = 12
 
 
-def _run(script: str, folder: Path, workdir: Path, name: str, dtype: str, extra: dict | None) -> dict:
-    prompts, out = workdir / "prompts.json", workdir / f"{name}.json"
-    prompts.write_text(json.dumps(PROMPTS))
-    command = [sys.executable, str(TESTS / script), str(folder), str(prompts), str(out), "--dtype", dtype,
-               "--max-tokens", str(NEW_TOKENS)]
-    if extra:
-        command += ["--extra", json.dumps(extra)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, f"{script} failed ({run.returncode}):\n{run.stderr[-4000:]}"
-    return json.loads(out.read_text())
-
-
-def _expert_abs_sums(folder: Path, key: str) -> list[tuple[float, float]]:
-    """Per output expert of MTP layer `key`: (sum|gate|+sum|up|, sum|down|) from the checkpoint."""
-    sums = []
-    found = tensors(folder)
-    for e in range(TARGET):
-        total = {p: float(found[f"{key}.mlp.experts.{e}.{p}.weight"].abs().double().sum())
-                 for p in ("gate_proj", "up_proj", "down_proj")}
-        sums.append((total["gate_proj"] + total["up_proj"], total["down_proj"]))
-    return sums
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(VLLM_SETUPS))
@@ -442,8 +399,10 @@ def test_vllm_mtp_speculative_decoding_on_compressed_checkpoint(family, calibrat
     layers = overrides.get("num_hidden_layers", 3)
     assert key == ("mtp.layers.0" if family.startswith("qwen3") else f"model.layers.{layers}")
 
-    plain = _run("vllm_generate.py", tmp_path / "out", tmp_path, "plain", dtype, extra)
-    spec = _run("vllm_mtp_probe.py", tmp_path / "out", tmp_path, "spec", dtype, extra)
+    plain = run_vllm_script("vllm_generate.py", tmp_path / "out", PROMPTS, NEW_TOKENS, tmp_path, name="plain",
+                            dtype=dtype, extra=extra)
+    spec = run_vllm_script("vllm_mtp_probe.py", tmp_path / "out", PROMPTS, NEW_TOKENS, tmp_path, name="spec",
+                           dtype=dtype, extra=extra)
 
     drafter = spec["drafter_moe_layers"]
     assert len(drafter) == 1, [layer["name"] for layer in drafter]
@@ -451,7 +410,9 @@ def test_vllm_mtp_speculative_decoding_on_compressed_checkpoint(family, calibrat
     assert layer["w13_experts"] == layer["w2_experts"] == layer["global_num_experts"] == TARGET, layer
     assert layer.get("router_rows") == TARGET, layer
     tolerance = 1e-5 if dtype == "float32" else 1e-2
-    for e, (w13, w2) in enumerate(_expert_abs_sums(tmp_path / "out", key)):
+    sums = expert_abs_sums(tmp_path / "out")
+    for e in range(TARGET):
+        w13, w2 = sums[(key, e)]
         assert layer["w13_abs_sum"][e] == pytest.approx(w13, rel=tolerance), (layer["name"], e)
         assert layer["w2_abs_sum"][e] == pytest.approx(w2, rel=tolerance), (layer["name"], e)
     assert all(m["w13_experts"] == TARGET for m in spec["moe_layers"])

@@ -1,33 +1,27 @@
 """End-to-end behaviour on a tiny Qwen3-MoE: names, exact slicing, identity, determinism, atomicity."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.checkpoint import INDEX_NAME
-from tests.conftest import snapshot
+from tests.conftest import snapshot, tensors
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as handle:
-            out.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return out
-
-
-def compress(source, calibration, output, **overrides):
+def ream_config(calibration, **overrides) -> ReamConfig:
+    """16 -> 8 experts by REAP on 8 sequences of 64 tokens; `overrides` replace any of these."""
     kwargs = dict(target_experts=8, method="reap", calibration=[str(calibration)], calibration_ratios=None,
-                  num_calibration_sequences=16, sequence_length=64, batch_size=4)
-    kwargs.update(overrides)
-    allow = kwargs.pop("allow_full_width", False)
-    compressor = ReamCompressor(ReamConfig(**kwargs))
-    compressor.compress(str(source), allow_full_width=allow)
+                  num_calibration_sequences=8, sequence_length=64)
+    return ReamConfig(**{**kwargs, **overrides})
+
+
+def compress(source, calibration, output, allow_full_width=False, **overrides):
+    overrides = {"num_calibration_sequences": 16, "batch_size": 4, **overrides}
+    compressor = ReamCompressor(ream_config(calibration, **overrides))
+    compressor.compress(str(source), allow_full_width=allow_full_width)
     compressor.save_pretrained(output)
     return compressor
 
@@ -96,9 +90,7 @@ def test_same_inputs_give_byte_identical_files(qwen3_source, calibration_txt, tm
 
 
 def test_sharding_and_index(qwen3_source, calibration_txt, tmp_path):
-    compressor = ReamCompressor(ReamConfig(target_experts=8, method="frequency", calibration=[str(calibration_txt)],
-                                           calibration_ratios=None, num_calibration_sequences=8, sequence_length=64,
-                                           max_shard_size=200_000))
+    compressor = ReamCompressor(ream_config(calibration_txt, method="frequency", max_shard_size=200_000))
     compressor.compress(str(qwen3_source))
     compressor.save_pretrained(tmp_path / "out")
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
@@ -115,8 +107,7 @@ def test_failed_save_leaves_nothing_behind(qwen3_source, calibration_txt, tmp_pa
     def broken_check(*args, **kwargs):
         raise RuntimeError("simulated crash while verifying")
 
-    compressor = ReamCompressor(ReamConfig(target_experts=8, method="frequency", calibration=[str(calibration_txt)],
-                                           calibration_ratios=None, num_calibration_sequences=8, sequence_length=64))
+    compressor = ReamCompressor(ream_config(calibration_txt, method="frequency"))
     compressor.compress(str(qwen3_source))
     monkeypatch.setattr(compressor_module, "verify_checkpoint", broken_check)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -127,8 +118,7 @@ def test_failed_save_leaves_nothing_behind(qwen3_source, calibration_txt, tmp_pa
 def test_existing_output_is_refused_unless_overwrite(qwen3_source, calibration_txt, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    compressor = ReamCompressor(ReamConfig(target_experts=8, method="frequency", calibration=[str(calibration_txt)],
-                                           calibration_ratios=None, num_calibration_sequences=8, sequence_length=64))
+    compressor = ReamCompressor(ream_config(calibration_txt, method="frequency"))
     compressor.compress(str(qwen3_source))
     with pytest.raises(ValueError, match="already exists"):
         compressor.save_pretrained(tmp_path / "out")
@@ -144,8 +134,7 @@ def test_in_memory_model_is_compressed_and_saved_with_hub_key(qwen3_source, cali
     model = AutoModelForCausalLM.from_pretrained(str(qwen3_source), experts_implementation="eager")
     model.name_or_path = ""  # as if built in memory: no source folder to copy from
     tokenizer = AutoTokenizer.from_pretrained(str(qwen3_source))
-    compressor = ReamCompressor(ReamConfig(target_experts=8, method="reap", calibration=[str(calibration_txt)],
-                                           calibration_ratios=None, num_calibration_sequences=8, sequence_length=64))
+    compressor = ReamCompressor(ream_config(calibration_txt))
     compressor.compress(model, tokenizer=tokenizer)
     compressor.save_pretrained(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -157,9 +146,7 @@ def test_in_memory_model_is_compressed_and_saved_with_hub_key(qwen3_source, cali
 def test_optimum_quantizer_interface(qwen3_source, calibration_txt, tmp_path):
     from optimum.quantization_base import OptimumQuantizer
 
-    compressor = ReamCompressor.from_pretrained(
-        str(qwen3_source), ReamConfig(target_experts=8, method="frequency", calibration=[str(calibration_txt)],
-                                      calibration_ratios=None, num_calibration_sequences=8, sequence_length=64))
+    compressor = ReamCompressor.from_pretrained(str(qwen3_source), ream_config(calibration_txt, method="frequency"))
     assert isinstance(compressor, OptimumQuantizer)
     compressor.quantize(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 8

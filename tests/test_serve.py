@@ -205,7 +205,6 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.vllm
 def test_vllm_serves_compressed_model(tiny_pair):
     _, compressed = tiny_pair
     server = VLLMServer(compressed, **CPU_SERVER_ARGS)

