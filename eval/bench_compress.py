@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def build_source(folder: Path, layers: int, experts: int, top_k: int, hidden: int, inner: int) -> Path:
-    from ream_hf.demo import build_tiny_qwen3_moe
+    from ream_hf.fixtures import build_tiny_qwen3_moe
 
     return build_tiny_qwen3_moe(folder, num_experts=experts, num_layers=layers, hidden_size=hidden,
                                 moe_intermediate_size=inner, top_k=top_k, initializer_range=0.05)
@@ -43,7 +43,7 @@ def run_job(args: argparse.Namespace) -> dict:
     import torch
 
     from ream_hf import ReamCompressor, ReamConfig
-    from ream_hf.compressor import peak_rss_gb
+    from ream_hf.pipeline.sequential import peak_rss_gb
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 from bench_compress import build_source, write_calibration
 
-from ream_hf.demo import folder_bytes
+from ream_hf.fixtures import folder_bytes
 
 
 def run_job(source: Path, calibration: Path, streaming: bool, method: str) -> dict:
     import torch
 
     from ream_hf import ReamCompressor, ReamConfig
-    from ream_hf.compressor import peak_rss_gb
+    from ream_hf.pipeline.sequential import peak_rss_gb
 
     torch.set_num_threads(2)
     config = ReamConfig(target_experts=48, method=method, calibration=[str(calibration)], calibration_ratios=None,

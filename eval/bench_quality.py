@@ -55,7 +55,7 @@ ABLATION = (
     "ream:group_size=16",
     "ream:group_size=32",
     "ream:merge=weights",
-    "ream:merge=logits",
+    "ream:merge=activations",
     "ream:merge=avg",
     "ream:merge_weights=uniform",
     "ream:merge_weights=frequency",
@@ -117,7 +117,7 @@ def merge_weight_rule(rule: str | None):
     if rule in (None, "saliency"):
         yield
         return
-    import ream_hf.compressor as pipeline
+    import ream_hf.pipeline.layer as pipeline
 
     original = pipeline.plan_layer
 
@@ -205,7 +205,7 @@ def build_redundant_model(source: Path, folder: Path, noise: float = 0.01, seed:
 
     import torch
 
-    from ream_hf.demo import hub_style_config
+    from ream_hf.fixtures import hub_style_config
 
     source, folder = Path(source).expanduser(), Path(folder).expanduser()
     marker = folder / tiny.SUMMARY
@@ -261,7 +261,7 @@ def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_
         target_experts=target, method=method,
         calibration=[str(paths["calibration"][d]) for d in tiny.DOMAINS], calibration_ratios=ratios,
         num_calibration_sequences=args.calibration_sequences, sequence_length=args.sequence_length,
-        group_size=args.group_size, merge="logits+weights", seed=42, batch_size=8, dtype="float32",
+        group_size=args.group_size, merge="activations+weights", seed=42, batch_size=8, dtype="float32",
     )
     fields.update(overrides)
     config = ReamConfig(**fields)

@@ -3,7 +3,7 @@
     python -m eval.regression eval/regression/qwen3-30b-a3b.yaml --output results/qwen3-30b-a3b.json
 
 Runs on the GPU release runner (`.github/workflows/release-eval.yml`), with the evaluation extras (vLLM,
-lm-evaluation-harness) installed. The results JSON is `ream_hf.evaluation.evaluate_pair`'s
+lm-evaluation-harness) installed. The results JSON is `ream_hf.release.evaluation.evaluate_pair`'s
 (`ream-hf eval results v1`) plus a `regression` entry saying what was run; `python -m eval.check_regression`
 then compares it with the YAML's baseline. The compressed checkpoint is deleted afterwards unless `--keep`.
 """
@@ -36,7 +36,7 @@ def run(spec_path: str | Path, output: str | Path, *, work_dir: str | Path | Non
     config = ream_config(spec)  # refused here, before any download, if a field is wrong
     from ream_hf import ReamCompressor
     # GPU-side extras: imported only when a run really starts
-    from ream_hf.evaluation import evaluate_pair, write_results
+    from ream_hf.release.evaluation import evaluate_pair, write_results
 
     work = Path(tempfile.mkdtemp(prefix=f"ream-regression-{spec.name}-", dir=work_dir))
     compressed = work / spec.name

@@ -23,7 +23,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ream_hf.evaluation import (DEFAULT_CONCURRENCY, DEFAULT_HUMANEVAL_MAX_TOKENS, DEFAULT_HUMANEVAL_TIMEOUT,
+    from ream_hf.release.evaluation import (DEFAULT_CONCURRENCY, DEFAULT_HUMANEVAL_MAX_TOKENS, DEFAULT_HUMANEVAL_TIMEOUT,
                                     DEFAULT_MAX_TOKENS, GSM8K_VARIANTS, TASKS)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ream_hf.evaluation import data_files_from_dir, evaluate_pair, write_results
-    from ream_hf.serve import signals_raise_keyboard_interrupt
+    from ream_hf.release.evaluation import data_files_from_dir, evaluate_pair, write_results
+    from ream_hf.release.serve import signals_raise_keyboard_interrupt
 
     try:
         data_files = data_files_from_dir(args.data_dir, args.tasks) if args.data_dir else None

@@ -40,7 +40,7 @@ import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ream_hf.demo import SPECIAL_TOKENS
+from ream_hf.fixtures import SPECIAL_TOKENS
 
 DOMAINS = ("prose", "code", "math")
 DOC_SEPARATOR = "<|endoftext|>"
@@ -322,7 +322,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ream_hf.demo import CHAT_TEMPLATE
+    from ream_hf.fixtures import CHAT_TEMPLATE
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -468,7 +468,7 @@ def _bucketed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 def train(settings: Settings, model_dir: Path, streams: dict, log_every: int) -> dict:
     import torch
 
-    from ream_hf.demo import hub_style_config
+    from ream_hf.fixtures import hub_style_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

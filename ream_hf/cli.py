@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import MERGE_MODES, METHODS, MTP_MODES, DTYPES, ReamConfig
+from .config import DTYPES, MERGE_MODE_ALIASES, MERGE_MODES, METHODS, MTP_MODES, ReamConfig
 
 DEFAULTS = ReamConfig  # the dataclass's field defaults (class attributes): one source for CLI and Python
 
@@ -33,7 +33,11 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=DEFAULTS.device)
     parser.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
     parser.add_argument("--group-size", type=int, default=DEFAULTS.group_size, help="REAM group size C (0 = M-SMoE rule)")
-    parser.add_argument("--merge", choices=MERGE_MODES, default=DEFAULTS.merge)
+    parser.add_argument("--merge", choices=(*MERGE_MODES, *MERGE_MODE_ALIASES), default=DEFAULTS.merge,
+                        metavar="{" + ",".join(MERGE_MODES) + "}",
+                        help="how a group's members are aligned before the weighted sum: by their hidden activations "
+                             "and/or weights, not at all (avg), or not merged (none); 'logits+weights' and 'logits' "
+                             "are the old names of the activation modes")
     parser.add_argument("--pca-dim", type=int, default=DEFAULTS.pca_dim)
     parser.add_argument("--no-sequential", action="store_true", help="statistics from the original model (ablation)")
     parser.add_argument("--no-gated-similarity", action="store_true", help="ablation: plain expert outputs")
@@ -69,8 +73,8 @@ def _config_from_args(args: argparse.Namespace) -> ReamConfig:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .checkpoint import check_output_dir
     from .compressor import ReamCompressor
+    from .io.writer import check_output_dir
 
     config = _config_from_args(args)
     check_output_dir(args.output, args.overwrite)
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="per-layer log lines")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_compress_arguments(commands.add_parser("compress", help="compress an MoE model"))
-    from .serve import add_serve_arguments
+    from .release.serve import add_serve_arguments
 
     add_serve_arguments(commands.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server "
                                                           "(adds MTP speculative decoding when the checkpoint has it)"))
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "serve":
-            from .serve import run_serve
+            from .release.serve import run_serve
 
             return run_serve(args)
         return _compress(args) if args.command == "compress" else _demo(args)

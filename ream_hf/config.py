@@ -19,10 +19,18 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 PRUNING_METHODS = ("reap", "frequency")
 MERGING_METHODS = ("ream", "hc_smoe", "m_smoe")
 METHODS = MERGING_METHODS + PRUNING_METHODS
-MERGE_MODES = ("logits+weights", "weights", "logits", "avg", "none")
+MERGE_MODES = ("activations+weights", "weights", "activations", "avg", "none")
+# earlier names of the merge modes, still accepted: "logits" meant the experts' hidden activations
+MERGE_MODE_ALIASES = {"logits+weights": "activations+weights", "logits": "activations"}
 MTP_MODES = ("compress", "keep", "drop")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONFIG_KEY = "ream_config"
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def looks_local(path: str) -> bool:
+    """A calibration source is a local file if it exists or carries a file suffix; otherwise a Hub dataset id."""
+    return Path(path).exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~"))
 
 
 @dataclass
@@ -102,7 +110,7 @@ class ReamConfig(QuantizationConfigMixin):
     group_size: int = 16
     gated_similarity: bool = True
     use_router_logits: bool = True
-    merge: str = "logits+weights"
+    merge: str = "activations+weights"
     sequential: bool = True
     pca_dim: int = 64
     activation_sample_tokens: int = 32768
@@ -121,6 +129,7 @@ class ReamConfig(QuantizationConfigMixin):
 
     def __post_init__(self) -> None:
         self.calibration = [CalibrationSource.parse(s) for s in self.calibration]
+        self.merge = MERGE_MODE_ALIASES.get(self.merge, self.merge)
         self.validate()
 
     # -- validation -------------------------------------------------------------------------
@@ -191,6 +200,11 @@ class ReamConfig(QuantizationConfigMixin):
     @property
     def is_merging(self) -> bool:
         return self.method in MERGING_METHODS
+
+    @property
+    def aligns_activations(self) -> bool:
+        """Whether merging aligns neurons by their hidden activations (and so needs a token sample of them)."""
+        return self.is_merging and self.merge in ("activations+weights", "activations")
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

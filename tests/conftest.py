@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ream_hf.demo import build_tiny_qwen3_moe, write_demo_calibration
+from ream_hf.fixtures import build_tiny_qwen3_moe, write_demo_calibration
 
 TESTS = Path(__file__).resolve().parent
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.demo import build_tiny_tokenizer, hub_style_config
+from ream_hf.fixtures import build_tiny_tokenizer, hub_style_config
 
 ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.1)

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from ream_hf.calibration import load_calibration, make_batches, rows_per_source
+from ream_hf.pipeline.calibration import load_calibration, make_batches, rows_per_source
 from ream_hf.config import ReamConfig
-from ream_hf.demo import build_tiny_tokenizer, demo_corpus
+from ream_hf.fixtures import build_tiny_tokenizer, demo_corpus
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from ream_hf.config import CalibrationSource, ReamConfig
 
 def test_defaults_are_the_papers_full_ream():
     config = ReamConfig(target_experts=96)
-    assert config.method == "ream" and config.group_size == 16 and config.merge == "logits+weights"
+    assert config.method == "ream" and config.group_size == 16 and config.merge == "activations+weights"
     assert config.num_calibration_sequences == 3072 and config.sequence_length == 512 and config.seed == 42
     assert config.calibration_ratios == [0.0, 0.3, 0.7]
     assert [s.path for s in config.calibration] == ["allenai/c4", "AI-MO/NuminaMath-1.5", "bigcode/the-stack-smol"]
@@ -61,3 +61,11 @@ def test_resolve_target_refuses_more_than_available_and_below_top_k():
         ReamConfig(target_experts=17).resolve_target(16, 4)
     with pytest.raises(ValueError, match="below the router's top-k"):
         ReamConfig(target_experts=3).resolve_target(16, 4)
+
+
+def test_old_merge_mode_names_are_accepted_as_aliases():
+    assert ReamConfig(target_experts=4, merge="logits+weights").merge == "activations+weights"
+    assert ReamConfig(target_experts=4, merge="logits").merge == "activations"
+    assert ReamConfig.from_dict({"target_experts": 4, "merge": "logits"}).merge == "activations"
+    with pytest.raises(ValueError, match="merge must be one of"):
+        ReamConfig(target_experts=4, merge="router")

@@ -1,4 +1,4 @@
-"""`ream_hf.evaluation`: pre-flight errors, HumanEval execution, hashing, and the full served loop.
+"""`ream_hf.release.evaluation`: pre-flight errors, HumanEval execution, hashing, and the full served loop.
 
 The tiny random models answer garbage, so scores are meaningless here: these tests check the plumbing
 (server start/stop, lm-eval against the server, local data, HumanEval execution, cache, results JSON).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ream_hf import evaluation as ev
+from ream_hf.release import evaluation as ev
 from tests.test_serve import CPU_SERVER_ARGS, build_tiny_pair
 
 REPO = Path(__file__).resolve().parents[1]

@@ -71,7 +71,8 @@ def test_routed_forward_is_bit_identical_to_the_family_experts_module(family):
     """The compressor re-forwards calibration data through `routed_forward` instead of transformers' experts
     loop (faster on CPU); the next layer's statistics depend on it being exactly the same computation."""
     from ream_hf.arch import decoder_layers, experts, moe_block
-    from ream_hf.experts import activation_for, read_expert_weights, routed_forward
+    from ream_hf.arch import read_expert_weights
+    from ream_hf.method.experts import activation_for, routed_forward
     from tests.families import family_config
 
     config = family_config(family, 64)

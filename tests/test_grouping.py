@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ream_hf.grouping import (
+from ream_hf.method.grouping import (
     ExpertGroup,
     hc_smoe_groups,
     m_smoe_groups,

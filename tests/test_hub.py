@@ -12,16 +12,10 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.checkpoint import INDEX_NAME
-from ream_hf.hub import (
-    EVAL_SCHEMA,
-    MTP_SPECULATIVE_CONFIG,
-    compress_and_push,
-    hub_id_for_source,
-    mtp_tensor_names,
-    render_model_card,
-    weights_summary,
-)
+from ream_hf.io.safetensors import INDEX_NAME
+from ream_hf.arch import mtp_tensor_names
+from ream_hf.release.card import EVAL_SCHEMA, MTP_SPECULATIVE_CONFIG, render_model_card, weights_summary
+from ream_hf.release.hub import compress_and_push, hub_id_for_source
 
 TOKEN = "hf_test_token_123"
 BASE = "Qwen/Qwen3-30B-A3B"
@@ -85,7 +79,7 @@ def test_card_front_matter_and_body(compressed, qwen3_source, tmp_path):
     scores = {r.dataset_name: r.metric_value for r in data.eval_results}
     assert scores == {"IFEval": 0.934, "GSM8K": 0.963, "HumanEval": 0.933}
     assert all(isinstance(r, EvalResult) and r.task_type == "text-generation" for r in data.eval_results)
-    from ream_hf.evaluation import METRICS
+    from ream_hf.release.evaluation import METRICS
 
     assert {r.dataset_name: r.metric_type for r in data.eval_results} == \
         {"IFEval": METRICS["ifeval"], "GSM8K": METRICS["gsm8k"].split(",")[0], "HumanEval": METRICS["humaneval"]}
@@ -150,9 +144,9 @@ def test_mtp_flag_only_when_the_index_has_mtp_weights(compressed, tmp_path):
     shutil.copytree(compressed, folder)
     index_path = folder / INDEX_NAME
     if not index_path.is_file():  # a single-shard checkpoint: write the index a sharded one would have
-        from ream_hf.hub import read_safetensors_header
+        from ream_hf.io.safetensors import read_header
 
-        names = read_safetensors_header(folder / "model.safetensors")
+        names = read_header(folder / "model.safetensors")
         index_path.write_text(json.dumps({"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
     index = json.loads(index_path.read_text())
     shard = next(iter(index["weight_map"].values()))
@@ -301,7 +295,7 @@ def test_push_refuses_before_work(fake_hub, qwen3_source, calibration_txt, tmp_p
 
 
 def test_push_refuses_a_folder_holding_the_token(fake_hub, compressed, tmp_path):
-    from ream_hf.hub import push_folder
+    from ream_hf.release.hub import push_folder
 
     folder = tmp_path / "model"
     shutil.copytree(compressed, folder)

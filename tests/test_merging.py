@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ream_hf.merging import (
+from ream_hf.method.merging import (
     ActivationGram,
     align_to_centroid,
     alignment_cost,
@@ -49,14 +49,14 @@ def test_identical_experts_merge_to_themselves():
     group = [t.expand(2, *t.shape[1:]).clone() for t in (gate, up, down)]
     feats = weight_features(*group)
     acts = hidden_acts(group[0], group[1], torch.randn(TOKENS, HIDDEN))
-    for mode in ("logits+weights", "logits", "weights", "avg", "none"):
+    for mode in ("activations+weights", "activations", "weights", "avg", "none"):
         for weights in ([0.5, 0.5], [0.3, 0.7], [1.0, 0.0]):
             merged = merge_expert_group(*group, torch.tensor(weights), mode, acts=acts, feats=feats)
             for got, want in zip(merged[:3], (gate[0], up[0], down[0])):
                 assert torch.allclose(got, want, atol=1e-6), (mode, weights)
 
 
-@pytest.mark.parametrize("mode", ["logits+weights", "weights", "logits"])
+@pytest.mark.parametrize("mode", ["activations+weights", "weights", "activations"])
 def test_permuted_copy_is_aligned_back_exactly(mode):
     gate, up, down, shuffle, acts = permuted_group()
     feats = weight_features(gate, up, down)
@@ -80,7 +80,7 @@ def test_none_keeps_the_centroid_and_single_member_groups_are_unchanged():
     gate, up, down = random_experts(3)
     kept = merge_expert_group(gate, up, down, torch.tensor([0.2, 0.3, 0.5]), "none")
     assert all(torch.equal(a, b) for a, b in zip(kept[:3], (gate[0], up[0], down[0])))
-    alone = merge_expert_group(gate[:1], up[:1], down[:1], torch.tensor([1.0]), "logits+weights")
+    alone = merge_expert_group(gate[:1], up[:1], down[:1], torch.tensor([1.0]), "activations+weights")
     assert all(torch.equal(a, b) for a, b in zip(alone[:3], (gate[0], up[0], down[0])))
 
 
@@ -149,10 +149,10 @@ def test_alignment_cost_checks_mode_and_inputs():
     with pytest.raises(ValueError, match="alignment mode"):
         alignment_cost(acts, acts, None, None, "avg")
     with pytest.raises(ValueError, match="activation"):
-        alignment_cost(None, None, torch.randn(INNER, 4), torch.randn(INNER, 4), "logits")
+        alignment_cost(None, None, torch.randn(INNER, 4), torch.randn(INNER, 4), "activations")
     with pytest.raises(ValueError, match="weight features"):
-        alignment_cost(acts, acts, None, None, "logits+weights")
-    cost = alignment_cost(acts, 3.0 * acts, None, None, "logits")  # activations are normalised per neuron
+        alignment_cost(acts, acts, None, None, "activations+weights")
+    cost = alignment_cost(acts, 3.0 * acts, None, None, "activations")  # activations are normalised per neuron
     assert cost.shape == (INNER, INNER)
     assert torch.allclose(torch.diagonal(cost), torch.zeros(INNER), atol=1e-3)
 
@@ -175,7 +175,7 @@ def test_activation_gram_over_chunks_equals_cdist_of_unit_columns():
 
 
 def test_weight_features_built_a_few_experts_at_a_time_match_one_block(monkeypatch):
-    from ream_hf import merging
+    from ream_hf.method import merging
 
     gate, up, down = random_experts(5, seed=12)
     whole = weight_features(gate, up, down, dim=6)

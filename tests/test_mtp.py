@@ -27,11 +27,13 @@ from transformers import AutoModelForCausalLM
 
 from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.arch import decoder_layers, family_for_config
-from ream_hf.calibration import make_batches
-from ream_hf.checkpoint import SourceCheckpoint, parse_moe_name
-from ream_hf.layers import capture_layer_inputs, forward_layer
-from ream_hf.mtp import mtp_layer_specs, run_mtp_layers
-from ream_hf.verify import verify_checkpoint
+from ream_hf.pipeline.calibration import make_batches
+from ream_hf.arch import parse_moe_name
+from ream_hf.io.source import SourceCheckpoint
+from ream_hf.pipeline.runner import capture_layer_inputs, forward_layer
+from ream_hf.pipeline.mtp import mtp_layer_specs, run_mtp_layers
+from ream_hf.pipeline.streaming import LayerLoader
+from ream_hf.io.verify import verify_checkpoint
 from tests.conftest import expert_abs_sums, run_vllm_script, tensors
 from tests.families import build_family_checkpoint, compress
 
@@ -181,7 +183,7 @@ def test_mtp_layer_inputs_are_vllms(family, sources):
         hidden, calls = capture_layer_inputs(model, layers, batches, torch.device("cpu"))
         for index, layer in enumerate(layers):
             hidden = forward_layer(layer, hidden, [c[index] for c in calls])
-        item = next(run_mtp_layers(model, arch, source, hidden, batches, calls))
+        item = next(run_mtp_layers(model, arch, LayerLoader(source, arch, torch.device("cpu")), hidden, batches, calls))
         batch = batches[0]
         final = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         disk = tensors(folder)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.checkpoint import INDEX_NAME
+from ream_hf.io.safetensors import INDEX_NAME
 from tests.conftest import snapshot, tensors
 
 

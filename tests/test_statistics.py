@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.calibration import load_calibration, make_batches
+from ream_hf.pipeline.calibration import load_calibration, make_batches
 from tests.families import build_family_checkpoint
 
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from ream_hf.experts import Activation, ExpertWeights
-from ream_hf import stats as stats_module
-from ream_hf.stats import LayerStatsAccumulator, gate_scores
+from ream_hf.arch import ExpertWeights
+from ream_hf.method.experts import Activation
+from ream_hf.method import stats as stats_module
+from ream_hf.method.stats import LayerStatsAccumulator, gate_scores
 
 
 def naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated=True):
@@ -55,7 +56,7 @@ def test_dense_accumulator_matches_naive(kind, scoring, gated, saliency_window, 
     freq, sal, gated_mean = naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated)
     assert torch.equal(stats.frequency, freq)
     assert torch.allclose(stats.saliency, sal, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(stats.gated_outputs, gated_mean, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(stats.output_signatures, gated_mean, rtol=1e-4, atol=1e-5)
     assert torch.equal(stats.sample_inputs, x[[3, 17, 40]])
     assert torch.allclose(stats.router_logit_gram, logits.double().T @ logits.double(), rtol=1e-12)
 
@@ -77,7 +78,7 @@ def test_bfloat16_weights_give_the_statistics_of_their_float32_values(dense):
     assert rounded.gate.dtype == torch.bfloat16  # the accumulator converts what it needs, not the caller
     assert torch.allclose(results[0].saliency, results[1].saliency, rtol=1e-6)
     if dense:
-        assert torch.allclose(results[0].gated_outputs, results[1].gated_outputs, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(results[0].output_signatures, results[1].output_signatures, rtol=1e-5, atol=1e-6)
 
 
 def test_sparse_accumulator_matches_naive_and_unrouted_expert_has_zero_saliency():

@@ -57,7 +57,7 @@ def test_spilled_hidden_states_give_the_same_output(qwen3_source, calibration_tx
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import ream_hf.streaming as streaming
+    import ream_hf.pipeline.streaming as streaming
     original = streaming.WorkFolder.commit
     def commit(self, finished_layers, parts, entries):
         original(self, finished_layers, parts, entries)
@@ -113,3 +113,27 @@ def test_work_folder_of_another_job_is_refused(qwen3_source, calibration_txt, tm
         other.compress(str(qwen3_source), work_dir=tmp_path / "work", resume=True)
     with pytest.raises(ValueError, match="pass --resume"):
         ReamCompressor(ReamConfig(**config)).compress(str(qwen3_source), work_dir=tmp_path / "work")
+
+
+def test_saving_twice_writes_two_complete_folders(qwen3_source, calibration_txt, tmp_path):
+    """A streaming run hands each layer to its shard parts; a second save copies the first output, verified,
+    instead of filling the compressed layers with the source's experts."""
+    config = ReamConfig(target_experts=8, method="ream", calibration=[str(calibration_txt)], calibration_ratios=None,
+                        num_calibration_sequences=8, sequence_length=48, batch_size=4, group_size=4)
+    compressor = ReamCompressor(config)
+    compressor.compress(str(qwen3_source))
+    compressor.save_pretrained(tmp_path / "first")
+    compressor.save_pretrained(tmp_path / "second")
+    assert snapshot(tmp_path / "first") == snapshot(tmp_path / "second")
+    with pytest.raises(ValueError, match="already"):
+        compressor.save_pretrained(tmp_path / "first", overwrite=True)
+
+
+def test_saving_twice_in_memory_writes_the_same_files(qwen3_source, calibration_txt, tmp_path):
+    config = ReamConfig(target_experts=8, method="reap", calibration=[str(calibration_txt)], calibration_ratios=None,
+                        num_calibration_sequences=8, sequence_length=48, batch_size=4, streaming=False)
+    compressor = ReamCompressor(config)
+    compressor.compress(str(qwen3_source))
+    compressor.save_pretrained(tmp_path / "first")
+    compressor.save_pretrained(tmp_path / "second")
+    assert snapshot(tmp_path / "first") == snapshot(tmp_path / "second")

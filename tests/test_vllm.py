@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.demo import build_tiny_qwen3_moe, demo_corpus, hub_style_config, write_demo_calibration
+from ream_hf.fixtures import build_tiny_qwen3_moe, demo_corpus, hub_style_config, write_demo_calibration
 from tests.conftest import expert_abs_sums, run_vllm_script
 
 MAX_NEW_TOKENS = 16

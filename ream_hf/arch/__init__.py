@@ -1,148 +1,45 @@
 """Architecture knowledge, one declaration per model family, and nowhere else.
 
-Each `MoEFamily` says where a family keeps its MoE blocks, router, experts and shared experts,
-which config keys hold the expert count, how its experts are laid out (in memory and on disk),
-how it scores experts, and which router tensors are indexed by expert. The routing rule itself is
-never re-derived: statistics call the model's own router module, which returns
-`(logits, top-k weights, top-k indices)` in every supported family, so sigmoid scoring,
-`e_score_correction_bias`, grouped top-k, `norm_topk_prob` and `routed_scaling_factor` are exactly
-the model's.
+`families`: the supported families as data (where a family keeps its blocks, routers and experts, its
+expert-count config keys, routing and MTP style). `layout`: the expert tensor layout in memory and on disk
+(canonical <-> fused <-> disk names, expected shapes, MTP tensor names). `modules`: finding layers, blocks,
+routers and experts in a loaded model.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
-
-
-@dataclass(frozen=True)
-class MoEFamily:
-    name: str
-    model_types: tuple[str, ...]
-    num_experts_attr: str  # attribute of the in-memory config holding the expert count
-    expert_count_keys: tuple[str, ...]  # config.json keys that may hold it (edited where present)
-    block_attr: str = "mlp"
-    router_attr: str = "gate"
-    experts_attr: str = "experts"
-    router_tensors: tuple[str, ...] = ("weight",)  # router parameters/buffers indexed by expert on dim 0
-    expert_layout: str = "gate_up"  # "gate_up": gate_up_proj (E,2D,H) gate rows first; "gpt_oss": interleaved, biased
-    scoring: str = "softmax"  # how logits become per-expert gate values over all experts
-    disk_block_attr: str | None = None  # on-disk name of the block when it differs (Mixtral: block_sparse_moe)
-    disk_proj_names: dict[str, str] = field(
-        default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-    )
-    group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped top-k routing
-    mtp_layers_key: str | None = None  # config key counting MTP layers
-    mtp_style: str | None = None  # "layers": model.layers.{N+i}; "mtp": mtp.layers.{i}
-    shared_expert_attrs: tuple[str, ...] = ()
-    vision_prefixes: tuple[str, ...] = ()  # tensors copied through untouched
-
-    @property
-    def on_disk_block(self) -> str:
-        return self.disk_block_attr or self.block_attr
-
-
-_QWEN_SHARED = ("shared_expert", "shared_expert_gate")
-_DEEPSEEK_ROUTER = ("weight", "e_score_correction_bias")
-
-FAMILIES: tuple[MoEFamily, ...] = (
-    MoEFamily("Qwen3-MoE", ("qwen3_moe",), "num_experts", ("num_experts", "num_local_experts")),
-    MoEFamily("Qwen2-MoE", ("qwen2_moe",), "num_experts", ("num_experts",), shared_expert_attrs=_QWEN_SHARED),
-    MoEFamily(
-        "Mixtral", ("mixtral",), "num_local_experts", ("num_local_experts",),
-        disk_block_attr="block_sparse_moe", disk_proj_names={"gate": "w1", "up": "w3", "down": "w2"},
-    ),
-    MoEFamily("OLMoE", ("olmoe",), "num_experts", ("num_experts",)),
-    MoEFamily(
-        "DeepSeek-V3 / Kimi-K2", ("deepseek_v3", "kimi_k2"), "n_routed_experts", ("n_routed_experts",),
-        router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid", group_keys=("n_group", "topk_group"),
-        mtp_layers_key="num_nextn_predict_layers", mtp_style="layers", shared_expert_attrs=("shared_experts",),
-    ),
-    MoEFamily(
-        "GLM-4.5 (Glm4Moe)", ("glm4_moe",), "n_routed_experts", ("n_routed_experts",),
-        router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid", group_keys=("n_group", "topk_group"),
-        mtp_layers_key="num_nextn_predict_layers", mtp_style="layers", shared_expert_attrs=("shared_experts",),
-    ),
-    MoEFamily(
-        "Qwen3-Next", ("qwen3_next",), "num_experts", ("num_experts",),
-        mtp_layers_key="mtp_num_hidden_layers", mtp_style="mtp", shared_expert_attrs=_QWEN_SHARED,
-    ),
-    MoEFamily(
-        "Qwen3.5-MoE", ("qwen3_5_moe", "qwen3_5_moe_text"), "num_experts", ("num_experts",),
-        mtp_layers_key="mtp_num_hidden_layers", mtp_style="mtp", shared_expert_attrs=_QWEN_SHARED,
-        vision_prefixes=("model.visual.",),
-    ),
-    MoEFamily(
-        "GPT-OSS", ("gpt_oss",), "num_local_experts", ("num_local_experts",),
-        router_attr="router", router_tensors=("weight", "bias"), expert_layout="gpt_oss",
-    ),
+from .families import (
+    EXPERT_COUNT_KEYS,
+    FAMILIES,
+    MoEFamily,
+    expert_count,
+    family_for_config,
+    set_expert_count,
+    supported_families,
+    text_config_dict,
 )
+from .layout import (
+    FUSED_PARAMS,
+    MTP_STYLES,
+    ExpertWeights,
+    MoETensorName,
+    MTPStyle,
+    config_mtp_prefixes,
+    disk_expert_names,
+    disk_expert_tensors,
+    expert_shapes,
+    fused_expert_params,
+    in_memory_key,
+    mtp_prefix,
+    mtp_tensor_names,
+    parse_moe_name,
+    read_expert_weights,
+    write_expert_weights,
+)
+from .modules import decoder_layers, experts, moe_block, router
 
-_BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
-def supported_families() -> str:
-    return ", ".join(f.name for f in FAMILIES)
-
-
-def text_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The decoder's settings: VLM checkpoints (Qwen3.5) nest them under `text_config`."""
-    return config_dict.get("text_config") or config_dict
-
-
-def family_for_config(config_dict: dict[str, Any]) -> MoEFamily:
-    """The family of a config.json dict; one-line errors for non-MoE and unsupported models."""
-    text = text_config_dict(config_dict)
-    model_type = config_dict.get("model_type") or text.get("model_type")
-    family = _BY_MODEL_TYPE.get(model_type) or _BY_MODEL_TYPE.get(text.get("model_type"))
-    has_experts = any(text.get(key) for key in EXPERT_COUNT_KEYS)
-    if family is None:
-        if not has_experts:
-            raise ValueError(
-                f"model type {model_type!r} is not a Mixture-of-Experts model (no expert count in its config); "
-                f"ream-hf compresses MoE models: {supported_families()}"
-            )
-        raise ValueError(f"unsupported MoE architecture {model_type!r}; supported families: {supported_families()}")
-    if not has_experts:
-        raise ValueError(f"{family.name} config has no experts (expert count 0 or missing); nothing to compress")
-    return family
-
-
-def expert_count(family: MoEFamily, config_dict: dict[str, Any]) -> int:
-    text = text_config_dict(config_dict)
-    for key in family.expert_count_keys:
-        if text.get(key):
-            return int(text[key])
-    raise ValueError(f"{family.name} config has none of {family.expert_count_keys}")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a causal LM (the text tower of a VLM)."""
-    base = getattr(model, "model", model)
-    for path in ("layers", "language_model.layers"):
-        target: Any = base
-        for part in path.split("."):
-            target = getattr(target, part, None)
-        if isinstance(target, nn.ModuleList):
-            return target
-    raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
-
-
-def moe_block(family: MoEFamily, layer: nn.Module) -> nn.Module | None:
-    """The layer's MoE block, or None for a dense layer (first_k_dense_replace, mlp_only_layers)."""
-    block = getattr(layer, family.block_attr, None)
-    experts = getattr(block, family.experts_attr, None) if block is not None else None
-    if experts is None or not hasattr(experts, "down_proj"):
-        return None
-    return block
-
-
-def router(family: MoEFamily, block: nn.Module) -> nn.Module:
-    return getattr(block, family.router_attr)
-
-
-def experts(family: MoEFamily, block: nn.Module) -> nn.Module:
-    return getattr(block, family.experts_attr)
+__all__ = [
+    "EXPERT_COUNT_KEYS", "FAMILIES", "FUSED_PARAMS", "MTP_STYLES", "ExpertWeights", "MTPStyle", "MoEFamily",
+    "MoETensorName", "config_mtp_prefixes", "decoder_layers", "disk_expert_names", "disk_expert_tensors",
+    "expert_count", "expert_shapes", "experts", "family_for_config", "fused_expert_params", "in_memory_key",
+    "moe_block", "mtp_prefix", "mtp_tensor_names", "parse_moe_name", "read_expert_weights", "router",
+    "set_expert_count", "supported_families", "text_config_dict", "write_expert_weights",
+]

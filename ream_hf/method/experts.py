@@ -1,39 +1,15 @@
-"""Canonical expert weights and expert math, independent of how a family stores them.
-
-Canonical layout for E SwiGLU-style experts: gate (E, D, H), up (E, D, H), down (E, H, D), optional
-biases gate_bias/up_bias (E, D) and down_bias (E, H). Statistics, alignment and merging work on this
-layout only; `read_expert_weights` / `write_expert_weights` translate from/to a family's fused params.
-"""
+"""Expert math on the canonical layout (`ream_hf.arch.ExpertWeights`), independent of how a family stores it:
+the gated activation, every expert's hidden activations, one expert's output, and the routed forward."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import MoEFamily
-
-
-@dataclass
-class ExpertWeights:
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate.shape[0]
-
-    def select(self, index: list[int] | torch.Tensor) -> ExpertWeights:
-        return ExpertWeights(**{f.name: None if (t := getattr(self, f.name)) is None else t[index] for f in fields(self)})
-
-    def to(self, dtype: torch.dtype) -> ExpertWeights:
-        return ExpertWeights(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(dtype) for f in fields(self)})
+from ..arch import ExpertWeights, MoEFamily
 
 
 @dataclass(frozen=True)
@@ -61,54 +37,6 @@ class Activation:
 
 
 _INPLACE_SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' silu modules, both plain F.silu
-
-
-def read_expert_weights(family: MoEFamily, experts_module: nn.Module) -> ExpertWeights:
-    """Views (no copies) of a fused experts module in the canonical layout."""
-    if family.expert_layout == "gpt_oss":
-        gate_up = experts_module.gate_up_proj  # (E, H, 2D), gate/up interleaved on the last dim
-        bias = experts_module.gate_up_proj_bias  # (E, 2D)
-        return ExpertWeights(
-            gate=gate_up[..., ::2].transpose(1, 2),
-            up=gate_up[..., 1::2].transpose(1, 2),
-            down=experts_module.down_proj.transpose(1, 2),
-            gate_bias=bias[:, ::2],
-            up_bias=bias[:, 1::2],
-            down_bias=experts_module.down_proj_bias,
-        )
-    gate_up = experts_module.gate_up_proj  # (E, 2D, H), gate rows first
-    inner = gate_up.shape[1] // 2
-    return ExpertWeights(gate=gate_up[:, :inner], up=gate_up[:, inner:], down=experts_module.down_proj)
-
-
-def fused_expert_params(family: MoEFamily, weights: ExpertWeights) -> dict[str, torch.Tensor]:
-    """The family's fused parameter tensors for canonical weights (inverse of `read_expert_weights`)."""
-    if family.expert_layout == "gpt_oss":
-        num, inner, hidden = weights.gate.shape
-        gate_up = torch.empty(num, hidden, 2 * inner, dtype=weights.gate.dtype)
-        gate_up[..., ::2] = weights.gate.transpose(1, 2)
-        gate_up[..., 1::2] = weights.up.transpose(1, 2)
-        bias = torch.empty(num, 2 * inner, dtype=weights.gate.dtype)
-        bias[:, ::2] = weights.gate_bias
-        bias[:, 1::2] = weights.up_bias
-        return {
-            "gate_up_proj": gate_up,
-            "gate_up_proj_bias": bias,
-            "down_proj": weights.down.transpose(1, 2).contiguous(),
-            "down_proj_bias": weights.down_bias.contiguous(),
-        }
-    return {
-        "gate_up_proj": torch.cat([weights.gate, weights.up], dim=1).contiguous(),
-        "down_proj": weights.down.contiguous(),
-    }
-
-
-def write_expert_weights(family: MoEFamily, experts_module: nn.Module, weights: ExpertWeights) -> None:
-    """Replace the module's experts (count may change) with canonical weights, in the module's dtype."""
-    for name, tensor in fused_expert_params(family, weights).items():
-        old = getattr(experts_module, name)
-        setattr(experts_module, name, nn.Parameter(tensor.to(device=old.device, dtype=old.dtype), requires_grad=False))
-    experts_module.num_experts = weights.num_experts
 
 
 def activation_for(family: MoEFamily, experts_module: nn.Module) -> Activation:

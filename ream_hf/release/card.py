@@ -1,12 +1,8 @@
-"""Model card and Hugging Face Hub upload for a compressed checkpoint.
+"""The model card of a compressed checkpoint, from what its folder records.
 
-`render_model_card` reads only what the output folder records (config.json with `ream_config`,
-`ream_manifest.json`, the safetensors index and shard headers, an optional `eval_results.json`),
-fills the Jinja template shipped in `ream_hf/model_cards/` and writes `README.md`. `push_folder`
-uploads a folder; `compress_and_push` runs compress -> save -> (evaluate) -> card -> push.
-
-The Hub token is resolved once (the argument, else `HF_TOKEN`, else the saved login) and is never
-logged, put in a message, or written to a file; a folder that contains it is refused.
+`render_model_card` reads only the output folder (config.json with `ream_config`, `ream_manifest.json`, the
+safetensors index and shard headers, an optional `eval_results.json`), fills the Jinja template shipped in
+`ream_hf/model_cards/` and writes `README.md`.
 """
 
 from __future__ import annotations
@@ -15,31 +11,23 @@ import json
 import logging
 import math
 import os
-import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .arch import text_config_dict
-from .checkpoint import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, check_output_dir
-from .config import CONFIG_KEY
+from .. import __version__
+from ..arch import mtp_tensor_names, text_config_dict
+from ..config import CONFIG_KEY, looks_local
+from ..io import safetensors as st
+from ..io.writer import MANIFEST_NAME
 from .evaluation import SCHEMA as EVAL_SCHEMA
-from .evaluation import evaluate_pair
-from .mtp import mtp_tensor_names
-from .serve import read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "ream_model_card.md.j2"
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "ream_model_card.md.j2"
 CARD_NAME = "README.md"
 EVAL_RESULTS_NAME = "eval_results.json"
-# Above this, huggingface_hub 1.x's resumable `upload_large_folder` is used (2.x's `upload_folder` is itself
-# resumable and multi-commit when hf_xet is installed, and has no separate large-folder call).
-LARGE_FOLDER_BYTES = 5 * 10**9
 MTP_SPECULATIVE_CONFIG = '{"method":"mtp","num_speculative_tokens":1}'
-_TEXT_SUFFIXES = {".json", ".md", ".txt", ".jinja", ".j2", ".yaml", ".yml", ".py", ".model", ".tiktoken"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +37,7 @@ class TaskInfo:
     label: str
     dataset_type: str
     dataset_name: str
-    metric_type: str  # the headline metric `ream_hf.evaluation` reports (its METRICS, lm-eval filter dropped)
+    metric_type: str  # the headline metric `ream_hf.release.evaluation` reports (its METRICS, lm-eval filter dropped)
     metric_label: str
     dataset_config: str | None = None
     dataset_split: str | None = None
@@ -110,28 +98,11 @@ class WeightsSummary:
 def weights_summary(folder: str | os.PathLike) -> WeightsSummary:
     """Parameter count (from shard headers' shapes), safetensors bytes on disk and tensor names of a folder."""
     folder = Path(folder)
-    index_path = folder / INDEX_NAME
-    if index_path.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as error:
-            raise ValueError(f"cannot read {index_path}: {error!r}") from None
-        shards = list(dict.fromkeys(weight_map.values()))
-    elif (folder / SINGLE_NAME).is_file():
-        weight_map, shards = {}, [SINGLE_NAME]
-    else:
-        raise ValueError(f"{folder} has no safetensors weights ({INDEX_NAME} or {SINGLE_NAME})")
-    parameters, disk_bytes, names = 0, 0, list(weight_map)
-    for shard in shards:
-        path = folder / shard
-        if not path.is_file():
-            raise ValueError(f"{folder} is incomplete: shard {shard} listed in its index is missing")
-        header = read_safetensors_header(path)
-        parameters += sum(math.prod(info["shape"]) for info in header.values())
-        disk_bytes += path.stat().st_size
-        if not weight_map:
-            names.extend(header)
-    return WeightsSummary(parameters, disk_bytes, tuple(names))
+    names_to_shards = st.weight_map(folder)
+    shards = sorted(set(names_to_shards.values()))
+    parameters = sum(math.prod(info.shape) for shard in shards for info in st.read_header(folder / shard).values())
+    disk_bytes = sum((folder / shard).stat().st_size for shard in shards)
+    return WeightsSummary(parameters, disk_bytes, tuple(names_to_shards))
 
 
 def source_license(source_dir: str | os.PathLike | None) -> dict[str, str]:
@@ -216,7 +187,7 @@ def _short_count(n: int) -> str:
     return str(n)
 
 
-def _short_bytes(n: int) -> str:
+def short_bytes(n: int) -> str:
     for scale, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
         if n >= scale:
             return f"{n / scale:.1f} {suffix}"
@@ -274,8 +245,6 @@ def _results_context(results: dict[str, Any]) -> tuple[dict[str, Any], list[Any]
 
 
 def _calibration_context(config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
-    from .calibration import looks_local
-
     sources = config.get("calibration") or []
     ratios = config.get("calibration_ratios")
     if ratios is None:
@@ -383,11 +352,11 @@ def render_model_card(
         except ValueError as error:
             logger.warning("source size not measured: %s", error)
     size = {"after_params": f"{after.parameters:,}", "after_params_short": _short_count(after.parameters),
-            "after_disk": _short_bytes(after.disk_bytes), "before_params": None, "before_disk": None}
+            "after_disk": short_bytes(after.disk_bytes), "before_params": None, "before_disk": None}
     if before is not None and before.parameters:
         size.update({
             "before_params": f"{before.parameters:,}", "before_params_short": _short_count(before.parameters),
-            "before_disk": _short_bytes(before.disk_bytes),
+            "before_disk": short_bytes(before.disk_bytes),
             "param_reduction": f"{100.0 * (1 - after.parameters / before.parameters):.0f}",
             "disk_reduction": f"{100.0 * (1 - after.disk_bytes / before.disk_bytes):.0f}" if before.disk_bytes else "—",
         })
@@ -440,139 +409,3 @@ def render_model_card(
     return card
 
 
-# -- pushing -----------------------------------------------------------------------------------------
-def resolve_token(token: str | None = None) -> str:
-    """The argument, else `HF_TOKEN`, else the saved login (`hf auth login`); refused before any work if none."""
-    if token:
-        return token
-    from huggingface_hub import get_token
-
-    found = os.environ.get("HF_TOKEN") or get_token()
-    if not found:
-        raise ValueError("no Hugging Face token: pass token=..., set HF_TOKEN, or log in with `hf auth login`")
-    return found
-
-
-def _check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(f"invalid Hub repo id {repo_id!r}: {error}") from None
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def _refuse_token_in_files(folder: Path, token: str) -> None:
-    """A last check before upload: no text file in the folder may contain the token."""
-    needle = token.encode()
-    for path in folder.rglob("*"):
-        if path.is_file() and path.suffix in _TEXT_SUFFIXES and path.stat().st_size < 64 * 2**20:
-            if needle in path.read_bytes():
-                raise ValueError(f"{path} contains the Hugging Face token; remove it before uploading")
-
-
-def push_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str = f"Upload a checkpoint compressed with ream-hf {__version__}",
-    large_folder_bytes: int = LARGE_FOLDER_BYTES,
-) -> str:
-    """Create `repo_id` if needed (a model repo) and upload `folder` to it; returns the repo URL."""
-    from huggingface_hub import HfApi
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
-    _check_repo_id(repo_id)
-    token = resolve_token(token)
-    _refuse_token_in_files(folder, token)
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    size = _folder_bytes(folder)
-    if size > large_folder_bytes and hasattr(api, "upload_large_folder"):
-        logger.info("uploading %s (%s) to %s with upload_large_folder (resumable)", folder, _short_bytes(size), repo_id)
-        api.upload_large_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", private=private)
-    else:
-        logger.info("uploading %s (%s) to %s", folder, _short_bytes(size), repo_id)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message)
-    logger.info("pushed %s", url)
-    return str(url)
-
-
-_HF_CACHE_FOLDER = re.compile(r"^models--(?P<owner>[^/]+?)--(?P<name>[^/]+)$")
-
-
-def hub_id_for_source(source: Any) -> str | None:
-    """The Hub repo id a source stands for: the id itself, or a folder in the Hub cache (`models--owner--name`)."""
-    if not isinstance(source, (str, os.PathLike)):
-        name = getattr(source, "name_or_path", None)
-        return hub_id_for_source(name) if name else None
-    path = Path(source).expanduser()
-    if path.exists():
-        for part in path.resolve().parts:
-            if m := _HF_CACHE_FOLDER.match(part):
-                return f"{m['owner']}/{m['name']}"
-        return None
-    text = str(source)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return text
-    return None
-
-
-def compress_and_push(
-    compressor,
-    source: Any,
-    repo_id: str,
-    *,
-    private: bool = False,
-    token: str | None = None,
-    evaluate: bool = False,
-    output_dir: str | os.PathLike | None = None,
-    eval_kwargs: dict[str, Any] | None = None,
-    overwrite: bool = False,
-    base_model: str | None = None,
-) -> str:
-    """Compress `source` with `compressor`, save, optionally evaluate against the source, write the card, push.
-
-    `output_dir` keeps the checkpoint (default: a temporary folder under TMPDIR, deleted after the push: set
-    TMPDIR or give `output_dir` for large models). `evaluate=True` runs `ream_hf.evaluation.evaluate_pair`
-    (with `eval_kwargs`) and uploads its results as `eval_results.json`. `base_model` is the source's Hub id
-    for the card; found from `source` when it is a Hub id or a Hub-cache folder. Returns the repo URL.
-    """
-    # everything that can be refused is refused before hours of compression
-    _check_repo_id(repo_id)
-    token = resolve_token(token)
-    base_model = base_model or hub_id_for_source(source)
-    if not base_model:
-        raise ValueError(f"cannot tell the Hub id of {source!r} for the model card; pass base_model='owner/name'")
-    _check_repo_id(base_model)
-    if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
-
-    with tempfile.TemporaryDirectory(prefix="ream-hf-push-") as scratch:
-        output = Path(output_dir) if output_dir is not None else Path(scratch) / repo_id.split("/")[-1]
-        compressor.compress(source)
-        compressor.save_pretrained(output, overwrite=overwrite)
-        source_dir = compressor.result.source.folder if compressor.result.source is not None else None
-        results = None
-        if evaluate:
-            if source_dir is None:
-                raise ValueError("evaluate=True needs a source checkpoint folder or Hub id, not an in-memory model")
-            results = evaluate_pair(str(source_dir), str(output), **(eval_kwargs or {}))
-            (output / EVAL_RESULTS_NAME).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
-                                                    encoding="utf-8")
-        license_info = None
-        if source_dir is None or not (Path(source_dir) / CARD_NAME).is_file():
-            license_info = hub_license(base_model, token)  # Hub downloads skip README.md: ask the Hub
-        render_model_card(output, base_model=base_model, source_dir=source_dir, results=results, repo_id=repo_id,
-                          license_info=license_info)
-        return push_folder(output, repo_id, private=private, token=token,
-                           commit_message=f"Upload {repo_id.split('/')[-1]} ({base_model} compressed with "
-                                          f"{METHODS[compressor.config.method].label}, ream-hf {__version__})")

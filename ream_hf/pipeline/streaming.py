@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import MoEFamily
-from .checkpoint import SourceCheckpoint
-from .experts import read_expert_weights
-from .mtp import final_norm, mtp_prefixes
+from ..arch import (FUSED_PARAMS, MoEFamily, config_mtp_prefixes, disk_expert_names, in_memory_key,
+                    read_expert_weights)
+from ..io.source import SourceCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -32,65 +31,72 @@ FORMAT = "ream-hf work folder v1"
 
 
 class LayerLoader:
-    """Fills meta-device modules of a skeleton model from the source's safetensors shards."""
+    """Fills meta-device modules (a trunk decoder layer, an MTP layer, the embeddings) from the source's
+    safetensors shards: only the module's own tensors are read, experts straight into their fused parameters."""
 
     def __init__(self, source: SourceCheckpoint, family: MoEFamily, device: torch.device) -> None:
-        self.source, self.family, self.device = source, family, device
+        self.source, self.family, self.device = source, family, torch.device(device)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        self._check_present(names)
         return dict(self.source.iter_tensors(names))
 
-    def _check_present(self, names) -> None:
-        for name in names:
-            if name not in self.source.weight_map:
-                raise ValueError(f"{self.source.folder} lacks tensor {name}: the checkpoint does not match its config")
-
-    def fill(self, module: nn.Module, disk_prefix: str) -> None:
-        """Materialise `module` (on meta) from the tensors named `disk_prefix + key`, experts fused as in memory."""
+    def fill(self, module: nn.Module, disk_prefix: str) -> set[str]:
+        """Materialise `module` (on meta) on the loader's device from the tensors named `disk_prefix + key`, experts
+        fused as in memory; returns the on-disk names read."""
+        computed = {name for name, _ in module.named_buffers()} - set(module.state_dict())
+        if computed:  # to_empty would leave them uninitialised: nothing on disk says what they hold
+            raise ValueError(f"cannot fill {type(module).__name__} from {disk_prefix}*: its buffer "
+                             f"{sorted(computed)[0]} is computed at construction, not stored")
         module.to_empty(device=self.device)
         state = module.state_dict()
         wanted: dict[str, str] = {}
         fused: set[str] = set()  # experts modules whose fused parameters are per-expert tensors on disk
         for key in state:
-            disk_key = self._disk_key(key)
+            disk_key = in_memory_key(self.family, key)
             head, _, leaf = key.rpartition(".")
-            if head.endswith(self.family.experts_attr) and leaf in ("gate_up_proj", "down_proj", "gate_up_proj_bias",
-                                                                      "down_proj_bias"):
-                if disk_prefix + disk_key in self.source.weight_map:  # fused on disk too (GPT-OSS)
-                    wanted[key] = disk_prefix + disk_key
-                else:
-                    fused.add(head)
+            if head.endswith(self.family.experts_attr) and leaf in FUSED_PARAMS \
+                    and disk_prefix + disk_key not in self.source.weight_map:  # fused on disk too: GPT-OSS
+                fused.add(head)
             else:
                 wanted[key] = disk_prefix + disk_key
-        tensors = self.read(list(wanted.values()))
+        key_of = {name: key for key, name in wanted.items()}
         with torch.no_grad():
-            for key, name in wanted.items():
-                state[key].copy_(tensors[name].to(state[key].dtype))
+            for name, tensor in self.source.iter_tensors(key_of):
+                state[key_of[name]].copy_(tensor.to(state[key_of[name]].dtype))
+        read = set(wanted.values())
         for head in sorted(fused):
-            self._fill_experts(module.get_submodule(head), disk_prefix + self._disk_key(head) + ".")
+            read |= self._fill_experts(module.get_submodule(head), disk_prefix + in_memory_key(self.family, head) + ".")
+        return read
 
-    def _disk_key(self, key: str) -> str:
-        block, dot, rest = key.partition(".")
-        if block == self.family.block_attr and dot:
-            return f"{self.family.on_disk_block}.{rest}"
-        return key
-
-    def _fill_experts(self, experts_module: nn.Module, disk_experts_prefix: str) -> None:
+    def _fill_experts(self, experts_module: nn.Module, disk_experts_prefix: str) -> set[str]:
         """Per-expert disk tensors copied one at a time into the fused parameters, through their canonical views
         (`read_expert_weights`): no stacked or concatenated copy of the layer is ever made."""
         views = read_expert_weights(self.family, experts_module)
-        names = {f"{disk_experts_prefix}{e}.{proj}.weight": (role, e)
-                 for role, proj in self.family.disk_proj_names.items() for e in range(views.num_experts)}
-        self._check_present(names)
+        names = disk_expert_names(self.family, disk_experts_prefix, views.num_experts)
         with torch.no_grad():
-            for name, tensor in self.source.iter_tensors(list(names)):
+            for name, tensor in self.source.iter_tensors(names):
                 role, expert = names[name]
                 getattr(views, role)[expert].copy_(tensor)
+        return set(names)
 
     @staticmethod
     def release(module: nn.Module) -> None:
         module.to("meta")
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers, the final norm and the embeddings (the text tower of a VLM)."""
+    base = getattr(model, "model", model)
+    if not hasattr(base, "layers") and hasattr(base, "language_model"):
+        base = base.language_model
+    return base
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    norm = getattr(text_model(model), "norm", None)
+    if norm is None:
+        raise ValueError(f"cannot find the final norm of {type(model).__name__}")
+    return norm
 
 
 def build_skeleton(hf_config, dtype, device: torch.device, loader: LayerLoader):
@@ -102,7 +108,7 @@ def build_skeleton(hf_config, dtype, device: torch.device, loader: LayerLoader):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, experts_implementation="eager")
     base = model.model
     embed = base.get_input_embeddings()
-    mtp = mtp_prefixes(loader.family, loader.source)
+    mtp = config_mtp_prefixes(loader.source.config, loader.source.weight_map)
     embed_name = next(n for n in loader.source.weight_map
                       if n.endswith("embed_tokens.weight") and not (mtp and n.startswith(mtp)))
     loader.fill(embed, embed_name[: -len("weight")])

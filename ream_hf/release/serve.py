@@ -21,7 +21,6 @@ import os
 import shlex
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,11 +30,10 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-from .arch import text_config_dict
-from .checkpoint import INDEX_NAME
-from .mtp import mtp_tensor_names
+from ..arch import mtp_tensor_names, text_config_dict
+from ..io.safetensors import tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -43,42 +41,6 @@ DEFAULT_STARTUP_TIMEOUT = 300.0
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 # ---------------------------------------------------------------- checkpoint inspection
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets), without reading tensors.
-
-    `__metadata__` is removed; any unreadable file is a ValueError naming it.
-    """
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(8)
-            if len(raw) != 8:
-                raise ValueError("not a safetensors file (shorter than 8 bytes)")
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100 * 1024 * 1024:
-                raise ValueError(f"implausible safetensors header length {length}")
-            header = json.loads(handle.read(length))
-    except (OSError, struct.error, ValueError) as error:
-        raise ValueError(f"cannot read the safetensors header of {path}: {error}") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def checkpoint_tensor_names(model_dir: str | os.PathLike) -> list[str]:
-    """Tensor names of a checkpoint folder: from its safetensors index, else the headers of all its shards.
-
-    Lenient on purpose (a folder without weights has no names), unlike `ream_hf.hub.weights_summary`.
-    """
-    folder = Path(model_dir)
-    index = folder / INDEX_NAME
-    if index.is_file():
-        return list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
-    names: list[str] = []
-    for shard in sorted(folder.glob("*.safetensors")):
-        names.extend(read_safetensors_header(shard))
-    return names
 
 
 def _num_hidden_layers(model_dir: Path) -> int | None:
@@ -94,10 +56,10 @@ def _num_hidden_layers(model_dir: Path) -> int | None:
 
 
 def has_mtp_weights(model_dir: str | os.PathLike) -> bool:
-    """True when the checkpoint carries multi-token-prediction weights (`ream_hf.mtp.mtp_prefix` decides which)."""
+    """True when the checkpoint carries multi-token-prediction weights (`ream_hf.arch.mtp_prefix` decides which)."""
     folder = Path(model_dir)
     num_layers = _num_hidden_layers(folder)
-    return bool(mtp_tensor_names(checkpoint_tensor_names(folder), num_layers if num_layers is not None else 10**9))
+    return bool(mtp_tensor_names(tensor_names(folder), num_layers if num_layers is not None else 10**9))
 
 
 # ---------------------------------------------------------------- command line
@@ -277,7 +239,7 @@ class VLLMServer:
         if process is None:
             return
         if process.poll() is None:
-            _signal_group(process.pid, signal.SIGTERM)
+            signal_group(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
@@ -285,7 +247,7 @@ class VLLMServer:
             except KeyboardInterrupt:  # a second Ctrl-C: skip the grace period, still kill the group
                 logger.warning("interrupted while vLLM shuts down; killing it")
         # the group may outlive the leader (engine core / workers): always sweep it
-        _signal_group(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -305,7 +267,7 @@ def served_model_name(base_url: str, timeout: float) -> str:
         return json.loads(response.read())["data"][0]["id"]
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)  # start_new_session=True made the child a group leader with pgid == pid
     except (ProcessLookupError, PermissionError):
@@ -407,7 +369,7 @@ def _serve_foreground(server: VLLMServer, model_dir: str) -> int:
 
 
 __all__: Iterable[str] = [
-    "DEFAULT_STARTUP_TIMEOUT", "VLLMServer", "add_serve_arguments", "checkpoint_tensor_names", "free_port",
-    "has_mtp_weights", "read_safetensors_header", "run_serve", "served_model_name",
+    "DEFAULT_STARTUP_TIMEOUT", "VLLMServer", "add_serve_arguments", "free_port",
+    "has_mtp_weights", "run_serve", "served_model_name",
     "signals_raise_keyboard_interrupt", "vllm_server_command",
 ]

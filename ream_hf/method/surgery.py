@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import MoEFamily, experts, router
-from .experts import ExpertWeights, read_expert_weights, write_expert_weights
+from ..arch import ExpertWeights, MoEFamily, experts, read_expert_weights, router, write_expert_weights
 
 
 def check_grouped_routing(family: MoEFamily, config, target: int, top_k: int) -> None:
@@ -60,12 +59,3 @@ def apply_layer_plan(
     replace_router_rows(family, router(family, block), centroids)
     if hasattr(block, "num_experts"):
         block.num_experts = len(centroids)
-
-
-def set_config_expert_count(family: MoEFamily, config, count: int) -> None:
-    for key in (family.num_experts_attr, *family.expert_count_keys):
-        if hasattr(config, key):
-            setattr(config, key, count)
-    text = getattr(config, "text_config", None)
-    if text is not None and text is not config:
-        set_config_expert_count(family, text, count)

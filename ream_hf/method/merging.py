@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .similarity import unit_column_distance
 
-ALIGNMENT_MODES = ("logits+weights", "logits", "weights")
+ALIGNMENT_MODES = ("activations+weights", "activations", "weights")
 PCA_SEED = 0
 
 
@@ -125,7 +125,7 @@ def alignment_cost(
     if mode not in ALIGNMENT_MODES:
         raise ValueError(f"alignment mode must be one of {', '.join(ALIGNMENT_MODES)}; got {mode!r}")
     cost = None
-    if "logits" in mode:
+    if "activations" in mode:
         if activation_distance is None:
             if centroid_acts is None or member_acts is None:
                 raise ValueError(f"merge mode {mode!r} needs hidden activation samples; collect them or use merge='weights'")
@@ -218,8 +218,8 @@ def merge_expert_group(
     biases: dict[str, Tensor] | None = None,
     gram: ActivationGram | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """One output expert from its group (stacked centroid first), per merge mode: "logits+weights" /
-    "logits" / "weights" align every member to the centroid, then saliency-weighted sum; "avg" uniform
+    """One output expert from its group (stacked centroid first), per merge mode: "activations+weights" /
+    "activations" / "weights" align every member to the centroid, then saliency-weighted sum; "avg" uniform
     average without alignment; "none" the centroid unchanged. Activations come as acts (n, Ts, D) or as
     their `ActivationGram`; feats (n, D, p)."""
     biases = {name: b for name, b in (biases or {}).items() if b is not None}
@@ -230,7 +230,7 @@ def merge_expert_group(
         return merge_group(gate, up, down, torch.full((count,), 1.0 / count, dtype=torch.float64), biases=biases)
     if mode not in ALIGNMENT_MODES:
         raise ValueError(f"merge mode must be one of {', '.join((*ALIGNMENT_MODES, 'avg', 'none'))}; got {mode!r}")
-    if gram is None and acts is not None and "logits" in mode:
+    if gram is None and acts is not None and "activations" in mode:
         gram = ActivationGram.of(acts)
     perms = [torch.arange(gate.shape[1])]
     for j in range(1, count):

@@ -17,17 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .config import CalibrationSource, ReamConfig
+from ..config import LOCAL_SUFFIXES, CalibrationSource, ReamConfig, looks_local
 
 logger = logging.getLogger(__name__)
-
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
-
-
-def looks_local(path: str) -> bool:
-    """A source is a local file if it exists or carries a file suffix; otherwise a Hub dataset id."""
-    return Path(path).exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~"))
-
 
 def check_sources(sources: list[CalibrationSource]) -> None:
     """Refuse missing or unreadable local files before any model is loaded."""

@@ -11,47 +11,20 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from safetensors import safe_open
-
-from .arch import MoEFamily, expert_count, text_config_dict
-from .checkpoint import SourceCheckpoint, parse_moe_name
+from ..arch import MoEFamily, expert_count, expert_shapes, parse_moe_name, text_config_dict
+from . import safetensors as st
+from .source import SourceCheckpoint
 
 
 class CheckpointError(ValueError):
     pass
 
 
-def expert_shapes(family: MoEFamily, text_config: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """Per-expert shapes of (per-expert tensors, fused tensors without the expert dimension)."""
-    hidden = int(text_config["hidden_size"])
-    inner = int(text_config.get("moe_intermediate_size") or text_config["intermediate_size"])
-    per_expert = {family.disk_proj_names["gate"]: (inner, hidden), family.disk_proj_names["up"]: (inner, hidden),
-                  family.disk_proj_names["down"]: (hidden, inner)}
-    if family.expert_layout == "gpt_oss":
-        fused = {"gate_up_proj": (hidden, 2 * inner), "gate_up_proj_bias": (2 * inner,), "down_proj": (inner, hidden),
-                 "down_proj_bias": (hidden,)}
-    else:  # fused on disk as in memory (some Qwen3.5 exports): gate rows first
-        fused = {"gate_up_proj": (2 * inner, hidden), "down_proj": (hidden, inner)}
-    return per_expert, fused
-
-
 def read_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    index = SourceCheckpoint(folder).weight_map
-    shapes: dict[str, tuple[int, ...]] = {}
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name, file in index.items():
-        by_file[file].append(name)
-    for file, names in by_file.items():
-        path = folder / file
-        if not path.is_file():
-            raise CheckpointError(f"shard {file} listed in the index is missing")
-        with safe_open(path, framework="pt") as handle:
-            present = set(handle.keys())
-            for name in names:
-                if name not in present:
-                    raise CheckpointError(f"tensor {name} listed in the index is not in {file}")
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
+    try:
+        return {name: info.shape for name, info in st.tensor_infos(folder).items()}
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def verify_checkpoint(
@@ -126,9 +99,15 @@ def verify_checkpoint(
         lost = source_layers - set(counts)
         if lost:
             raise CheckpointError(f"MoE layers {sorted(lost)} of the source are missing from the output")
+        source_infos = source.tensor_infos
         for name in kept_names:
-            if parse_moe_name(family, name) is None and name not in shapes:
+            if parse_moe_name(family, name) is not None:
+                continue
+            if name not in shapes:
                 raise CheckpointError(f"tensor {name} of the source is missing from the output")
+            if shapes[name] != source_infos[name].shape:
+                raise CheckpointError(f"{name} has shape {shapes[name]} in the output, {source_infos[name].shape} in "
+                                      "the source")
     if dropped_prefixes:
         left = [n for n in shapes if n.startswith(dropped_prefixes)]
         if left:

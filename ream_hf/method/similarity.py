@@ -18,9 +18,9 @@ def _unit_rows(rows: Tensor) -> Tensor:
     return rows / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def output_similarity(gated_outputs: Tensor) -> Tensor:
+def output_similarity(output_signatures: Tensor) -> Tensor:
     """(cos(o_i, o_j) + 1) / 2 for the (E, H) gated output signatures; a zero signature has cosine 0 with all."""
-    unit = _unit_rows(gated_outputs)
+    unit = _unit_rows(output_signatures)
     cosine = (unit @ unit.T).clamp(-1.0, 1.0)
     return (cosine + 1.0) / 2.0
 
@@ -66,15 +66,15 @@ def gate_similarity_from_gram(gram: Tensor) -> Tensor:
     return (1.0 - distance / largest).float()
 
 
-def expert_distance(gated_outputs: Tensor, router_logit_gram: Tensor | None) -> Tensor:
+def expert_distance(output_signatures: Tensor, router_logit_gram: Tensor | None) -> Tensor:
     """1 - sim with sim the mean of output and gate similarity (output only without logits); (E, E), zero
     diagonal. The gate term comes from the router-logit columns' `logit_gram`."""
-    similarity = output_similarity(gated_outputs)
+    similarity = output_similarity(output_signatures)
     if router_logit_gram is not None:
-        if router_logit_gram.shape != (gated_outputs.shape[0],) * 2:
+        if router_logit_gram.shape != (output_signatures.shape[0],) * 2:
             raise ValueError(
-                f"router_logit_gram has shape {tuple(router_logit_gram.shape)} but gated_outputs has "
-                f"{gated_outputs.shape[0]} experts; pass the same layer's statistics"
+                f"router_logit_gram has shape {tuple(router_logit_gram.shape)} but output_signatures has "
+                f"{output_signatures.shape[0]} experts; pass the same layer's statistics"
             )
         similarity = (similarity + gate_similarity_from_gram(router_logit_gram)) / 2
     distance = 1.0 - similarity

@@ -1,13 +1,9 @@
 """Multi-token-prediction (MTP) layers: found in the source's index, built and fed as vLLM runs them.
 
 transformers drops MTP weights on load (TRANSFORMERS.md), so this module reads them from the source's
-safetensors itself. Two on-disk styles (`MoEFamily.mtp_style`):
-
-- "layers" (DeepSeek-V3 / Kimi-K2, GLM-4.5): MTP layer i is `model.layers.{N+i}.*` with N = num_hidden_layers:
-  `enorm`, `hnorm`, `eh_proj`, `shared_head.{norm,head}`, `embed_tokens`, and the decoder layer's own tensors
-  (`self_attn.*`, `mlp.*`, `input_layernorm`, `post_attention_layernorm`) right under that prefix.
-- "mtp" (Qwen3-Next, Qwen3.5-MoE): `mtp.fc`, `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.norm`
-  shared by the layers `mtp.layers.{i}.*` (full-attention decoder layers).
+safetensors itself, through the same `LayerLoader` as the trunk's layers. The on-disk names of the two styles
+(`MoEFamily.mtp_style`: "layers" for DeepSeek-V3 / Kimi-K2 / GLM-4.5, "mtp" for Qwen3-Next / Qwen3.5) are
+declared in `ream_hf.arch.layout` (`MTP_STYLES`, `mtp_prefix`).
 
 The block math is vLLM's (deepseek_mtp.py, glm4_moe_mtp.py, qwen3_next_mtp.py, qwen3_5_mtp.py). At position t:
 
@@ -28,8 +24,6 @@ one's normed output and the token two places ahead, as vLLM's chained drafting d
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,32 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import MoEFamily, decoder_layers, text_config_dict
+from ..arch import MTP_STYLES, MoEFamily, MTPStyle, config_mtp_prefixes, decoder_layers, parse_moe_name
+from ..io.source import SourceCheckpoint
 from .calibration import CalibrationBatch
-from .checkpoint import SourceCheckpoint, parse_moe_name
-from .layers import LayerCall, run_layer
-
-
-@dataclass(frozen=True)
-class MTPStyle:
-    """Names of the MTP block's own tensors (relative to `MTPLayerSpec.prefix`) for one on-disk style."""
-
-    proj: str  # Linear(2H -> H) over concat(embedding part, hidden part)
-    embed_norm: str
-    hidden_norm: str
-    final_norm: str
-    not_layer: tuple[str, ...]  # sub-names under the layer prefix that are not the decoder layer's (never read:
-    #                             shared_head.head and embed_tokens are vocabulary-sized copies of the trunk's)
-    mask_first_position: bool  # vLLM zeroes the embedding at position 0
-
-
-STYLES: dict[str, MTPStyle] = {
-    "layers": MTPStyle("eh_proj", "enorm", "hnorm", "shared_head.norm",
-                       not_layer=("eh_proj.", "enorm.", "hnorm.", "shared_head.", "embed_tokens."),
-                       mask_first_position=True),
-    "mtp": MTPStyle("fc", "pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm", not_layer=(),
-                    mask_first_position=False),
-}
+from .runner import LayerCall, run_layer
+from .streaming import LayerLoader, final_norm
 
 
 @dataclass(frozen=True)
@@ -79,29 +52,11 @@ class MTPLayerSpec:
         return self.layer_prefix[:-1]
 
 
-def mtp_prefix(name: str, num_hidden_layers: int) -> str | None:
-    """The MTP layer a tensor belongs to, as a name prefix, or None for a trunk tensor. The one rule for
-    every reader: a module named `mtp` near the top (Qwen3-Next/Qwen3.5, also under a VLM's prefix), or a
-    decoder layer numbered at or past `num_hidden_layers` (DeepSeek-V3/Kimi-K2/GLM-4.5 next-n layers)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "mtp" and i <= 2:
-            return ".".join(parts[: i + 1]) + "."
-        if part == "layers" and parts[i + 1].isdigit():
-            return ".".join(parts[: i + 2]) + "." if int(parts[i + 1]) >= num_hidden_layers else None
-    return None
-
-
-def mtp_tensor_names(names: Iterable[str], num_hidden_layers: int) -> list[str]:
-    return [name for name in names if mtp_prefix(name, num_hidden_layers) is not None]
-
-
 def mtp_prefixes(family: MoEFamily, source: SourceCheckpoint) -> tuple[str, ...]:
     """Name prefixes of the source's multi-token-prediction layers (dropped by transformers on load)."""
     if family.mtp_style is None:
         return ()
-    first_mtp = int(text_config_dict(source.config)["num_hidden_layers"])
-    return tuple(sorted({p for name in source.weight_map if (p := mtp_prefix(name, first_mtp)) is not None}))
+    return config_mtp_prefixes(source.config, source.weight_map)
 
 
 def mtp_layer_specs(family: MoEFamily, source: SourceCheckpoint) -> list[MTPLayerSpec]:
@@ -120,7 +75,7 @@ def mtp_layer_specs(family: MoEFamily, source: SourceCheckpoint) -> list[MTPLaye
 def check_mtp_layers(family: MoEFamily, source: SourceCheckpoint) -> list[MTPLayerSpec]:
     """Refuse, before any work, MTP layers whose block tensors are missing or that have no router for experts."""
     specs = mtp_layer_specs(family, source)
-    style = STYLES.get(family.mtp_style or "")
+    style = MTP_STYLES.get(family.mtp_style or "")
     if specs and style is None:
         raise ValueError(f"{family.name}: no MTP layout known for style {family.mtp_style!r}")
     names = source.weight_map
@@ -158,21 +113,6 @@ class MTPBlock(nn.Module):
         return self.proj(torch.cat([self.embed_norm(next_embeds), self.hidden_norm(hidden)], dim=-1))
 
 
-def _text_model(model: nn.Module) -> nn.Module:
-    """The module holding the decoder layers, the final norm and the embeddings (the text tower of a VLM)."""
-    base = getattr(model, "model", model)
-    if not hasattr(base, "layers") and hasattr(base, "language_model"):
-        base = base.language_model
-    return base
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    norm = getattr(_text_model(model), "norm", None)
-    if norm is None:
-        raise ValueError(f"cannot find the final norm of {type(model).__name__}")
-    return norm
-
-
 def mtp_call_layer(model: nn.Module) -> int:
     """Index of the trunk layer whose call arguments an MTP layer takes: the last full-attention layer
     (hybrid Qwen3-Next/3.5 models alternate linear and full attention; MTP layers are full attention)."""
@@ -187,50 +127,6 @@ def mtp_call_layer(model: nn.Module) -> int:
     return count - 1
 
 
-def _read_tensors(source: SourceCheckpoint, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {name: tensor.to(dtype) for name, tensor in source.iter_tensors(names)}
-
-
-def _read_layer_state(family: MoEFamily, source: SourceCheckpoint, names: list[str], layer_prefix: str,
-                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The decoder layer's state dict (in-memory names, experts fused as in memory) from its on-disk tensors.
-
-    Per-expert tensors are copied straight into the fused buffers, so the layer is held once (no stack, no cat)."""
-    state: dict[str, torch.Tensor] = {}
-    experts_key = f"{family.block_attr}.{family.experts_attr}."
-    parsed = {name: parse_moe_name(family, name) for name in names}
-    per_expert = [n for n, p in parsed.items() if p is not None and p.kind == "expert"]
-    count = 1 + max((parsed[n].expert for n in per_expert), default=-1)
-    role_of = {proj: role for role, proj in family.disk_proj_names.items()}
-    if per_expert and family.expert_layout != "gate_up":
-        raise ValueError(f"MTP layer {layer_prefix[:-1]}: per-expert tensors of the {family.expert_layout!r} layout "
-                         "are not supported")
-    filled: set[tuple[int, str]] = set()
-    for name, tensor in source.iter_tensors(names):
-        p = parsed[name]
-        if p is not None and p.kind == "expert":
-            role = role_of[p.proj]
-            rows = tensor.shape[0]
-            if role == "down":
-                buffer = state.setdefault(experts_key + "down_proj", torch.empty(count, *tensor.shape, dtype=dtype))
-                buffer[p.expert].copy_(tensor)
-            else:  # gate rows first, then up rows: (E, 2D, H)
-                buffer = state.setdefault(experts_key + "gate_up_proj",
-                                          torch.empty(count, 2 * rows, tensor.shape[1], dtype=dtype))
-                offset = 0 if role == "gate" else rows
-                buffer[p.expert, offset:offset + rows].copy_(tensor)
-            filled.add((p.expert, role))
-        elif p is not None and p.kind == "fused":
-            state[experts_key + p.param] = tensor.to(dtype)
-        else:
-            state[name[len(layer_prefix):]] = tensor.to(dtype)
-    missing = {(e, r) for e in range(count) for r in ("gate", "up", "down")} - filled
-    if missing:
-        expert, role = min(missing)
-        raise ValueError(f"MTP layer {layer_prefix[:-1]} lacks the {role} projection of expert {expert}")
-    return state
-
-
 def _norm_like(model: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A norm of the family's own RMSNorm class (as the trunk's final norm), holding `weight`."""
     template = final_norm(model)
@@ -241,28 +137,28 @@ def _norm_like(model: nn.Module, weight: torch.Tensor) -> nn.Module:
     return norm
 
 
-def build_mtp_block(model: nn.Module, family: MoEFamily, source: SourceCheckpoint, spec: MTPLayerSpec,
-                    device: torch.device | str | None = None) -> MTPBlock:
-    """Materialise one MTP layer from the source's safetensors (only its tensors are read), in the model's dtype.
+def build_mtp_block(model: nn.Module, family: MoEFamily, loader: LayerLoader, spec: MTPLayerSpec) -> MTPBlock:
+    """Materialise one MTP layer from the source's safetensors (only its tensors are read), in the model's dtype,
+    on the loader's device, through the loader that fills the trunk's layers.
 
     The decoder layer is the family's own transformers class: for "layers"-style families built with the
     layer index vLLM uses (N + depth, so `first_k_dense_replace` makes it MoE exactly when vLLM does); for
     Qwen3-Next/3.5 with index `depth` and a full-attention layer type, as vLLM builds `mtp.layers.{depth}`.
     """
-    style = STYLES[family.mtp_style]
-    embeddings = model.get_input_embeddings()
-    dtype = embeddings.weight.dtype
-    device = torch.device(device) if device is not None else embeddings.weight.device
+    style = MTP_STYLES[family.mtp_style]
+    source = loader.source
+    dtype = model.get_input_embeddings().weight.dtype
     text = model.config.get_text_config()
 
     block_names = {part: f"{spec.prefix}{part}.weight"
                    for part in (style.proj, style.embed_norm, style.hidden_norm, style.final_norm)}
     if spec.prefix == spec.layer_prefix:
-        layer_names = [n for n in source.weight_map if n.startswith(spec.layer_prefix)
-                       and not n[len(spec.layer_prefix):].startswith(style.not_layer)]
+        layer_names = {n for n in source.weight_map if n.startswith(spec.layer_prefix)
+                       and not n[len(spec.layer_prefix):].startswith(style.not_layer)}
     else:
-        layer_names = [n for n in source.weight_map if n.startswith(spec.layer_prefix)]
-    tensors = _read_tensors(source, [n for n in block_names.values() if n in source.weight_map], dtype)
+        layer_names = {n for n in source.weight_map if n.startswith(spec.layer_prefix)}
+    tensors = {name: tensor.to(dtype) for name, tensor in
+               loader.read([n for n in block_names.values() if n in source.weight_map]).items()}
 
     trunk_layer = decoder_layers(model)[0]
     if family.mtp_style == "mtp":
@@ -272,15 +168,12 @@ def build_mtp_block(model: nn.Module, family: MoEFamily, source: SourceCheckpoin
     else:
         config, layer_index = text, int(text.num_hidden_layers) + spec.depth
     with torch.device("meta"):
-        layer = type(trunk_layer)(config, layer_index)
-    state = _read_layer_state(family, source, layer_names, spec.layer_prefix, dtype)
-    try:
-        layer.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as error:
-        raise ValueError(f"MTP layer {spec.layer_key} does not match {type(layer).__name__}: {error}") from None
-    meta = [n for n, t in (*layer.named_parameters(), *layer.named_buffers()) if t.is_meta]
-    if meta:
-        raise ValueError(f"MTP layer {spec.layer_key}: {meta[0]} is neither in the checkpoint nor computable")
+        layer = type(trunk_layer)(config, layer_index).to(dtype)
+    read = loader.fill(layer, spec.layer_prefix)
+    unexpected = sorted(layer_names - read)
+    if unexpected:
+        raise ValueError(f"MTP layer {spec.layer_key} does not match {type(layer).__name__}: the checkpoint has "
+                         f"{unexpected[0]}, which its config does not explain")
 
     hidden = int(text.hidden_size)
     with torch.device("meta"):
@@ -295,7 +188,7 @@ def build_mtp_block(model: nn.Module, family: MoEFamily, source: SourceCheckpoin
         layer,
         _norm_like(model, tensors[norm_name]) if norm_name in tensors else None,
     )
-    return block.to(device).eval().requires_grad_(False)
+    return block.to(loader.device).eval().requires_grad_(False)
 
 
 @dataclass
@@ -345,11 +238,10 @@ class LazyBatches(Sequence):
 def run_mtp_layers(
     model: nn.Module,
     family: MoEFamily,
-    source: SourceCheckpoint,
+    loader: LayerLoader,
     last_hidden: Sequence[torch.Tensor],
     batches: list[CalibrationBatch],
     calls: list[list[LayerCall]],
-    device: torch.device | str | None = None,
 ) -> Iterator[MTPCalibration]:
     """For each MTP layer of the source, in depth order: the layer and its calibration inputs.
 
@@ -358,6 +250,7 @@ def run_mtp_layers(
     of every trunk layer (`capture_layer_inputs`). Inputs are computed when read (`LazyBatches`); a later MTP
     layer reads the earlier one's outputs, computed then, i.e. after the caller has compressed that layer.
     """
+    source = loader.source
     specs = mtp_layer_specs(family, source)
     if not specs:
         return
@@ -371,7 +264,7 @@ def run_mtp_layers(
     previous: Sequence[torch.Tensor] = LazyBatches(count, lambda b: norm(last_hidden[b]))
     num_hidden_layers = int(model.config.get_text_config().num_hidden_layers)
     for spec in specs:
-        block = build_mtp_block(model, family, source, spec, device)
+        block = build_mtp_block(model, family, loader, spec)
         shifted = [shifted_batch(b, spec.depth + 1) for b in batches]
         inputs = _mtp_inputs(block, embed, shifted, previous)
         yield MTPCalibration(spec.layer_key, num_hidden_layers + spec.depth, block.layer, block, inputs,
@@ -398,6 +291,5 @@ def _mtp_outputs(block: MTPBlock, inputs: Sequence[torch.Tensor], calls: list[La
     return LazyBatches(len(inputs), compute)
 
 
-__all__ = ["MTPBlock", "MTPCalibration", "MTPLayerSpec", "STYLES", "build_mtp_block", "check_mtp_layers",
-           "LazyBatches", "final_norm", "mtp_call_layer", "mtp_layer_specs", "mtp_prefixes", "run_mtp_layers",
-           "shifted_batch"]
+__all__ = ["MTPBlock", "MTPCalibration", "MTPLayerSpec", "build_mtp_block", "check_mtp_layers", "LazyBatches",
+           "mtp_call_layer", "mtp_layer_specs", "mtp_prefixes", "run_mtp_layers", "shifted_batch"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ReamConfig
+from ..config import ReamConfig
 from .grouping import (
     ExpertGroup,
     hc_smoe_groups,
@@ -54,11 +54,11 @@ def _groups_for_block(config: ReamConfig, stats: LayerStatistics, experts: list[
     if not config.is_merging:
         local = prune_groups(scores, target)
     elif config.method == "hc_smoe":
-        local = hc_smoe_groups(stats.gated_outputs[index], target, scores)
+        local = hc_smoe_groups(stats.output_signatures[index], target, scores)
     else:
         gram = stats.router_logit_gram
         gram = gram[index][:, index] if (config.use_router_logits and gram is not None) else None
-        distance = expert_distance(stats.gated_outputs[index], gram)
+        distance = expert_distance(stats.output_signatures[index], gram)
         if config.method == "m_smoe" or config.group_size == 0:
             local = m_smoe_groups(scores, distance, target)
         else:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .experts import Activation, ExpertWeights, pairs_by_expert, single_expert_output
+from ..arch import ExpertWeights
+from .experts import Activation, pairs_by_expert, single_expert_output
 from .similarity import logit_gram
 
 # The (rows, E*2D) float32 gate/up buffer of one chunk. Kept under glibc's 32 MiB mmap ceiling so every
@@ -28,7 +29,7 @@ ROUTED_BYTES_BUDGET = 16 * 2**20  # hidden rows of routed pairs gathered for one
 class LayerStatistics:
     frequency: torch.Tensor  # (E,) int64: tokens that selected each expert
     saliency: torch.Tensor | None  # (E,) float64: REAP, mean over selecting tokens of g_i(x) * ||f_i(x)||
-    gated_outputs: torch.Tensor | None  # (E, H) float32: mean over all tokens of g_i(x) * f_i(x) (or f_i(x) ungated)
+    output_signatures: torch.Tensor | None  # (E, H) float32: mean over all tokens of g_i(x) * f_i(x) (or f_i(x) ungated)
     router_logit_gram: torch.Tensor | None  # (E, E) float64: dot products of the router-logit columns over tokens
     sample_inputs: torch.Tensor | None  # (T_s, H) block inputs of one token sample shared by every expert
     num_tokens: int
@@ -182,18 +183,18 @@ class LayerStatsAccumulator:
 
     def finalize(self) -> LayerStatistics:
         count = self.frequency.clamp(min=1).double()
-        gated_outputs = None
+        output_signatures = None
         if self.dense:
             total = max(self.seen_tokens, 1)
             mean_hidden = (self.weighted_hidden_sum / total).float()  # (E, D)
-            gated_outputs = torch.stack([self.weights.down[e].float() @ mean_hidden[e] for e in range(self.num_experts)])
+            output_signatures = torch.stack([self.weights.down[e].float() @ mean_hidden[e] for e in range(self.num_experts)])
             if self.weights.down_bias is not None:
-                gated_outputs += (self.gate_sum / total).float().unsqueeze(1) * self.weights.down_bias.float()
-            gated_outputs = gated_outputs.cpu()
+                output_signatures += (self.gate_sum / total).float().unsqueeze(1) * self.weights.down_bias.float()
+            output_signatures = output_signatures.cpu()
         return LayerStatistics(
             frequency=self.frequency.cpu(),
             saliency=(self.saliency_sum / count).cpu() if self.with_saliency else None,
-            gated_outputs=gated_outputs,
+            output_signatures=output_signatures,
             router_logit_gram=None if self.logit_gram is None else self.logit_gram.cpu(),
             sample_inputs=torch.cat(self.sample_chunks) if self.sample_chunks else None,
             num_tokens=self.seen_tokens,

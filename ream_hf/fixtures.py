@@ -1,0 +1,116 @@
+"""Tiny models the package builds itself, offline, in seconds: a byte-level BPE tokenizer, a random Qwen3-MoE
+checkpoint laid out like the Hub's, and a calibration text. Shared by the demo, the tests and the benchmarks;
+nothing in the pipeline depends on them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Qwen-style ChatML template, so chat endpoints and lm-eval's --apply_chat_template work on the tiny model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the expert router token layer model merge prune weight sum number code data math train "
+    "def return import for while if else class self value list print range len true false "
+    "one two three four five six seven eight nine ten plus minus times equals answer question "
+    "a an of to in is it that with as on by at from this be are was we you they he she"
+).split()
+
+
+def demo_corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
+    """Deterministic prose/code/arithmetic lines: enough structure for a BPE and for calibration."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(num_lines):
+        kind = i % 3
+        if kind == 0:
+            lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 24))) + ".")
+        elif kind == 1:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            lines.append(f"Question: what is {a} plus {b}? Answer: {a + b}.")
+        else:
+            name = rng.choice(["f", "g", "step", "merge", "score"])
+            lines.append(f"def {name}(x, y):\n    return x * {rng.randint(1, 9)} + y - {rng.randint(0, 9)}\n")
+    return lines
+
+
+def build_tiny_tokenizer(path: str | Path, vocab_size: int = 512):
+    """Train a byte-level BPE on the demo corpus and save it as a fast tokenizer folder.
+
+    A real BPE (not a character map) keeps tokenisation behaviour close to the Hub models'
+    while costing about a second and no download.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(demo_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def hub_style_config(folder: str | Path, renames: dict[str, str]) -> None:
+    """Rename config.json keys to what Hub checkpoints use (transformers re-serialises some under new names)."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config = {renames.get(key, key): value for key, value in config.items()}
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def build_tiny_qwen3_moe(folder: str | Path, *, seed: int = 0, num_experts: int = 16, num_layers: int = 2,
+                         hidden_size: int = 128, moe_intermediate_size: int = 64, top_k: int = 4,
+                         initializer_range: float = 0.1) -> Path:
+    """A random Qwen3-MoE checkpoint + tokenizer, laid out like the Hub's (config key `num_experts`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer(folder)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        moe_intermediate_size=moe_intermediate_size, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=hidden_size // 4, num_experts=num_experts, num_experts_per_tok=top_k,
+        norm_topk_prob=True, max_position_embeddings=1024, initializer_range=initializer_range, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(folder))
+    hub_style_config(folder, {"num_local_experts": "num_experts"})
+    return folder
+
+
+def write_demo_calibration(path: str | Path, num_lines: int = 600, seed: int = 1) -> Path:
+    path = Path(path)
+    path.write_text("\n".join(demo_corpus(num_lines, seed)), encoding="utf-8")
+    return path
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
