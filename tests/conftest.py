@@ -19,6 +19,32 @@ def isolated_work_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("REAM_HF_WORK_DIR", str(tmp_path_factory.mktemp("work")))
 
 
+def _refuse(what: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} before the input was checked")
+    return fail
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Fails the test if any weight tensor is read. Every tensor read of ream-hf goes through
+    `ream_hf.io.safetensors.open_shard`; transformers' own loading (the in-memory path) through `from_pretrained`."""
+    import transformers
+
+    import ream_hf.io.safetensors as st
+
+    monkeypatch.setattr(st, "open_shard", _refuse("a weight tensor was read"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse("model weights were loaded"))
+
+
+@pytest.fixture
+def no_work_started(no_weight_reads, monkeypatch):
+    """Fails the test if any weight tensor or calibration text is read: refusals must come before any work."""
+    import ream_hf.pipeline.calibration as calibration
+
+    monkeypatch.setattr(calibration, "_source_sequences", _refuse("calibration data was read"))
+
+
 @pytest.fixture(scope="session")
 def qwen3_source(tmp_path_factory) -> Path:
     """A tiny random Qwen3-MoE (16 experts, top-4, 2 layers) with tokenizer; never modified by tests."""

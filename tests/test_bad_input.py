@@ -3,18 +3,8 @@
 import json
 
 import pytest
-import transformers
 
 from ream_hf.cli import main
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Any attempt to load weights fails the test: errors must come before work starts."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the input was checked")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
 def run_cli(args, capsys):
@@ -51,7 +41,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_targets(name, qwen3_source, calibration_txt, tmp_path, capsys, no_model_loading):
+def test_bad_targets(name, qwen3_source, calibration_txt, tmp_path, capsys, no_work_started):
     extra, message = CASES[name]
     code, err = run_cli(["compress", str(qwen3_source), "--calibration", str(calibration_txt),
                          "--output", str(tmp_path / "out"), *extra], capsys)
@@ -59,7 +49,7 @@ def test_bad_targets(name, qwen3_source, calibration_txt, tmp_path, capsys, no_m
     assert not (tmp_path / "out").exists()
 
 
-def test_non_moe_and_unknown_architectures(tmp_path, calibration_txt, capsys, no_model_loading):
+def test_non_moe_and_unknown_architectures(tmp_path, calibration_txt, capsys, no_work_started):
     dense = dense_model(tmp_path / "dense")
     code, err = run_cli(["compress", str(dense), "--target-experts", "4", "--calibration", str(calibration_txt),
                          "--output", str(tmp_path / "o1")], capsys)
@@ -76,7 +66,7 @@ def test_non_moe_and_unknown_architectures(tmp_path, calibration_txt, capsys, no
     ("cal.txt", "", "is empty"),
     ("short.jsonl", json.dumps({"text": "too short"}) + "\n", "calibration data is empty"),  # no usable sequence
 ])
-def test_missing_empty_or_unusable_calibration_file(qwen3_source, tmp_path, capsys, no_model_loading, name, content,
+def test_missing_empty_or_unusable_calibration_file(qwen3_source, tmp_path, capsys, no_weight_reads, name, content,
                                                     message):
     path = tmp_path / name
     if content is not None:
@@ -87,7 +77,7 @@ def test_missing_empty_or_unusable_calibration_file(qwen3_source, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_folder(qwen3_source, calibration_txt, tmp_path, capsys, no_model_loading):
+def test_existing_output_folder(qwen3_source, calibration_txt, tmp_path, capsys, no_work_started):
     (tmp_path / "out").mkdir()
     code, err = run_cli(["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(calibration_txt),
                          "--output", str(tmp_path / "out")], capsys)
@@ -96,7 +86,7 @@ def test_existing_output_folder(qwen3_source, calibration_txt, tmp_path, capsys,
 
 
 @pytest.mark.parametrize("kind", ["missing", "no config", "broken config", "no weights", "missing shard", "a file"])
-def test_unreadable_source(kind, tmp_path, calibration_txt, capsys, no_model_loading):
+def test_unreadable_source(kind, tmp_path, calibration_txt, capsys, no_work_started):
     source = tmp_path / "src"
     if kind != "missing" and kind != "a file":
         source.mkdir()
@@ -111,3 +101,13 @@ def test_unreadable_source(kind, tmp_path, calibration_txt, capsys, no_model_loa
                          "--output", str(tmp_path / "out")], capsys)
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_guard_catches_weight_reads_on_the_streaming_path(qwen3_source, calibration_txt, tmp_path, no_weight_reads):
+    """The guard itself can fail: a valid streaming run reads weights and trips it (no from_pretrained involved)."""
+    from ream_hf import ReamCompressor, ReamConfig
+
+    config = ReamConfig(target_experts=8, method="reap", calibration=[str(calibration_txt)], calibration_ratios=None,
+                        num_calibration_sequences=4, sequence_length=32)
+    with pytest.raises(AssertionError, match="a weight tensor was read"):
+        ReamCompressor(config).compress(str(qwen3_source))

@@ -111,6 +111,11 @@ def tensor_infos(folder: str | os.PathLike, names_to_shards: dict[str, str] | No
     return infos
 
 
+def open_shard(path: str | os.PathLike):
+    """A shard opened for reading tensor data (`get_tensor`): every read of weights goes through here."""
+    return safe_open(str(path), framework="pt")
+
+
 def iter_tensors(folder: str | os.PathLike, names_to_shards: dict[str, str],
                  names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for `names`, grouped by shard with one shard open at a time."""
@@ -118,7 +123,7 @@ def iter_tensors(folder: str | os.PathLike, names_to_shards: dict[str, str],
     for name in names:
         by_shard.setdefault(names_to_shards[name], []).append(name)
     for shard, shard_names in by_shard.items():
-        with safe_open(str(Path(folder) / shard), framework="pt") as handle:
+        with open_shard(Path(folder) / shard) as handle:
             for name in shard_names:
                 yield name, handle.get_tensor(name)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..arch import ExpertWeights, MoEFamily, disk_expert_tensors, parse_moe_name, set_expert_count
@@ -121,7 +120,7 @@ def group_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str],
     """The output tensors for a group of source names: copied as they are, or replaced for compressed layers."""
     emitted_layers: set[str] = set()
     infos = source.tensor_infos
-    handles = {shard: safe_open(source.folder / shard, framework="pt") for shard in {source.weight_map[n] for n in names}}
+    handles = {shard: st.open_shard(source.folder / shard) for shard in {source.weight_map[n] for n in names}}
     try:
         for name in names:
             parsed = parse_moe_name(family, name)
