@@ -4,6 +4,12 @@ __version__ = "0.1.0"
 
 __all__ = ["CalibrationSource", "ReamCompressor", "ReamConfig", "__version__"]
 
+from .integrations import register_with_transformers
+
+# `from_pretrained(..., quantization_config=ReamConfig(...))` works once ream_hf is imported; the registration
+# waits until transformers imports its quantizer registry, so `import ream_hf` stays cheap
+register_with_transformers()
+
 
 def __getattr__(name: str):
     # Lazy: `import ream_hf.config` (and the CLI's --help) should not import the whole pipeline.

@@ -23,7 +23,9 @@ from .config import CONFIG_KEY, ReamConfig
 from .io.source import SourceCheckpoint, resolve_source
 from .io.verify import verify_checkpoint
 from .io.writer import (
+    INDEX_NAME,
     MANIFEST_NAME,
+    WEIGHTS_PREFIX,
     PartWriter,
     atomic_output_dir,
     check_output_dir,
@@ -56,22 +58,46 @@ class ReamCompressor(OptimumQuantizer):
         self.model = None
         self.tokenizer = None
         self.result: CompressionResult | None = None
-        self._pending_source: Any = None
+        self._pending_source: Any = None  # set by from_pretrained, compressed by quantize
+        self._pending_tokenizer: Any = None
         self._saved: Path | None = None  # where save_pretrained last wrote this run
 
     # -- optimum's OptimumQuantizer interface ------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model_or_path: Any, config: ReamConfig | None = None, **config_kwargs: Any):
+    def from_pretrained(cls, model_or_path: Any, file_name: str | None = None, *, config: ReamConfig | None = None,
+                        tokenizer: Any = None, **config_kwargs: Any) -> ReamCompressor:
+        """optimum's entry point: a compressor for `model_or_path` (a checkpoint folder, a Hub id or a loaded model
+        with `tokenizer=`), with `config` or its fields as keywords; `quantize(save_dir)` then runs it.
+
+        `file_name` is optimum's choice of one model file inside the folder (ONNX quantizers); a ream-hf source is
+        a whole checkpoint (config, safetensors index, tokenizer), so only None is accepted."""
+        if isinstance(file_name, ReamConfig):
+            raise TypeError("from_pretrained's second argument is optimum's file_name: pass the ReamConfig as config=...")
+        if file_name is not None:
+            raise ValueError(f"file_name={file_name!r}: ream-hf compresses a whole checkpoint folder (its config, "
+                             "safetensors index and tokenizer), not one file of it; leave file_name out")
         compressor = cls(config, **config_kwargs)
         compressor._pending_source = model_or_path
+        compressor._pending_tokenizer = tokenizer
         return compressor
 
-    def quantize(self, save_dir: str | os.PathLike, file_prefix: str | None = None, **kwargs: Any) -> Path:
+    def quantize(self, save_dir: str | os.PathLike, file_prefix: str | None = None, *, overwrite: bool = False,
+                 resume: bool = False, work_dir: str | os.PathLike | None = None) -> Path:
+        """optimum's `quantize`: compress the `from_pretrained` source and save it to `save_dir`; returns the folder.
+
+        `file_prefix` may only be None or "model": transformers and vLLM find a checkpoint's weights by the names
+        model.safetensors / model-0000i-of-0000n.safetensors and model.safetensors.index.json, so a folder written
+        under another prefix would not load. Refused, like an existing `save_dir`, before any work starts."""
+        if file_prefix not in (None, WEIGHTS_PREFIX):
+            raise ValueError(
+                f"file_prefix={file_prefix!r}: transformers and vLLM load weights only from {WEIGHTS_PREFIX}.safetensors "
+                f"/ {WEIGHTS_PREFIX}-0000i-of-0000n.safetensors with {INDEX_NAME}, so ream-hf writes them under the "
+                f"prefix '{WEIGHTS_PREFIX}' only; leave file_prefix out")
         if self._pending_source is None:
             raise ValueError("quantize() needs a source: create the compressor with ReamCompressor.from_pretrained(...)")
-        check_output_dir(save_dir, kwargs.get("overwrite", False))
-        self.compress(self._pending_source)
-        return self.save_pretrained(save_dir, **kwargs)
+        check_output_dir(save_dir, overwrite)
+        self.compress(self._pending_source, tokenizer=self._pending_tokenizer, resume=resume, work_dir=work_dir)
+        return self.save_pretrained(save_dir, overwrite=overwrite)
 
     # -- the pipeline ------------------------------------------------------------------------
     def compress(self, model_or_path: Any, *, tokenizer: Any = None, allow_full_width: bool = False,
@@ -89,16 +115,9 @@ class ReamCompressor(OptimumQuantizer):
         else:
             model, source = model_or_path, None
             config_dict, source_name = model.config.to_dict(), getattr(model, "name_or_path", "") or "<in-memory model>"
-        family = family_for_config(config_dict)
-        num_experts = expert_count(family, config_dict)
-        text_config = (model.config if model is not None else _load_config(source.folder)).get_text_config()
-        top_k = int(text_config.num_experts_per_tok)
-        target = config.resolve_target(num_experts, top_k)
-        if target == num_experts and not allow_full_width:
-            raise ValueError(
-                f"target_experts={target} equals the model's {num_experts} experts; nothing to compress, choose fewer"
-            )
-        check_grouped_routing(family, text_config, target, top_k)
+        family_for_config(config_dict)  # an unsupported model is refused before transformers parses its config
+        model_config = model.config if model is not None else _load_config(source.folder)
+        family, num_experts, target = self.check_model(config_dict, model_config, allow_full_width=allow_full_width)
         trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
         found = mtp_prefixes(family, source) if source is not None else ()
@@ -136,6 +155,23 @@ class ReamCompressor(OptimumQuantizer):
         set_expert_count(family, model.config, target)
         self.model, self.tokenizer, self.result, self._saved = model, tokenizer, result, None
         return model
+
+    def check_model(self, config_dict: dict[str, Any], model_config: Any, *,
+                    allow_full_width: bool = False) -> tuple[MoEFamily, int, int]:
+        """The family, the expert count and the target of a model, from its configuration alone (`config_dict` as
+        config.json holds it, `model_config` the loaded `PretrainedConfig`). Refuses an unsupported model, a target
+        its router cannot serve and unequal routing groups: callers run it before any weight is read."""
+        family = family_for_config(config_dict)
+        num_experts = expert_count(family, config_dict)
+        text_config = model_config.get_text_config()
+        top_k = int(text_config.num_experts_per_tok)
+        target = self.config.resolve_target(num_experts, top_k)
+        if target == num_experts and not allow_full_width:
+            raise ValueError(
+                f"target_experts={target} equals the model's {num_experts} experts; nothing to compress, choose fewer"
+            )
+        check_grouped_routing(family, text_config, target, top_k)
+        return family, num_experts, target
 
     def _source_dtype(self, source: SourceCheckpoint) -> torch.dtype:
         """The dtype `from_pretrained(dtype="auto")` would pick: the one config.json records."""

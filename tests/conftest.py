@@ -28,13 +28,15 @@ def _refuse(what: str):
 @pytest.fixture
 def no_weight_reads(monkeypatch):
     """Fails the test if any weight tensor is read. Every tensor read of ream-hf goes through
-    `ream_hf.io.safetensors.open_shard`; transformers' own loading (the in-memory path) through `from_pretrained`."""
-    import transformers
+    `ream_hf.io.safetensors.open_shard`; every load of transformers (the in-memory path, and
+    `from_pretrained(..., quantization_config=ReamConfig(...))`, whose refusals come before it) through
+    `PreTrainedModel._load_pretrained_model`."""
+    from transformers import PreTrainedModel
 
     import ream_hf.io.safetensors as st
 
     monkeypatch.setattr(st, "open_shard", _refuse("a weight tensor was read"))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _refuse("model weights were loaded"))
+    monkeypatch.setattr(PreTrainedModel, "_load_pretrained_model", staticmethod(_refuse("model weights were loaded")))
 
 
 @pytest.fixture

@@ -111,3 +111,13 @@ def test_the_guard_catches_weight_reads_on_the_streaming_path(qwen3_source, cali
                         num_calibration_sequences=4, sequence_length=32)
     with pytest.raises(AssertionError, match="a weight tensor was read"):
         ReamCompressor(config).compress(str(qwen3_source))
+
+
+def test_the_guard_catches_weight_reads_on_the_in_memory_path(qwen3_source, calibration_txt, no_weight_reads):
+    """...and on the in-memory path, whose weights transformers reads."""
+    from ream_hf import ReamCompressor, ReamConfig
+
+    config = ReamConfig(target_experts=8, method="reap", calibration=[str(calibration_txt)], calibration_ratios=None,
+                        num_calibration_sequences=4, sequence_length=32, streaming=False)
+    with pytest.raises(AssertionError, match="model weights were loaded"):
+        ReamCompressor(config).compress(str(qwen3_source))

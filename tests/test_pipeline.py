@@ -146,7 +146,7 @@ def test_in_memory_model_is_compressed_and_saved_with_hub_key(qwen3_source, cali
 def test_optimum_quantizer_interface(qwen3_source, calibration_txt, tmp_path):
     from optimum.quantization_base import OptimumQuantizer
 
-    compressor = ReamCompressor.from_pretrained(str(qwen3_source), ream_config(calibration_txt, method="frequency"))
+    compressor = ReamCompressor.from_pretrained(str(qwen3_source), config=ream_config(calibration_txt, method="frequency"))
     assert isinstance(compressor, OptimumQuantizer)
     compressor.quantize(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 8

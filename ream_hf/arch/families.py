@@ -134,6 +134,11 @@ def set_expert_count(family: MoEFamily, config: Any, count: int, mtp_layers: int
     for key in (family.num_experts_attr, *family.expert_count_keys):
         if hasattr(config, key):
             setattr(config, key, count)
+    own_key = family.expert_count_keys[0]
+    if own_key in getattr(config, "attribute_map", {}) and hasattr(config, own_key):
+        # an alias (Qwen3-MoE: num_experts -> num_local_experts) that `to_dict` would not write: store it beside the
+        # attribute so `save_pretrained` writes the family's own key, as config.json edits do
+        vars(config)[own_key] = count
     if mtp_layers is not None and family.mtp_layers_key and hasattr(config, family.mtp_layers_key):
         setattr(config, family.mtp_layers_key, mtp_layers)
     text = getattr(config, "text_config", None)

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME, SINGLE_NAME = st.INDEX_NAME, st.SINGLE_NAME
 MANIFEST_NAME = "ream_manifest.json"
+WEIGHTS_PREFIX = "model"  # transformers and vLLM find weights only as model.safetensors / model-0000i-of-0000n...
 NOT_COPIED = {"config.json", INDEX_NAME, "README.md", ".gitattributes"}
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
@@ -80,7 +81,7 @@ def finalize_parts(parts_folder: Path, parts: list[str], output: Path) -> dict[s
     weight_map: dict[str, str] = {}
     total = 0
     for number, part in enumerate(parts, 1):
-        final = f"model-{number:05d}-of-{len(parts):05d}.safetensors"
+        final = f"{WEIGHTS_PREFIX}-{number:05d}-of-{len(parts):05d}.safetensors"
         try:  # a link keeps the work folder intact until the output is in place (a failed save loses nothing)
             os.link(parts_folder / part, output / final)
         except OSError:  # another filesystem
