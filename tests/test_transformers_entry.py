@@ -194,7 +194,7 @@ def test_from_pretrained_refuses_before_loading_weights(case, message, qwen3_sou
 
 def test_from_pretrained_refuses_mtp_layers_it_cannot_keep(glm_with_mtp, calibration_txt, no_weight_reads):
     for mode in ("compress", "keep"):
-        with pytest.raises(ValueError, match=rf"multi-token-prediction layers \(model\.layers\.3\.\*\).*mtp='drop'"):
+        with pytest.raises(ValueError, match=rf"multi-token-prediction layers \(model\.layers\.3\.\*\).*cannot {mode} them.*mtp='drop'"):
             AutoModelForCausalLM.from_pretrained(str(glm_with_mtp),
                                                  quantization_config=hf_config(calibration_txt, mtp=mode))
 
