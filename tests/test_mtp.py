@@ -34,6 +34,7 @@ from ream_hf.pipeline.runner import capture_layer_inputs, forward_layer
 from ream_hf.pipeline.mtp import mtp_layer_specs, run_mtp_layers
 from ream_hf.pipeline.streaming import LayerLoader
 from ream_hf.io.verify import verify_checkpoint
+from ream_hf.release.serve import NO_MTP, mtp_speculation, vllm_server_command
 from tests.conftest import expert_abs_sums, run_vllm_script, tensors
 from tests.families import build_family_checkpoint, compress
 
@@ -219,6 +220,9 @@ def test_compressed_mtp_layer_names_shapes_config_manifest(family, sources, comp
     src, out = tensors(source_folder), tensors(folder)
     key = "mtp.layers.0" if family.startswith("qwen3") else f"model.layers.{src_config['num_hidden_layers']}"
 
+    # vLLM can draft with it: `ream-hf serve` turns speculative decoding on
+    assert mtp_speculation(folder) == (True, f"MTP layers with the trunk's {TARGET} experts")
+
     # config: same keys, expert count = target, MTP count unchanged
     count_key = next(k for k in arch.expert_count_keys if k in src_config)
     assert out_config[count_key] == TARGET and out_config[mtp_count_key(family)] == 1
@@ -343,7 +347,7 @@ def test_mtp_drop_removes_layer_and_zeroes_count(family, sources, calibration_tx
     out_config = json.loads((tmp_path / "out" / "config.json").read_text())
     out = tensors(tmp_path / "out")
     assert mtp_names(family, out, src_config) == []
-    assert out_config[mtp_count_key(family)] == 0
+    assert out_config[mtp_count_key(family)] == 0 and mtp_speculation(tmp_path / "out") == (False, NO_MTP)
     manifest = json.loads((tmp_path / "out" / "ream_manifest.json").read_text())
     assert manifest["mtp"]["mode"] == "drop" and manifest["mtp"]["dropped"]
     assert all(not e["layer"].startswith("mtp.") and e["index"] < src_config["num_hidden_layers"]
@@ -352,7 +356,7 @@ def test_mtp_drop_removes_layer_and_zeroes_count(family, sources, calibration_tx
 
 
 @pytest.mark.parametrize("family", MTP_FAMILIES)
-def test_mtp_keep_copies_layer_full_width(family, sources, calibration_txt, tmp_path):
+def test_mtp_keep_copies_layer_full_width(family, sources, calibration_txt, tmp_path, caplog):
     compress(sources[family], calibration_txt, tmp_path / "out", mtp="keep")
     src_config = json.loads((sources[family] / "config.json").read_text())
     src, out = tensors(sources[family]), tensors(tmp_path / "out")
@@ -362,6 +366,12 @@ def test_mtp_keep_copies_layer_full_width(family, sources, calibration_txt, tmp_
     assert json.loads((tmp_path / "out" / "config.json").read_text())[mtp_count_key(family)] == 1
     manifest = json.loads((tmp_path / "out" / "ream_manifest.json").read_text())
     assert all(e["index"] < src_config["num_hidden_layers"] for e in manifest["layers"])
+    # a full-width MTP layer cannot be vLLM's drafter: `ream-hf serve` leaves speculative decoding off, and says why
+    usable, why = mtp_speculation(tmp_path / "out")
+    assert not usable and f"has 16 experts and the trunk {TARGET}" in why
+    with caplog.at_level("WARNING", logger="ream_hf.release.serve"):
+        assert "--speculative-config" not in vllm_server_command(tmp_path / "out", port=1)
+    assert "without MTP speculative decoding" in caplog.text
 
 
 # -- vLLM ------------------------------------------------------------------------------------------------------

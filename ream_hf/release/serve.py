@@ -1,7 +1,7 @@
 """Serve a (compressed) checkpoint with vLLM's OpenAI-compatible API server.
 
 The checkpoints ream-hf writes load in vLLM unchanged; this module only builds the command line
-(adding MTP speculative decoding when the checkpoint carries an MTP head), runs the server as a
+(adding MTP speculative decoding when the checkpoint carries an MTP head vLLM can draft with), runs the server as a
 child process in its own process group, and waits for `/health`.
 
     with VLLMServer("out/", dtype="float32", extra_args=["--max-model-len", "512"]) as server:
@@ -32,8 +32,8 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..arch import mtp_tensor_names, text_config_dict
-from ..io.safetensors import tensor_names
+from ..arch import expert_count, family_for_config, mtp_tensor_names, parse_moe_name, text_config_dict
+from ..io.safetensors import tensor_infos, tensor_names, weight_map
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +43,15 @@ _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 # ---------------------------------------------------------------- checkpoint inspection
 
 
-def _num_hidden_layers(model_dir: Path) -> int | None:
+NO_MTP = "no MTP weights"
+
+
+def _config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _num_hidden_layers(config: dict) -> int | None:
     for section in (text_config_dict(config), config):
         value = section.get("num_hidden_layers")
         if isinstance(value, int):
@@ -55,11 +59,42 @@ def _num_hidden_layers(model_dir: Path) -> int | None:
     return None
 
 
+def _mtp_names(model_dir: Path, config: dict) -> list[str]:
+    num_layers = _num_hidden_layers(config)
+    return mtp_tensor_names(tensor_names(model_dir), num_layers if num_layers is not None else 10**9)
+
+
 def has_mtp_weights(model_dir: str | os.PathLike) -> bool:
     """True when the checkpoint carries multi-token-prediction weights (`ream_hf.arch.mtp_prefix` decides which)."""
     folder = Path(model_dir)
-    num_layers = _num_hidden_layers(folder)
-    return bool(mtp_tensor_names(tensor_names(folder), num_layers if num_layers is not None else 10**9))
+    return bool(_mtp_names(folder, _config(folder)))
+
+
+def mtp_speculation(model_dir: str | os.PathLike) -> tuple[bool, str]:
+    """Whether vLLM can run the checkpoint's MTP layers as its speculative drafter, and why (for the log).
+
+    vLLM builds the drafter with the trunk's expert count from config.json, so every MTP MoE layer must hold
+    exactly that many experts: `--mtp keep` output keeps them at full width, which vLLM cannot load for
+    speculation. Decided from the folder alone: config.json, the tensor names (`ream_hf.arch.mtp_prefix`,
+    `parse_moe_name`) and the shard headers (the MTP routers' rows). For a model type ream-hf does not know,
+    MTP weights alone decide (no expert count to compare)."""
+    folder = Path(model_dir)
+    config = _config(folder)
+    names = _mtp_names(folder, config)
+    if not names:
+        return False, NO_MTP
+    try:
+        family = family_for_config(config)
+    except ValueError:
+        return True, "MTP weights present"
+    trunk = expert_count(family, config)
+    routers = [n for n in names if (p := parse_moe_name(family, n)) and p.kind == "router" and p.param == "weight"]
+    shards = weight_map(folder)
+    for name, info in sorted(tensor_infos(folder, {n: shards[n] for n in routers}).items()):
+        if info.shape[0] != trunk:
+            return False, (f"its MTP layer ({name}) has {info.shape[0]} experts and the trunk {trunk} (as `--mtp keep` "
+                           "writes it): vLLM builds its drafter with the trunk's count, so it cannot speculate with it")
+    return True, f"MTP layers with the trunk's {trunk} experts"
 
 
 # ---------------------------------------------------------------- command line
@@ -77,9 +112,9 @@ def vllm_server_command(
 ) -> list[str]:
     """The argv that starts vLLM's OpenAI server for `model_dir`.
 
-    When `mtp` is true and the checkpoint has MTP weights (`has_mtp_weights`), adds
-    `--speculative-config '{"method": "mtp", "num_speculative_tokens": N}'` unless `extra_args`
-    already carries a `--speculative-config`.
+    When `mtp` is true and vLLM can speculate with the checkpoint's MTP layers (`mtp_speculation`: present, and
+    with the trunk's expert count), adds `--speculative-config '{"method": "mtp", "num_speculative_tokens": N}'`
+    unless `extra_args` already carries a `--speculative-config`.
     """
     if num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
@@ -89,9 +124,13 @@ def vllm_server_command(
         command += ["--dtype", dtype]
     extra = [str(arg) for arg in extra_args]
     has_spec = any(arg == "--speculative-config" or arg.startswith("--speculative-config=") for arg in extra)
-    if mtp and not has_spec and has_mtp_weights(model_dir):
-        spec = {"method": "mtp", "num_speculative_tokens": int(num_speculative_tokens)}
-        command += ["--speculative-config", json.dumps(spec)]
+    if mtp and not has_spec:
+        usable, why = mtp_speculation(model_dir)
+        if usable:
+            spec = {"method": "mtp", "num_speculative_tokens": int(num_speculative_tokens)}
+            command += ["--speculative-config", json.dumps(spec)]
+        elif why != NO_MTP:
+            logger.warning("serving %s without MTP speculative decoding: %s", model_dir, why)
     return command + extra
 
 
@@ -370,6 +409,6 @@ def _serve_foreground(server: VLLMServer, model_dir: str) -> int:
 
 __all__: Iterable[str] = [
     "DEFAULT_STARTUP_TIMEOUT", "VLLMServer", "add_serve_arguments", "free_port",
-    "has_mtp_weights", "run_serve", "served_model_name",
+    "has_mtp_weights", "mtp_speculation", "run_serve", "served_model_name",
     "signals_raise_keyboard_interrupt", "vllm_server_command",
 ]
