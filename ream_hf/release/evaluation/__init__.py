@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 
 from ..serve import VLLMServer, served_model_name
 from .cache import cache_key, cache_path, cache_read, cache_write, default_cache_dir, model_hash
-from .checks import EvaluationError, MissingNLTKData, check_punkt_tab, package_version, preflight
+from .checks import EvaluationError, MissingNLTKData, check_punkt_tab, package_version, preflight, require_vllm
 from .humaneval import (check_program, generate_humaneval_completions, load_humaneval_problems, run_check,
                         run_humaneval, truncate_at_stop)
 from .lm_eval_tasks import (data_files_from_dir, data_source, normalise_data_files, run_lm_eval_tasks,
@@ -139,6 +139,7 @@ def evaluate_model(
         server = None
         try:
             if base_url is None:
+                require_vllm()
                 server = VLLMServer(model_dir, **server_args).start()
                 url = server.url
                 server_info.update(started=True, startup_seconds=server.startup_seconds, command=server.command,
@@ -277,20 +278,11 @@ def write_results(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 __all__ = [
-    "EvaluationError", "HUMANEVAL_STOP", "METRICS", "MissingNLTKData", "SCHEMA", "TASKS", "check_program",
-    "check_punkt_tab", "data_files_from_dir", "default_cache_dir", "evaluate_model", "evaluate_pair",
-    "generate_humaneval_completions", "load_humaneval_problems", "model_hash", "package_versions", "preflight",
-    "retention", "run_check", "run_humaneval", "run_lm_eval_tasks", "truncate_at_stop", "write_results",
-    "write_task_configs",
-]
-
-
-__all__ = [
     "DEFAULT_CONCURRENCY", "DEFAULT_HUMANEVAL_MAX_TOKENS", "DEFAULT_HUMANEVAL_MEMORY", "DEFAULT_HUMANEVAL_TIMEOUT",
     "DEFAULT_MAX_TOKENS", "GSM8K_VARIANTS", "HUB_SOURCES", "HUMANEVAL_STOP", "LM_EVAL_TASKS", "MAX_SERVER_STOPS",
     "METRICS", "SCHEMA", "TASKS", "EvaluationError", "MissingNLTKData", "VLLMServer", "check_program",
     "check_punkt_tab", "data_files_from_dir", "default_cache_dir", "evaluate_model", "evaluate_pair",
     "generate_humaneval_completions", "load_humaneval_problems", "model_hash", "package_versions", "preflight",
-    "retention", "run_check", "run_humaneval", "run_lm_eval_tasks", "truncate_at_stop", "write_results",
-    "write_task_configs",
+    "require_vllm", "retention", "run_check", "run_humaneval", "run_lm_eval_tasks", "truncate_at_stop",
+    "write_results", "write_task_configs",
 ]

