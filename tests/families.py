@@ -6,13 +6,16 @@ config.json keys to the names the Hub's originals use where transformers re-seri
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import transformers
 
 from ream_hf import ReamCompressor, ReamConfig
+from ream_hf.arch import family_for_config, parse_moe_name
 from ream_hf.fixtures import build_tiny_tokenizer, hub_style_config
+from tests.conftest import tensors
 
 ATTENTION = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.1)
@@ -57,7 +60,10 @@ def family_config(family: str, vocab_size: int, **overrides):
     return getattr(transformers, class_name)(vocab_size=vocab_size, **{**kwargs, **overrides})
 
 
-def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, **overrides) -> Path:
+def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: torch.dtype | None = None,
+                            **overrides) -> Path:
+    """A random checkpoint of `family` with a tokenizer, in float32, or in `dtype` as transformers saves a model
+    loaded in it: tensors the model keeps in float32 (DeepSeek-V3's e_score_correction_bias) stay float32."""
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer(folder)
     config = family_config(family, len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -69,6 +75,9 @@ def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, **overr
         if isinstance(bias, torch.Tensor):
             bias.copy_(torch.randn(bias.shape) * 0.3)
     model.save_pretrained(str(folder))
+    if dtype is not None:  # transformers' own load in `dtype` decides which tensors stay float32
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model.save_pretrained(str(folder))
     if family in HUB_KEY_RENAMES:
         hub_style_config(folder, HUB_KEY_RENAMES[family])
     return folder
@@ -86,3 +95,22 @@ def compress(source: Path, calibration: Path, output: Path, *, method: str = "re
     compressor.compress(str(source), **kw)
     compressor.save_pretrained(output)
     return compressor
+
+
+def assert_pruned_bit_exact(source, output):
+    """A pruned checkpoint against its source: every tensor in the source's dtype; untouched tensors (shared experts
+    and their gates included) bit-exact; output expert j and router row j bit-exact copies of the source's centroid
+    j (per-expert or fused tensors, biases included)."""
+    arch = family_for_config(json.loads((source / "config.json").read_text()))
+    manifest = json.loads((output / "ream_manifest.json").read_text())
+    centroids = {entry["layer"]: [g["centroid"] for g in entry["groups"]] for entry in manifest["layers"]}
+    src, out = tensors(source), tensors(output)
+    for name, tensor in out.items():
+        parsed = parse_moe_name(arch, name)
+        if parsed is None:
+            want = src[name]
+        elif parsed.kind == "expert":
+            want = src[f"{parsed.experts_prefix}{centroids[parsed.layer_key][parsed.expert]}.{parsed.proj}.{parsed.param}"]
+        else:  # fused experts or a router tensor: indexed by expert on dim 0
+            want = src[name][centroids[parsed.layer_key]]
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), name

@@ -8,7 +8,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from ream_hf.arch import family_for_config
-from tests.families import FAMILIES, build_family_checkpoint, compress
+from tests.conftest import tensors
+from tests.families import FAMILIES, assert_pruned_bit_exact, build_family_checkpoint, compress
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,30 @@ def test_routed_forward_is_bit_identical_to_the_family_experts_module(family):
         want = module(x, index, scores)
         got = routed_forward(read_expert_weights(adapter, module), activation_for(adapter, module), x, index, scores)
     assert torch.equal(got, want)
+
+
+# -- bfloat16 checkpoints, as most families are published ------------------------------------------------------
+@pytest.fixture(scope="module")
+def bf16_sources(tmp_path_factory):
+    return {family: build_family_checkpoint(family, tmp_path_factory.mktemp(f"{family}-bf16") / "source",
+                                            dtype=torch.bfloat16) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_family_prunes_bit_exact_streaming_and_in_memory(family, bf16_sources, calibration_txt, tmp_path):
+    """Both paths route exactly as transformers does in bfloat16 (float32 e_score_correction_bias, GPT-OSS router
+    and expert biases, Qwen2-MoE's shared-expert gate) and write the same checkpoint: kept rows bit-exact."""
+    source = bf16_sources[family]
+    assert json.loads((source / "config.json").read_text())["dtype"] == "bfloat16"
+    compress(source, calibration_txt, tmp_path / "streamed", streaming=True)
+    compress(source, calibration_txt, tmp_path / "in-memory", streaming=False)
+    streamed, in_memory = tensors(tmp_path / "streamed"), tensors(tmp_path / "in-memory")
+    assert streamed.keys() == in_memory.keys() and all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
+    manifests = [json.loads((tmp_path / f / "ream_manifest.json").read_text())["layers"] for f in ("streamed", "in-memory")]
+    assert manifests[0] == manifests[1], "same routing statistics on both paths"
+    assert_pruned_bit_exact(source, tmp_path / "streamed")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed"), dtype=torch.bfloat16).eval()
+    logits = model(torch.tensor([[5, 6, 7, 8, 9, 10]])).logits
+    assert torch.isfinite(logits).all()
+    biases = [b for m in model.modules() if isinstance(b := getattr(m, "e_score_correction_bias", None), torch.Tensor)]
+    assert all(b.dtype == torch.float32 for b in biases) and (family in ("deepseek_v3", "glm4_moe")) == bool(biases)

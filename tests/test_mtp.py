@@ -31,12 +31,12 @@ from ream_hf.pipeline.calibration import make_batches
 from ream_hf.arch import parse_moe_name
 from ream_hf.io.source import SourceCheckpoint
 from ream_hf.pipeline.runner import capture_layer_inputs, forward_layer
-from ream_hf.pipeline.mtp import mtp_layer_specs, run_mtp_layers
+from ream_hf.pipeline.mtp import build_mtp_block, mtp_layer_specs, run_mtp_layers
 from ream_hf.pipeline.streaming import LayerLoader
 from ream_hf.io.verify import verify_checkpoint
 from ream_hf.release.serve import NO_MTP, mtp_speculation, vllm_server_command
 from tests.conftest import expert_abs_sums, run_vllm_script, tensors
-from tests.families import build_family_checkpoint, compress
+from tests.families import assert_pruned_bit_exact, build_family_checkpoint, compress
 
 MTP_FAMILIES = ("deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe")
 TARGET = 8
@@ -63,8 +63,8 @@ def add_mtp_layers(folder: Path, *, num_layers: int = 1, fused: bool = False, ec
     dtype = trunk["model.norm.weight"].dtype
     generator = torch.Generator().manual_seed(seed)
 
-    def rand(shape, scale: float) -> torch.Tensor:
-        return (torch.randn(tuple(shape), generator=generator) * scale).to(dtype)
+    def rand(shape, scale: float, like: torch.dtype = dtype) -> torch.Tensor:
+        return (torch.randn(tuple(shape), generator=generator) * scale).to(like)
 
     def norm_weight(shape) -> torch.Tensor:
         return rand(shape, 0.05) if qwen else 1 + rand(shape, 0.05)
@@ -78,8 +78,8 @@ def add_mtp_layers(folder: Path, *, num_layers: int = 1, fused: bool = False, ec
                 relative = name[len(source_prefix):]
                 if "norm" in relative:
                     value = norm_weight(tensor.shape)
-                elif relative.endswith("e_score_correction_bias"):
-                    value = rand(tensor.shape, 0.3)
+                elif relative.endswith("e_score_correction_bias"):  # float32 in a bfloat16 checkpoint too
+                    value = rand(tensor.shape, 0.3, tensor.dtype)
                 else:
                     value = rand(tensor.shape, max(float(tensor.float().std()), 0.02))
                 extra[prefix + relative] = value
@@ -491,3 +491,29 @@ def test_qwen3_5_mtp_names_match_vllm_loader(sources, compressed):
         covered |= hits
     assert covered == {(e, s) for e in range(TARGET) for s in ("w1", "w2", "w3")}
     assert config["num_experts"] == TARGET and out["mtp.layers.0.mlp.gate.weight"].shape[0] == TARGET
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_bfloat16_mtp_layer_routes_and_writes_its_float32_bias(family, calibration_txt, tmp_path):
+    """A bfloat16 checkpoint keeps e_score_correction_bias in float32 (transformers' `_keep_in_fp32_modules_strict`):
+    the MTP layer built beside the trunk holds it in float32 with the source's values, and both paths write its kept
+    rows (and every other kept row) bit-exact."""
+    source = add_mtp_layers(build_family_checkpoint(family, tmp_path / "source", dtype=torch.bfloat16))
+    bias_name = "model.layers.3.mlp.gate.e_score_correction_bias"
+    src = tensors(source)
+    assert src[bias_name].dtype == torch.float32 and src["model.layers.3.mlp.gate.weight"].dtype == torch.bfloat16
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16)
+    checkpoint = SourceCheckpoint(source)
+    arch = family_for_config(checkpoint.config)
+    block = build_mtp_block(model, arch, LayerLoader(checkpoint, arch, torch.device("cpu")),
+                            mtp_layer_specs(arch, checkpoint)[0])
+    assert block.layer.mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(block.layer.mlp.gate.e_score_correction_bias, src[bias_name])
+    assert block.layer.mlp.gate.weight.dtype == torch.bfloat16
+
+    for streaming in (True, False):
+        output = tmp_path / f"out-{streaming}"
+        compress(source, calibration_txt, output, streaming=streaming)
+        assert tensors(output)[bias_name].dtype == torch.float32
+        assert_pruned_bit_exact(source, output)

@@ -137,3 +137,30 @@ def test_saving_twice_in_memory_writes_the_same_files(qwen3_source, calibration_
     compressor.save_pretrained(tmp_path / "first")
     compressor.save_pretrained(tmp_path / "second")
     assert snapshot(tmp_path / "first") == snapshot(tmp_path / "second")
+
+
+def test_skeleton_keeps_float32_tensors_as_transformers_does(tmp_path):
+    """A bfloat16 DeepSeek-V3 streamed layer by layer routes its statistics with the float32 bias transformers keeps
+    (`_keep_in_fp32_modules_strict`), filled with the source's values, not a bfloat16 rounding of them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ream_hf.arch import decoder_layers, family_for_config
+    from ream_hf.io.source import SourceCheckpoint
+    from ream_hf.pipeline.streaming import LayerLoader, build_skeleton
+    from tests.conftest import tensors
+
+    source = build_family_checkpoint("deepseek_v3", tmp_path / "source", dtype=torch.bfloat16)
+    checkpoint = SourceCheckpoint(source)
+    loader = LayerLoader(checkpoint, family_for_config(checkpoint.config), torch.device("cpu"))
+    skeleton = build_skeleton(AutoConfig.from_pretrained(source), torch.bfloat16, torch.device("cpu"), loader)
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    layer = decoder_layers(skeleton)[1]
+    loader.fill(layer, "model.layers.1.")
+    src = tensors(source)
+    for key, tensor in layer.state_dict().items():
+        assert tensor.dtype == reference.model.layers[1].state_dict()[key].dtype, key
+    bias = layer.mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and torch.equal(bias, src["model.layers.1.mlp.gate.e_score_correction_bias"])
+    assert not torch.equal(bias, bias.to(torch.bfloat16).float()), "the fixture's bias is not bfloat16-representable"
+    assert layer.mlp.gate.weight.dtype == torch.bfloat16

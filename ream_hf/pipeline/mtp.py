@@ -35,7 +35,7 @@ from ..arch import MTP_STYLES, MoEFamily, MTPStyle, config_mtp_prefixes, decoder
 from ..io.source import SourceCheckpoint
 from .calibration import CalibrationBatch
 from .runner import LayerCall, run_layer
-from .streaming import LayerLoader, final_norm
+from .streaming import LayerLoader, final_norm, fp32_tensors, keep_fp32
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ def _norm_like(model: nn.Module, weight: torch.Tensor) -> nn.Module:
 
 
 def build_mtp_block(model: nn.Module, family: MoEFamily, loader: LayerLoader, spec: MTPLayerSpec) -> MTPBlock:
-    """Materialise one MTP layer from the source's safetensors (only its tensors are read), in the model's dtype,
-    on the loader's device, through the loader that fills the trunk's layers.
+    """Materialise one MTP layer from the source's safetensors (only its tensors are read), in the model's dtype
+    (float32 where transformers keeps a trunk layer's tensor so), on the loader's device, through the loader that fills the trunk's layers.
 
     The decoder layer is the family's own transformers class: for "layers"-style families built with the
     layer index vLLM uses (N + depth, so `first_k_dense_replace` makes it MoE exactly when vLLM does); for
@@ -169,6 +169,9 @@ def build_mtp_block(model: nn.Module, family: MoEFamily, loader: LayerLoader, sp
         config, layer_index = text, int(text.num_hidden_layers) + spec.depth
     with torch.device("meta"):
         layer = type(trunk_layer)(config, layer_index).to(dtype)
+    # float32 where transformers would keep it so in a trunk layer (e_score_correction_bias in bfloat16)
+    layers_name = next(name for name, module in model.named_modules() if module is decoder_layers(model))
+    keep_fp32(layer, fp32_tensors(model, dtype), f"{layers_name}.{layer_index}.")
     read = loader.fill(layer, spec.layer_prefix)
     unexpected = sorted(layer_names - read)
     if unexpected:

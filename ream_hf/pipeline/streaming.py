@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,47 @@ def final_norm(model: nn.Module) -> nn.Module:
     return norm
 
 
+def fp32_tensors(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """Which tensors transformers keeps in float32 when it loads `model` in `dtype` (None: none of them).
+
+    `from_pretrained` does (`_keep_in_fp32_modules_strict` in bfloat16 and float16, e.g. DeepSeek-V3's and GLM-4.5's
+    `e_score_correction_bias`; `_keep_in_fp32_modules` in float16 only), `from_config` does not: the streaming
+    skeleton and the MTP layers must, or a bfloat16 model routes with a rounded bias and writes rounded rows. The
+    patterns are matched as transformers matches them (`*` any run, searched in the state-dict key)."""
+    patterns = list(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in sorted(set(patterns))))
+
+
+def keep_fp32(module: nn.Module, pattern: re.Pattern | None, prefix: str = "") -> None:
+    """Turn `module`'s parameters and buffers whose key (`prefix` + name) matches `pattern` to float32 (on meta
+    too: the loader then fills them with the source's values, uncast)."""
+    if pattern is None:
+        return
+    persistent = set(module.state_dict())
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.dtype == torch.float32 or not tensor.is_floating_point() or not pattern.search(prefix + name):
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if isinstance(tensor, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(tensor.detach().float(), requires_grad=tensor.requires_grad))
+        else:
+            owner.register_buffer(leaf, tensor.float(), persistent=name in persistent)
+
+
 def build_skeleton(hf_config, dtype, device: torch.device, loader: LayerLoader):
     """The model on meta with embeddings, rotary tables and the final norm real: enough to embed calibration
-    tokens and, after the last layer, to feed MTP layers the normed trunk output."""
+    tokens and, after the last layer, to feed MTP layers the normed trunk output. Tensors transformers keeps in
+    float32 (`fp32_tensors`) are float32 here too."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, experts_implementation="eager")
+    keep_fp32(model, fp32_tensors(model, dtype))
     base = model.model
     embed = base.get_input_embeddings()
     mtp = config_mtp_prefixes(loader.source.config, loader.source.weight_map)
