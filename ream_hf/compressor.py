@@ -101,13 +101,14 @@ class ReamCompressor(OptimumQuantizer):
 
     # -- the pipeline ------------------------------------------------------------------------
     def compress(self, model_or_path: Any, *, tokenizer: Any = None, allow_full_width: bool = False,
-                 resume: bool = False, work_dir: str | os.PathLike | None = None):
+                 resume: bool = False, work_dir: str | os.PathLike | None = None, trust_remote_code: bool = False):
         """Compress and return the model (a meta-device skeleton when streaming).
 
         A folder or Hub id is streamed layer by layer (`ReamConfig.streaming`, the default) through a work
         folder (`work_dir`, default under ~/.cache/ream-hf/work, keyed by source and settings) from which
         `resume=True` continues an interrupted run. `allow_full_width` permits target == current experts
-        (a no-op that exercises the whole pipeline; used to prove it lossless)."""
+        (a no-op that exercises the whole pipeline; used to prove it lossless). `trust_remote_code` lets a source's
+        custom tokenizer code run (Kimi-K2's); the model itself always runs on transformers' own classes."""
         config = self.config
         if isinstance(model_or_path, (str, os.PathLike)):
             source = SourceCheckpoint(resolve_source(model_or_path))
@@ -116,7 +117,7 @@ class ReamCompressor(OptimumQuantizer):
             model, source = model_or_path, None
             config_dict, source_name = model.config.to_dict(), getattr(model, "name_or_path", "") or "<in-memory model>"
         family_for_config(config_dict)  # an unsupported model is refused before transformers parses its config
-        model_config = model.config if model is not None else _load_config(source.folder)
+        model_config = model.config if model is not None else source.transformers_config()
         family, num_experts, target = self.check_model(config_dict, model_config, allow_full_width=allow_full_width)
         trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
@@ -127,9 +128,14 @@ class ReamCompressor(OptimumQuantizer):
             if config.mtp == "drop":
                 drop = found
         check_sources(config.calibration)
+        custom_tokenizer = source.remote_code_tokenizer() if source is not None and tokenizer is None else None
+        if custom_tokenizer and not trust_remote_code:
+            raise ValueError(f"the tokenizer of {source_name} is custom code ({custom_tokenizer}); pass "
+                             "--trust-remote-code (Python: trust_remote_code=True) to run it, or tokenizer=...")
 
         if tokenizer is None:
-            tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None))
+            tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None),
+                                             trust_remote_code, source.transformers_config() if source else None)
         sequences = load_calibration(config, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         batches = make_batches(sequences, config.batch_size, pad_id)
@@ -139,11 +145,11 @@ class ReamCompressor(OptimumQuantizer):
             job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width})
             work = WorkFolder.open(Path(work_dir) if work_dir else default_work_root() / job, job, resume)
             loader = LayerLoader(source, family, device)
-            model = build_skeleton(_load_config(source.folder), self._source_dtype(source), device, loader)
+            model = build_skeleton(source.transformers_config(), self._source_dtype(source), device, loader)
         elif resume:
             raise ValueError("resume needs streaming (the default) and a source folder or Hub id, not a loaded model")
         elif model is None:
-            model = self._load_model(source.folder, device)
+            model = self._load_model(source, device)
         model.eval()
 
         result = CompressionResult(family, num_experts, target, source, source_name, trunk_prefix=trunk_prefix,
@@ -187,23 +193,25 @@ class ReamCompressor(OptimumQuantizer):
     def _dtype(self):
         return "auto" if self.config.dtype == "auto" else _TORCH_DTYPES[self.config.dtype]
 
-    def _load_tokenizer(self, folder):
+    def _load_tokenizer(self, folder, trust_remote_code: bool = False, model_config=None):
+        """The folder's tokenizer; `model_config` (ours, native) spares AutoTokenizer the checkpoint's config code."""
         from transformers import AutoTokenizer
 
         if folder is None or not Path(str(folder)).is_dir():
             raise ValueError("no tokenizer: pass tokenizer=... to compress() for an in-memory model")
         try:
-            return AutoTokenizer.from_pretrained(str(folder))
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, config=model_config)
         except Exception as error:
             raise ValueError(f"cannot load the tokenizer from {folder}: {error}") from None
 
-    def _load_model(self, folder: Path, device: torch.device):
+    def _load_model(self, source: SourceCheckpoint, device: torch.device):
         from transformers import AutoModelForCausalLM
 
         dtype = self._dtype()
         # eager experts are the fastest on CPU and gather no per-token weight copies (TRANSFORMERS.md)
         implementation = "eager" if device.type == "cpu" else "grouped_mm"
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, experts_implementation=implementation)
+        model = AutoModelForCausalLM.from_pretrained(str(source.folder), config=source.transformers_config(), dtype=dtype,
+                                                     experts_implementation=implementation)
         return model.to(device)
 
     @staticmethod
@@ -328,12 +336,3 @@ class ReamCompressor(OptimumQuantizer):
             "mtp": {"mode": self.config.mtp, "dropped": list(result.dropped_prefixes)},
             "layers": result.layer_entries,
         }
-
-
-def _load_config(folder: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(folder))
-    except Exception as error:  # transformers raises several types for unreadable configs
-        raise ValueError(f"cannot read the model config in {folder}: {error}") from None

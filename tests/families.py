@@ -114,3 +114,97 @@ def assert_pruned_bit_exact(source, output):
         else:  # fused experts or a router tensor: indexed by expert on dim 0
             want = src[name][centroids[parsed.layer_key]]
         assert tensor.dtype == want.dtype and torch.equal(tensor, want), name
+
+
+KIMI_K2_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config", "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                    "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+REMOTE_CODE_STUB = "raise ImportError('ream-hf must not run the checkpoint\\'s own model code')\n"
+KIMI_TOKENIZER_CODE = '''from transformers import PreTrainedTokenizerFast
+
+
+class TikTokenTokenizer(PreTrainedTokenizerFast):
+    """Stands in for Kimi-K2's tiktoken tokenizer (remote code); reads the tiny BPE's tokenizer.json."""
+'''
+
+
+def build_kimi_k2_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A tiny DeepSeek-V3 checkpoint laid out as moonshotai/Kimi-K2-Instruct is: config.json with model_type kimi_k2,
+    the original DeepSeek-V3 keys transformers does not write (scoring_func, seq_aux, moe_layer_freq, yarn
+    rope_scaling, torch_dtype, ...), one routing group, an auto_map to remote code that must never run, and a
+    tokenizer that is remote code (tokenization_kimi.TikTokenTokenizer, here over the tiny BPE)."""
+    folder = build_family_checkpoint("deepseek_v3", folder, dtype=dtype, n_group=1, topk_group=1)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("rope_parameters", "dtype", "head_dim", "qk_head_dim", "rope_interleave", "output_router_logits"):
+        config.pop(key, None)
+    config.update(
+        architectures=["DeepseekV3ForCausalLM"], auto_map=KIMI_K2_AUTO_MAP, model_type="kimi_k2", aux_loss_alpha=0.001,
+        ep_size=1, moe_layer_freq=1, num_nextn_predict_layers=0, pretraining_tp=1, scoring_func="sigmoid", seq_aux=True,
+        topk_method="noaux_tc", rope_theta=50000.0, torch_dtype=str(dtype).removeprefix("torch."),
+        rope_scaling={"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 16, "type": "yarn"},
+    )
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
+        (folder / name).write_text(REMOTE_CODE_STUB)
+    (folder / "tokenization_kimi.py").write_text(KIMI_TOKENIZER_CODE)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.update(tokenizer_class="TikTokenTokenizer",
+                            auto_map={"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return folder
+
+
+QWEN3_5_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                      num_position_embeddings=64, spatial_merge_size=2, temporal_patch_size=2)
+QWEN3_5_IMAGE_TOKENS = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+
+
+def build_qwen3_5_vlm_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A tiny Qwen3.5-MoE laid out as Qwen/Qwen3.5-35B-A3B is published: the vision-language model
+    (Qwen3_5MoeForConditionalGeneration, model_type qwen3_5_moe, the decoder's settings nested in `text_config`), a
+    vision tower under `model.visual.*`, the decoder under `model.language_model.*` with its experts fused on disk
+    (`experts.gate_up_proj` (E, 2D, H), `experts.down_proj` (E, H, D)), and one MTP layer (`mtp.*`, per-expert
+    tensors, `text_config.mtp_num_hidden_layers`) in a second shard, with an index."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer(folder)
+    _, text = FAMILY_CONFIGS["qwen3_5_moe"]
+    text = dict(text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=QWEN3_5_VISION, tie_word_embeddings=False,
+                                           **QWEN3_5_IMAGE_TOKENS)
+    torch.manual_seed(seed)
+    transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(str(folder))
+    transformers.AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype).save_pretrained(str(folder))
+
+    trunk = load_file(folder / "model.safetensors")
+    layers = "model.language_model.layers."
+    template = max(i for i, kind in enumerate(config.text_config.layer_types) if kind == "full_attention")
+    generator = torch.Generator().manual_seed(seed + 1)
+    mtp = {}
+    for name, tensor in trunk.items():  # the MTP layer: a full-attention decoder layer, random values
+        if name.startswith(f"{layers}{template}."):
+            scale = 0.05 if "norm" in name else max(float(tensor.float().std()), 0.02)
+            mtp["mtp.layers.0." + name[len(f"{layers}{template}."):]] = \
+                (torch.randn(tensor.shape, generator=generator) * scale).to(tensor.dtype)
+    hidden = config.text_config.hidden_size
+    mtp["mtp.fc.weight"] = (torch.randn(hidden, 2 * hidden, generator=generator) * 0.1).to(dtype)
+    for part in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        mtp[f"mtp.{part}.weight"] = (torch.randn(hidden, generator=generator) * 0.05).to(dtype)
+    for index in range(config.text_config.num_hidden_layers):  # the trunk's experts fused, as published
+        prefix, count = f"{layers}{index}.mlp.experts.", config.text_config.num_experts
+        gate, up, down = ([trunk.pop(f"{prefix}{e}.{proj}.weight") for e in range(count)]
+                          for proj in ("gate_proj", "up_proj", "down_proj"))
+        trunk[f"{prefix}gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
+        trunk[f"{prefix}down_proj"] = torch.stack(down)
+    (folder / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": trunk, "model-00002-of-00002.safetensors": mtp}
+    for shard, shard_tensors in shards.items():
+        save_file(shard_tensors, str(folder / shard), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {name: shard for shard, t in shards.items() for name in sorted(t)}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    saved = json.loads((folder / "config.json").read_text())
+    saved["text_config"]["mtp_num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+    return folder

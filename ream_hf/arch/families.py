@@ -79,6 +79,10 @@ FAMILIES: tuple[MoEFamily, ...] = (
 )
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+# model types transformers does not register whose checkpoints are another, registered architecture: built natively as
+# that one from config.json (no remote code). Kimi-K2 is DeepSeek-V3 (its config names DeepseekV3ForCausalLM; vLLM
+# maps kimi_k2 to DeepseekV3Config too).
+NATIVE_ARCHITECTURES = {"kimi_k2": "deepseek_v3"}
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 

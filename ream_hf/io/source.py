@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..arch import NATIVE_ARCHITECTURES
 from . import safetensors as st
 
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
@@ -47,6 +49,36 @@ class SourceCheckpoint:
             self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read {config_path}: {error}") from None
+
+    def transformers_config(self):
+        """A new transformers config of the source (callers may edit it), as `AutoConfig.from_pretrained` reads it; a model type that is another
+        architecture (`NATIVE_ARCHITECTURES`: Kimi-K2 is DeepSeek-V3) is built natively as that one from config.json,
+        without its `auto_map` (remote code is not needed to run an architecture transformers ships)."""
+        from transformers import AutoConfig
+
+        native = NATIVE_ARCHITECTURES.get(self.config.get("model_type"))
+        try:
+            if native is None:
+                return AutoConfig.from_pretrained(str(self.folder))
+            # a deep copy: config classes edit nested dicts (rope_scaling) in place, and self.config is written out
+            settings = copy.deepcopy({k: v for k, v in self.config.items() if k not in ("model_type", "auto_map")})
+            return AutoConfig.for_model(native, **settings)
+        except Exception as error:  # transformers raises several types for unreadable configs
+            raise ValueError(f"cannot read the model config in {self.folder}: {error}") from None
+
+    def remote_code_tokenizer(self) -> str | None:
+        """The custom tokenizer class the source's `auto_map` names (Kimi-K2: tokenization_kimi.TikTokenTokenizer),
+        or None when transformers' own classes load its tokenizer. Running that code needs the user's consent."""
+        for name in ("tokenizer_config.json", "config.json"):
+            path = self.folder / name
+            try:
+                auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map") if path.is_file() else None
+            except (OSError, json.JSONDecodeError, AttributeError):
+                continue
+            entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+            if entry:
+                return next((c for c in entry if c), None) if isinstance(entry, (list, tuple)) else str(entry)
+        return None
 
     @functools.cached_property
     def weight_map(self) -> dict[str, str]:
