@@ -36,6 +36,7 @@ from .io.writer import (
     output_groups,
     write_json,
 )
+from .method.planning import check_plan
 from .method.surgery import check_grouped_routing
 from .pipeline.calibration import check_sources, load_calibration, make_batches
 from .pipeline.mtp import check_mtp_layers, mtp_prefixes
@@ -132,7 +133,16 @@ class ReamCompressor(OptimumQuantizer):
         if custom_tokenizer and not trust_remote_code:
             raise ValueError(f"the tokenizer of {source_name} is custom code ({custom_tokenizer}); pass "
                              "--trust-remote-code (Python: trust_remote_code=True) to run it, or tokenizer=...")
+        streaming = source is not None and model is None and config.streaming
+        if resume and not streaming:
+            raise ValueError("resume needs streaming (the default) and a source folder or Hub id, not a loaded model")
+        work = None
+        if streaming:
+            dtype = self._source_dtype(source)
+            job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width})
+            work = WorkFolder.open(Path(work_dir) if work_dir else default_work_root() / job, job, resume)
 
+        # everything refusable is refused above: from here on, the tokenizer, calibration data and weights are read
         if tokenizer is None:
             tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None),
                                              trust_remote_code, source.transformers_config() if source else None)
@@ -140,14 +150,10 @@ class ReamCompressor(OptimumQuantizer):
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         batches = make_batches(sequences, config.batch_size, pad_id)
         device = torch.device(config.device)
-        loader = work = None
-        if source is not None and model is None and config.streaming:
-            job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width})
-            work = WorkFolder.open(Path(work_dir) if work_dir else default_work_root() / job, job, resume)
+        loader = None
+        if streaming:
             loader = LayerLoader(source, family, device)
-            model = build_skeleton(source.transformers_config(), self._source_dtype(source), device, loader)
-        elif resume:
-            raise ValueError("resume needs streaming (the default) and a source folder or Hub id, not a loaded model")
+            model = build_skeleton(source.transformers_config(), dtype, device, loader)
         elif model is None:
             model = self._load_model(source, device)
         model.eval()
@@ -166,7 +172,8 @@ class ReamCompressor(OptimumQuantizer):
                     allow_full_width: bool = False) -> tuple[MoEFamily, int, int]:
         """The family, the expert count and the target of a model, from its configuration alone (`config_dict` as
         config.json holds it, `model_config` the loaded `PretrainedConfig`). Refuses an unsupported model, a target
-        its router cannot serve and unequal routing groups: callers run it before any weight is read."""
+        its router cannot serve, unequal routing groups and REAM groups too small to hold every expert: callers run it
+        before any weight is read."""
         family = family_for_config(config_dict)
         num_experts = expert_count(family, config_dict)
         text_config = model_config.get_text_config()
@@ -177,6 +184,7 @@ class ReamCompressor(OptimumQuantizer):
                 f"target_experts={target} equals the model's {num_experts} experts; nothing to compress, choose fewer"
             )
         check_grouped_routing(family, text_config, target, top_k)
+        check_plan(self.config, num_experts, target)
         return family, num_experts, target
 
     def _source_dtype(self, source: SourceCheckpoint) -> torch.dtype:

@@ -121,3 +121,46 @@ def test_the_guard_catches_weight_reads_on_the_in_memory_path(qwen3_source, cali
                         num_calibration_sequences=4, sequence_length=32, streaming=False)
     with pytest.raises(AssertionError, match="model weights were loaded"):
         ReamCompressor(config).compress(str(qwen3_source))
+
+
+@pytest.fixture(scope="module")
+def deepseek_source(tmp_path_factory):
+    """DeepSeek-V3: 16 experts in n_group=4 routing groups, topk_group=2, top-4."""
+    from tests.families import build_family_checkpoint
+
+    return build_family_checkpoint("deepseek_v3", tmp_path_factory.mktemp("deepseek") / "source")
+
+
+PLAN_CASES = {  # refused from the config alone, not after a layer's statistics
+    "groups cannot hold the experts": ("qwen3", ["--target-experts", "4", "--method", "ream", "--group-size", "2"],
+                                       "4 groups of at most group_size=2 cannot hold 16 experts"),
+    "target across routing groups": ("deepseek", ["--target-experts", "6"], "not divisible by n_group=4"),
+    "too few per routing group": ("deepseek", ["--target-experts", "4"], "too few for top-4"),
+    "group size within routing groups": ("deepseek", ["--target-experts", "8", "--method", "ream", "--group-size", "1"],
+                                         "cannot hold 16 experts"),
+    "resume without streaming": ("qwen3", ["--target-experts", "8", "--resume", "--no-streaming"], "resume needs streaming"),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAN_CASES))
+def test_impossible_plans_are_refused_before_work(name, qwen3_source, deepseek_source, calibration_txt, tmp_path, capsys,
+                                                  no_work_started):
+    which, extra, message = PLAN_CASES[name]
+    source = qwen3_source if which == "qwen3" else deepseek_source
+    code, err = run_cli(["compress", str(source), "--calibration", str(calibration_txt), "--output",
+                         str(tmp_path / "out"), *extra], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unfinished_or_foreign_work_folder_is_refused_before_work(qwen3_source, calibration_txt, tmp_path, capsys,
+                                                                  no_work_started):
+    from ream_hf.pipeline.streaming import WorkFolder
+
+    WorkFolder.open(tmp_path / "work", "another-job", resume=False).commit(1, [], [])
+    args = ["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(calibration_txt),
+            "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "found an unfinished run" in err and "--resume" in err
+    code, err = run_cli([*args, "--resume"], capsys)
+    assert code == 2 and "different source or settings" in err

@@ -25,6 +25,15 @@ def _check_target(num_experts: int, k: int) -> None:
         raise ValueError(f"target of {k} experts is outside 1..{num_experts} for a layer of {num_experts} experts")
 
 
+def check_group_capacity(num_experts: int, k: int, group_size: int) -> None:
+    """REAM's pseudo-pruning puts at most `group_size` experts in each of the k groups, and every expert in one."""
+    if k * group_size < num_experts:
+        raise ValueError(
+            f"{k} groups of at most group_size={group_size} cannot hold {num_experts} experts; "
+            f"raise group_size to at least {math.ceil(num_experts / k)} or raise the target experts"
+        )
+
+
 def select_centroids(saliency: Tensor, k: int) -> list[int]:
     """The k most salient experts, most salient first; a stable sort makes ties go to the lower index."""
     _check_target(saliency.shape[0], k)
@@ -50,11 +59,7 @@ def pseudo_prune_groups(saliency: Tensor, distance: Tensor, k: int, group_size: 
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1 for pseudo-pruning, got {group_size}; use m_smoe_groups for the C=0 rule")
     _check_target(num_experts, k)
-    if k * group_size < num_experts:
-        raise ValueError(
-            f"{k} groups of at most group_size={group_size} cannot hold {num_experts} experts; "
-            f"raise group_size to at least {math.ceil(num_experts / k)} or raise the target experts"
-        )
+    check_group_capacity(num_experts, k, group_size)
     centroids = select_centroids(saliency, k)
     nearest_first = torch.argsort(distance.detach().cpu().double(), dim=1, stable=True).tolist()
     taken = [False] * num_experts

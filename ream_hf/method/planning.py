@@ -13,6 +13,7 @@ import torch
 from ..config import ReamConfig
 from .grouping import (
     ExpertGroup,
+    check_group_capacity,
     hc_smoe_groups,
     m_smoe_groups,
     merge_weights,
@@ -47,6 +48,19 @@ def merge_saliency(saliency: torch.Tensor) -> torch.Tensor:
     return torch.where(saliency > 0, saliency, torch.full_like(saliency, floor))
 
 
+def pseudo_prunes(config: ReamConfig) -> bool:
+    """Whether the plan is REAM's pseudo-pruning (groups of at most `group_size`), not the C=0 (M-SMoE) rule."""
+    return config.method == "ream" and config.group_size != 0
+
+
+def check_plan(config: ReamConfig, num_experts: int, target: int) -> None:
+    """Refuse, before any statistics are gathered, a plan no layer can follow: `target` groups of at most
+    `group_size` experts must hold all `num_experts` (within each routing group too: its share of both, the same
+    ratio, since the target is a multiple of the group count)."""
+    if pseudo_prunes(config):
+        check_group_capacity(num_experts, target, config.group_size)
+
+
 def _groups_for_block(config: ReamConfig, stats: LayerStatistics, experts: list[int], target: int) -> list[ExpertGroup]:
     """Groups over the subset `experts` (one routing group) with local statistics, mapped back to global ids."""
     index = torch.tensor(experts)
@@ -59,10 +73,10 @@ def _groups_for_block(config: ReamConfig, stats: LayerStatistics, experts: list[
         gram = stats.router_logit_gram
         gram = gram[index][:, index] if (config.use_router_logits and gram is not None) else None
         distance = expert_distance(stats.output_signatures[index], gram)
-        if config.method == "m_smoe" or config.group_size == 0:
-            local = m_smoe_groups(scores, distance, target)
-        else:
+        if pseudo_prunes(config):
             local = pseudo_prune_groups(scores, distance, target, config.group_size)
+        else:
+            local = m_smoe_groups(scores, distance, target)
     return [ExpertGroup(experts[g.centroid], tuple(experts[m] for m in g.members)) for g in local]
 
 
