@@ -18,6 +18,7 @@ DEFAULTS = ReamConfig  # the dataclass's field defaults (class attributes): one 
 
 def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="local model folder or Hugging Face Hub repo id")
+    parser.add_argument("--revision", help="branch, tag or commit of a Hub repo id (default: its main branch)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the source's custom tokenizer code (Kimi-K2's); the model always runs on "
                              "transformers' own classes")
@@ -84,7 +85,8 @@ def _compress(args: argparse.Namespace) -> int:
     compressor = ReamCompressor(config)
     output_path = Path(args.output)
     work_dir = args.work_dir or output_path.parent / f".{output_path.name}.ream-work"
-    compressor.compress(args.source, resume=args.resume, work_dir=work_dir, trust_remote_code=args.trust_remote_code)
+    compressor.compress(args.source, resume=args.resume, work_dir=work_dir, trust_remote_code=args.trust_remote_code,
+                        revision=args.revision)
     output = compressor.save_pretrained(args.output, overwrite=args.overwrite)
     result = compressor.result
     print(f"{result.source_name}: {result.experts_before} -> {result.experts_after} experts in "

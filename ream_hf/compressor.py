@@ -20,7 +20,7 @@ from . import __version__
 from .arch import MoEFamily, decoder_layers, expert_count, family_for_config, parse_moe_name, set_expert_count, \
     text_config_dict
 from .config import CONFIG_KEY, ReamConfig
-from .io.source import SourceCheckpoint, resolve_source
+from .io.source import SourceCheckpoint, open_source
 from .io.verify import verify_checkpoint
 from .io.writer import (
     INDEX_NAME,
@@ -102,19 +102,23 @@ class ReamCompressor(OptimumQuantizer):
 
     # -- the pipeline ------------------------------------------------------------------------
     def compress(self, model_or_path: Any, *, tokenizer: Any = None, allow_full_width: bool = False,
-                 resume: bool = False, work_dir: str | os.PathLike | None = None, trust_remote_code: bool = False):
+                 resume: bool = False, work_dir: str | os.PathLike | None = None, trust_remote_code: bool = False,
+                 revision: str | None = None):
         """Compress and return the model (a meta-device skeleton when streaming).
 
         A folder or Hub id is streamed layer by layer (`ReamConfig.streaming`, the default) through a work
         folder (`work_dir`, default under ~/.cache/ream-hf/work, keyed by source and settings) from which
         `resume=True` continues an interrupted run. `allow_full_width` permits target == current experts
         (a no-op that exercises the whole pipeline; used to prove it lossless). `trust_remote_code` lets a source's
-        custom tokenizer code run (Kimi-K2's); the model itself always runs on transformers' own classes."""
+        custom tokenizer code run (Kimi-K2's); the model itself always runs on transformers' own classes. `revision`
+        picks the branch, tag or commit of a Hub repo id (recorded in the manifest, part of the work folder's key)."""
         config = self.config
         if isinstance(model_or_path, (str, os.PathLike)):
-            source = SourceCheckpoint(resolve_source(model_or_path))
+            source = open_source(model_or_path, revision)
             config_dict, model, source_name = source.config, None, str(model_or_path)
         else:
+            if revision is not None:
+                raise ValueError(f"revision {revision!r} applies to a Hub repo id, not to a loaded model")
             model, source = model_or_path, None
             config_dict, source_name = model.config.to_dict(), getattr(model, "name_or_path", "") or "<in-memory model>"
         family_for_config(config_dict)  # an unsupported model is refused before transformers parses its config
@@ -336,6 +340,7 @@ class ReamCompressor(OptimumQuantizer):
             "format": "ream-hf manifest v1",
             "ream_hf_version": __version__,
             "source": result.source_name,
+            "source_revision": result.source.revision if result.source is not None else None,
             "family": result.family.name,
             "method": self.config.method,
             "experts_before": result.experts_before,

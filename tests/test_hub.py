@@ -1,6 +1,7 @@
 """Model card rendering and Hub push, against an in-process fake Hub (no network)."""
 
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -176,18 +177,67 @@ def test_hub_cache_folder_names_its_repo(tmp_path):
 
 # -- a fake Hub behind huggingface_hub's own HTTP client ------------------------------------------------
 class FakeHub:
-    """Answers the endpoints `create_repo`, `model_info`, `upload_folder` (preupload + commit) call."""
+    """Answers the endpoints `create_repo`, `model_info`, `upload_folder` (preupload + commit) call, and, for the
+    model repos added with `add_repo`, those of downloads: `model_info` at a revision, the tree listing, file
+    metadata (HEAD) and file contents (GET, with byte ranges)."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.files: dict[str, bytes] = {}
         self.commit_headers: list[dict] = []
         self.unexpected: list[str] = []
+        self.repos: dict[str, tuple[dict[str, str], dict[str, dict[str, bytes]]]] = {}  # id -> (refs, commits)
+        self.cut_after: dict[str, int] = {}  # file -> bytes sent before its next GET's connection drops
+        self.fail_next: set[str] = set()  # files whose next GET answers 500
+
+    def add_repo(self, repo_id: str, commits: dict[str, dict[str, bytes]], refs: dict[str, str]) -> None:
+        """`commits`: commit hash -> its files; `refs`: branch or tag -> commit hash."""
+        self.repos[repo_id] = (refs, commits)
+
+    def downloads(self, name: str) -> list[dict[str, str]]:
+        """Headers of every GET of a repo file called `name`."""
+        return [headers for method, path, headers, _ in self.requests
+                if method == "GET" and "/resolve/" in path and path.endswith("/" + name)]
+
+    def _download(self, request, http, path):
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?", path) or \
+            re.fullmatch(r"/([^/]+/[^/]+)/(resolve)/([^/]+)/(.+)", path)
+        if match is None or match[1] not in self.repos:
+            return None
+        refs, commits = self.repos[match[1]]
+        commit = refs.get(match[3] or "main", match[3])
+        if commit not in commits:
+            return http.Response(404, headers={"X-Error-Code": "RevisionNotFound"}, json={"error": "no such revision"})
+        files = commits[commit]
+        if match[2] in ("revision", None):
+            return http.Response(200, json={"id": match[1], "sha": commit, "siblings": [
+                {"rfilename": name, "size": len(data)} for name, data in files.items()]})
+        if match[2] == "tree":
+            return http.Response(200, json=[{"type": "file", "path": name, "size": len(data),
+                                             "oid": hashlib.sha1(data).hexdigest()} for name, data in files.items()])
+        name = match[4]
+        data = files[name]
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+        if request.method == "HEAD":
+            return http.Response(200, headers={**headers, "Content-Length": str(len(data))})
+        if name in self.fail_next:
+            self.fail_next.discard(name)
+            return http.Response(500, json={"error": "the fake Hub is down"})
+        start = int(re.fullmatch(r"bytes=(\d+)-", request.headers["Range"])[1]) if "Range" in request.headers else 0
+        body = data[start:]
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        cut = self.cut_after.pop(name, None)
+        return http.Response(206 if start else 200, headers={**headers, "Content-Length": str(len(body))},
+                             stream=cut_stream(http, body, cut) if cut is not None else http.ByteStream(body))
 
     def __call__(self, request, http):
         body = request.read()
         self.requests.append((request.method, request.url.path, dict(request.headers), body))
         path = request.url.path
+        downloaded = self._download(request, http, path)
+        if downloaded is not None:
+            return downloaded
         if request.method == "GET" and path == "/api/agent-harnesses":  # huggingface_hub 2.x user-agent details
             return http.Response(404, json={"error": "not faked"})
         if request.method == "POST" and path == "/api/repos/create":
@@ -214,6 +264,16 @@ class FakeHub:
                                             "commitOid": "0" * 40, "pullRequestUrl": None})
         self.unexpected.append(f"{request.method} {path}")
         return http.Response(404, json={"error": "not faked"})
+
+
+def cut_stream(http, body: bytes, cut: int):
+    """A response body that stops after `cut` bytes, as a dropped connection does."""
+    class CutStream(http.SyncByteStream):
+        def __iter__(self):
+            yield body[:cut]
+            raise http.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    return CutStream()
 
 
 @pytest.fixture
@@ -319,3 +379,109 @@ def test_compress_and_push_with_evaluation_refuses_before_compressing(missing, f
         compress_and_push(compressor, str(qwen3_source), "me/tiny-reap", token=TOKEN, base_model=BASE,
                           evaluate=True, output_dir=tmp_path / "out")
     assert compressor.result is None and fake_hub.requests == [] and not (tmp_path / "out").exists()
+
+
+# -- downloads from the (fake) Hub -------------------------------------------------------------------------------
+REPO = "me/tiny-moe"
+COMMIT_V1, COMMIT_MAIN = "1" * 40, "2" * 40
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def hub_layout(source: Path) -> dict[str, bytes]:
+    """A tiny checkpoint laid out as large Hub repos are: two shards and an index, side files, a README and images,
+    and a second full copy of the weights (`original/`, `consolidated.safetensors`) that is never downloaded."""
+    from safetensors.torch import load_file, save
+
+    weights = load_file(source / "model.safetensors")
+    names = sorted(weights)
+    halves = (names[: len(names) // 2], names[len(names) // 2:])
+    files = {shard: save({n: weights[n] for n in half}, metadata={"format": "pt"}) for shard, half in zip(SHARDS, halves)}
+    files[INDEX_NAME] = json.dumps({"metadata": {}, "weight_map": {n: shard for shard, half in zip(SHARDS, halves)
+                                                                  for n in half}}).encode()
+    for item in source.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            files[item.name] = item.read_bytes()
+    files.update({"README.md": b"# tiny\n", "figures/logo.png": b"\x89PNG", "original/params.json": b"{}",
+                  "original/consolidated.00.pth": b"x" * 4096,
+                  "consolidated.safetensors": (source / "model.safetensors").read_bytes()})
+    return files
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    return tmp_path / "hub-cache"
+
+
+def test_compress_from_the_hub_downloads_only_what_it_reads_at_the_revision(fake_hub, hub_cache, qwen3_source,
+                                                                           calibration_txt, tmp_path, capsys):
+    from ream_hf.cli import main
+
+    files = hub_layout(qwen3_source)
+    main_files = {**files, "config.json": b"{not the revision asked for"}
+    fake_hub.add_repo(REPO, {COMMIT_V1: files, COMMIT_MAIN: main_files}, {"main": COMMIT_MAIN, "v1": COMMIT_V1})
+    code = main(["compress", REPO, "--revision", "v1", "--target-experts", "8", "--method", "reap", "--calibration",
+                 str(calibration_txt), "--num-sequences", "8", "--sequence-length", "48", "--output", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert fake_hub.unexpected == []
+    fetched = {path.split("/resolve/")[1] for method, path, _, _ in fake_hub.requests
+               if method == "GET" and "/resolve/" in path}
+    assert {name.split("/", 1)[0] for name in fetched} == {COMMIT_V1}, "every file from the commit v1 pointed to"
+    wanted = {name for name in files if "/" not in name and name != "README.md" and name != "consolidated.safetensors"}
+    assert {name.split("/", 1)[1] for name in fetched} == wanted
+    assert {*SHARDS, INDEX_NAME, "config.json", "tokenizer.json"} <= wanted
+    manifest = json.loads((tmp_path / "out" / "ream_manifest.json").read_text())
+    assert manifest["source"] == REPO and manifest["source_revision"] == COMMIT_V1
+
+
+def test_an_interrupted_download_resumes(fake_hub, hub_cache, qwen3_source, monkeypatch):
+    """A connection dropped mid-file is resumed from the bytes received (a range request); a download that fails
+    (a crash, a kill) leaves its finished files in the cache, and the next run fetches only the rest."""
+    from huggingface_hub import constants
+
+    from ream_hf.io.source import open_source
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 256)  # written to disk in 256-byte pieces, not 10 MB
+    files = hub_layout(qwen3_source)
+    fake_hub.add_repo(REPO, {COMMIT_V1: files}, {"main": COMMIT_V1})
+    fake_hub.cut_after[SHARDS[1]] = 1024
+    fake_hub.fail_next.add(SHARDS[0])
+    with pytest.raises(ValueError, match=f"cannot download {REPO} from the Hugging Face Hub") as error:
+        open_source(REPO)
+    assert "\n" not in str(error.value)
+    retries = fake_hub.downloads(SHARDS[1])
+    assert [headers.get("range") for headers in retries] == [None, "bytes=1024-"], "resumed where the connection dropped"
+
+    source = open_source(REPO)
+    assert source.revision == COMMIT_V1 and source.folder.name == COMMIT_V1
+    assert len(fake_hub.downloads(SHARDS[0])) == 2, "the failed shard is fetched again"
+    assert len(fake_hub.downloads(SHARDS[1])) == 2, "the finished shard is not"
+    for name in (*SHARDS, INDEX_NAME, "config.json"):
+        assert (source.folder / name).read_bytes() == files[name], name
+    assert len(source.weight_map) == len(json.loads(files[INDEX_NAME])["weight_map"])
+
+
+def test_hub_refusals_are_one_line(fake_hub, hub_cache, qwen3_source, tmp_path, no_work_started):
+    from ream_hf.io.source import open_source
+
+    files = hub_layout(qwen3_source)
+    fake_hub.add_repo(REPO, {COMMIT_V1: files, COMMIT_MAIN: {k: v for k, v in files.items() if k != SHARDS[1]}},
+                      {"main": COMMIT_MAIN, "v1": COMMIT_V1})
+    for revision, message in [("v2", "cannot download me/tiny-moe@v2 from the Hugging Face Hub: no such branch, tag"),
+                              (None, f"shard {SHARDS[1]} named in its index is not in the repo")]:
+        with pytest.raises(ValueError, match=message) as error:
+            open_source(REPO, revision)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="applies to Hub repo ids"):
+        open_source(qwen3_source, "v1")
+    assert not fake_hub.downloads(SHARDS[0])
+
+
+def test_the_revision_is_part_of_the_job(qwen3_source):
+    from ream_hf.io.source import SourceCheckpoint
+    from ream_hf.pipeline.streaming import fingerprint
+
+    jobs = {fingerprint(SourceCheckpoint(qwen3_source, revision=r), {"target_experts": 8}) for r in (None, "a", "b")}
+    assert len(jobs) == 3

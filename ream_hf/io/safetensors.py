@@ -55,7 +55,7 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         raise ValueError(f"cannot read the safetensors header of {path}: {error}") from None
 
 
-def _read_index(index_path: Path) -> dict[str, str]:
+def read_index(index_path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -71,7 +71,7 @@ def weight_map(folder: str | os.PathLike) -> dict[str, str]:
     folder = Path(folder)
     index_path = folder / INDEX_NAME
     if index_path.is_file():
-        names = _read_index(index_path)
+        names = read_index(index_path)
     elif (folder / SINGLE_NAME).is_file():
         names = dict.fromkeys(read_header(folder / SINGLE_NAME), SINGLE_NAME)
     else:
@@ -90,7 +90,7 @@ def tensor_names(folder: str | os.PathLike) -> list[str]:
     fine), for callers that only look (serving flags)."""
     folder = Path(folder)
     if (folder / INDEX_NAME).is_file():
-        return list(_read_index(folder / INDEX_NAME))
+        return list(read_index(folder / INDEX_NAME))
     return [name for shard in sorted(folder.glob("*.safetensors")) for name in read_header(shard)]
 
 

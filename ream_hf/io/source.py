@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import glob
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,33 +17,94 @@ import torch
 from ..arch import NATIVE_ARCHITECTURES
 from . import safetensors as st
 
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
+logger = logging.getLogger(__name__)
+
+# files beside the weights that a compressed checkpoint carries on (tokenizer, chat template, generation config,
+# custom code), taken from the top of a Hub repo only: sub-folders hold other formats (`original/`, GGUF, ...)
+SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken")
 
 
-def resolve_source(model_path: str | os.PathLike) -> Path:
-    """A local folder as is; anything else is taken as a Hub repo id and downloaded (weights as safetensors)."""
+def open_source(model_path: str | os.PathLike, revision: str | None = None) -> SourceCheckpoint:
+    """A local checkpoint folder as it is, or a Hub repo id downloaded at `revision` (branch, tag or commit; default
+    the main branch): config, index, the shards the index names and the side files (`download_hub_checkpoint`)."""
     path = Path(model_path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"source {model_path} is a file; give a model folder or a Hub repo id")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ValueError(f"source folder {model_path} is not readable")
-        return path
+        if revision is not None:
+            raise ValueError(f"revision {revision!r} applies to Hub repo ids; {model_path} is a local folder")
+        return SourceCheckpoint(path)
     if str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") != 1:
         raise ValueError(f"source {model_path} is neither a local folder nor a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
+    folder, commit = download_hub_checkpoint(str(model_path), revision)
+    return SourceCheckpoint(folder, revision=commit)
 
+
+def download_hub_checkpoint(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
+    """Download what compression reads from a Hub model repo into the Hub cache; returns the snapshot folder and the
+    commit it holds.
+
+    Only the weights the index names are fetched (or the single `model.safetensors`): repos that also hold a second
+    full copy (`original/`, `consolidated.safetensors`) cost no extra download. Every file comes from one commit, the
+    one `revision` pointed to when the download began. Progress is huggingface_hub's (per file and in total);
+    finished files stay in the cache, so a download interrupted by a crash or a kill continues with the files it
+    lacks when run again (the file it was writing starts over), and a dropped connection mid-file is resumed from
+    the bytes already received (HTTP range requests, huggingface_hub's retries)."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        return Path(snapshot_download(str(model_path), allow_patterns=HUB_ALLOW_PATTERNS))
-    except Exception as error:  # the hub raises many types; the user needs one line
-        raise ValueError(f"cannot download {model_path} from the Hugging Face Hub: {error}") from None
+        if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: whatever the cache holds for that revision
+            folder = Path(snapshot_download(repo_id, revision=revision))
+            return folder, folder.name  # the cache's snapshots/<commit>
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
+        index = st.read_index(Path(hf_hub_download(repo_id, st.INDEX_NAME, revision=info.sha))) \
+            if st.INDEX_NAME in sizes else None
+    except Exception as error:  # the Hub raises many types, several lines long; the user needs one line
+        raise _hub_error(where, error) from None
+    if index is not None:
+        shards = sorted(set(index.values()))
+    elif st.SINGLE_NAME in sizes:
+        shards = [st.SINGLE_NAME]
+    else:
+        raise ValueError(f"{where} has no safetensors weights ({st.INDEX_NAME} or {st.SINGLE_NAME}) at its top")
+    missing = [shard for shard in shards if shard not in sizes]
+    if missing:
+        raise ValueError(f"{where} is incomplete: shard {missing[0]} named in its index is not in the repo")
+    files = sorted({name for name in sizes if "/" not in name and name.endswith(SIDE_FILE_SUFFIXES)} | set(shards))
+    logger.info("downloading %s (commit %s): %d weight shards, %d other files, %.2f GB", where, info.sha[:12],
+                len(shards), len(files) - len(shards), sum(sizes[name] for name in files) / 1e9)
+    try:  # exact names, glob characters escaped: snapshot_download matches allow_patterns with fnmatch
+        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=[glob.escape(name) for name in files])
+    except Exception as error:
+        raise _hub_error(where, error) from None
+    return Path(folder), info.sha
+
+
+def _hub_error(where: str, error: Exception) -> ValueError:
+    """One line a user can act on, from huggingface_hub's errors (several lines, the first often a bare status)."""
+    from huggingface_hub import errors
+
+    known = [(errors.GatedRepoError, "the repo is gated: accept its terms on the Hub and log in (hf auth login)"),
+             (errors.RepositoryNotFoundError, "no such repo, or it is private and you are not logged in"),
+             (errors.RevisionNotFoundError, "no such branch, tag or commit"),
+             (errors.EntryNotFoundError, "a file it lists is missing")]
+    reason = next((text for kind, text in known if isinstance(error, kind)), None)
+    if reason is None:
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return ValueError(f"cannot download {where} from the Hugging Face Hub: {reason}")
 
 
 class SourceCheckpoint:
-    """A local checkpoint folder: its config.json as written, and which shard holds each tensor."""
+    """A local checkpoint folder: its config.json as written, and which shard holds each tensor. `revision`: the Hub
+    commit the folder was downloaded at (None for a local folder)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike, revision: str | None = None) -> None:
+        self.folder, self.revision = Path(folder), revision
         config_path = self.folder / "config.json"
         if not config_path.is_file():
             raise ValueError(f"{self.folder} has no config.json; give a Hugging Face model folder or Hub id")

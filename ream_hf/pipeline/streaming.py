@@ -158,8 +158,11 @@ def build_skeleton(hf_config, dtype, device: torch.device, loader: LayerLoader):
 
 
 def fingerprint(source: SourceCheckpoint, settings: dict[str, Any]) -> str:
-    """Identifies a job: the source's config and tensor index, and every setting that changes the output."""
+    """Identifies a job: the source (its Hub commit, config and tensor index) and every setting that changes the
+    output."""
     digest = hashlib.sha256()
+    if source.revision is not None:  # the same config and index at another commit may hold other weights
+        digest.update(f"revision {source.revision}".encode())
     digest.update(json.dumps(source.config, sort_keys=True).encode())
     digest.update(json.dumps(sorted(source.weight_map.items())).encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())

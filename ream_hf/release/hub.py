@@ -126,13 +126,15 @@ def compress_and_push(
     eval_kwargs: dict[str, Any] | None = None,
     overwrite: bool = False,
     base_model: str | None = None,
+    compress_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """Compress `source` with `compressor`, save, optionally evaluate against the source, write the card, push.
 
     `output_dir` keeps the checkpoint (default: a temporary folder under TMPDIR, deleted after the push: set
     TMPDIR or give `output_dir` for large models). `evaluate=True` runs `ream_hf.release.evaluation.evaluate_pair`
     (with `eval_kwargs`) and uploads its results as `eval_results.json`. `base_model` is the source's Hub id
-    for the card; found from `source` when it is a Hub id or a Hub-cache folder. Returns the repo URL.
+    for the card; found from `source` when it is a Hub id or a Hub-cache folder. `compress_kwargs` go to
+    `ReamCompressor.compress` (revision, trust_remote_code, work_dir, resume, ...). Returns the repo URL.
     """
     # everything that can be refused is refused before hours of compression
     _check_repo_id(repo_id)
@@ -148,7 +150,7 @@ def compress_and_push(
 
     with tempfile.TemporaryDirectory(prefix="ream-hf-push-") as scratch:
         output = Path(output_dir) if output_dir is not None else Path(scratch) / repo_id.split("/")[-1]
-        compressor.compress(source)
+        compressor.compress(source, **(compress_kwargs or {}))
         compressor.save_pretrained(output, overwrite=overwrite)
         source_dir = compressor.result.source.folder if compressor.result.source is not None else None
         results = None
