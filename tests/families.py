@@ -70,10 +70,14 @@ def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: 
                            eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    for module in model.modules():  # bias-corrected routers: make selection differ from scores
-        bias = getattr(module, "e_score_correction_bias", None)
-        if isinstance(bias, torch.Tensor):
-            bias.copy_(torch.randn(bias.shape) * 0.3)
+    with torch.no_grad():
+        for module in model.modules():  # bias-corrected routers: make selection differ from scores
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn(bias.shape) * 0.3)
+        for name, param in model.named_parameters():  # GPT-OSS experts carry biases: as published, not zeros
+            if name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):
+                param.copy_(torch.randn(param.shape) * 0.05)
     model.save_pretrained(str(folder))
     if dtype is not None:  # transformers' own load in `dtype` decides which tensors stay float32
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)

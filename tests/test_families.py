@@ -113,6 +113,8 @@ def test_bfloat16_family_prunes_bit_exact_streaming_and_in_memory(family, bf16_s
     manifests = [json.loads((tmp_path / f / "ream_manifest.json").read_text())["layers"] for f in ("streamed", "in-memory")]
     assert manifests[0] == manifests[1], "same routing statistics on both paths"
     assert_pruned_bit_exact(source, tmp_path / "streamed")
+    expert_biases = [t for n, t in streamed.items() if n.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias"))]
+    assert all(t.abs().sum() > 0 for t in expert_biases) and (family == "gpt_oss") == bool(expert_biases)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed"), dtype=torch.bfloat16).eval()
     logits = model(torch.tensor([[5, 6, 7, 8, 9, 10]])).logits
     assert torch.isfinite(logits).all()
