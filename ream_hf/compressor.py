@@ -147,6 +147,8 @@ class ReamCompressor(OptimumQuantizer):
             work = WorkFolder.open(Path(work_dir) if work_dir else default_work_root() / job, job, resume)
 
         # everything refusable is refused above: from here on, the tokenizer, calibration data and weights are read
+        if source is not None:
+            source.fetch_weights()  # a Hub source's shards: a refused run downloads none
         if tokenizer is None:
             tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None),
                                              trust_remote_code, source.transformers_config() if source else None)

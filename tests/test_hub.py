@@ -448,14 +448,17 @@ def test_an_interrupted_download_resumes(fake_hub, hub_cache, qwen3_source, monk
     fake_hub.add_repo(REPO, {COMMIT_V1: files}, {"main": COMMIT_V1})
     fake_hub.cut_after[SHARDS[1]] = 1024
     fake_hub.fail_next.add(SHARDS[0])
+    source = open_source(REPO)
+    assert source.revision == COMMIT_V1 and source.folder.name == COMMIT_V1
+    assert not fake_hub.downloads(SHARDS[0]) and not fake_hub.downloads(SHARDS[1]), "weights come last"
     with pytest.raises(ValueError, match=f"cannot download {REPO} from the Hugging Face Hub") as error:
-        open_source(REPO)
+        source.fetch_weights()
     assert "\n" not in str(error.value)
     retries = fake_hub.downloads(SHARDS[1])
     assert [headers.get("range") for headers in retries] == [None, "bytes=1024-"], "resumed where the connection dropped"
 
     source = open_source(REPO)
-    assert source.revision == COMMIT_V1 and source.folder.name == COMMIT_V1
+    source.fetch_weights()
     assert len(fake_hub.downloads(SHARDS[0])) == 2, "the failed shard is fetched again"
     assert len(fake_hub.downloads(SHARDS[1])) == 2, "the finished shard is not"
     for name in (*SHARDS, INDEX_NAME, "config.json"):
@@ -463,7 +466,7 @@ def test_an_interrupted_download_resumes(fake_hub, hub_cache, qwen3_source, monk
     assert len(source.weight_map) == len(json.loads(files[INDEX_NAME])["weight_map"])
 
 
-def test_hub_refusals_are_one_line(fake_hub, hub_cache, qwen3_source, tmp_path, no_work_started):
+def test_hub_refusals_come_before_the_weights(fake_hub, hub_cache, qwen3_source, calibration_txt, no_work_started):
     from ream_hf.io.source import open_source
 
     files = hub_layout(qwen3_source)
@@ -476,7 +479,10 @@ def test_hub_refusals_are_one_line(fake_hub, hub_cache, qwen3_source, tmp_path, 
         assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="applies to Hub repo ids"):
         open_source(qwen3_source, "v1")
-    assert not fake_hub.downloads(SHARDS[0])
+    config = ReamConfig(target_experts=16, method="reap", calibration=[str(calibration_txt)], calibration_ratios=None)
+    with pytest.raises(ValueError, match="equals the model's 16 experts"):  # refused from config and index alone
+        ReamCompressor(config).compress(REPO, revision="v1")
+    assert fake_hub.downloads(INDEX_NAME) and not fake_hub.downloads(SHARDS[0]), "no weights downloaded"
 
 
 def test_the_revision_is_part_of_the_job(qwen3_source):

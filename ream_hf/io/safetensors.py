@@ -65,9 +65,10 @@ def read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
-def weight_map(folder: str | os.PathLike) -> dict[str, str]:
+def weight_map(folder: str | os.PathLike, shards_present: bool = True) -> dict[str, str]:
     """Tensor name -> shard file of a checkpoint folder (its index, or its single model.safetensors); refuses a
-    folder without safetensors weights or with a shard its index names missing."""
+    folder without safetensors weights or (unless `shards_present` is False: still to download) with a shard its
+    index names missing."""
     folder = Path(folder)
     index_path = folder / INDEX_NAME
     if index_path.is_file():
@@ -79,7 +80,7 @@ def weight_map(folder: str | os.PathLike) -> dict[str, str]:
             f"{folder} has no safetensors weights ({INDEX_NAME} or {SINGLE_NAME}); convert the checkpoint to "
             "safetensors first"
         )
-    missing = sorted({f for f in names.values() if not (folder / f).is_file()})
+    missing = sorted({f for f in names.values() if not (folder / f).is_file()}) if shards_present else []
     if missing:
         raise ValueError(f"{folder} is incomplete: shard {missing[0]} listed in its index is missing")
     return names

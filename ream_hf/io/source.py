@@ -8,7 +8,8 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken")
 
 
 def open_source(model_path: str | os.PathLike, revision: str | None = None) -> SourceCheckpoint:
-    """A local checkpoint folder as it is, or a Hub repo id downloaded at `revision` (branch, tag or commit; default
-    the main branch): config, index, the shards the index names and the side files (`download_hub_checkpoint`)."""
+    """A local checkpoint folder as it is, or a Hub repo id at `revision` (branch, tag or commit; default the main
+    branch): its config, index and side files downloaded now, its weight shards by `SourceCheckpoint.fetch_weights`
+    once every refusal is past (`HubDownload`)."""
     path = Path(model_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -38,56 +40,84 @@ def open_source(model_path: str | os.PathLike, revision: str | None = None) -> S
         return SourceCheckpoint(path)
     if str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") != 1:
         raise ValueError(f"source {model_path} is neither a local folder nor a Hub repo id (owner/name)")
-    folder, commit = download_hub_checkpoint(str(model_path), revision)
-    return SourceCheckpoint(folder, revision=commit)
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: whatever the cache holds for that revision
+        try:
+            folder = Path(snapshot_download(str(model_path), revision=revision))
+        except Exception as error:
+            raise _hub_error(str(model_path), revision, error) from None
+        return SourceCheckpoint(folder, revision=folder.name)  # the cache's snapshots/<commit>
+    download = HubDownload.plan(str(model_path), revision)
+    folder = download.fetch(download.side_files)
+    return SourceCheckpoint(folder, revision=download.commit, fetch_weights=lambda: download.fetch(download.shards))
 
 
-def download_hub_checkpoint(repo_id: str, revision: str | None = None) -> tuple[Path, str]:
-    """Download what compression reads from a Hub model repo into the Hub cache; returns the snapshot folder and the
-    commit it holds.
+@dataclass
+class HubDownload:
+    """What compression reads from a Hub model repo, all from one commit (the one `revision` pointed to when the
+    download began), into the Hub cache.
 
     Only the weights the index names are fetched (or the single `model.safetensors`): repos that also hold a second
-    full copy (`original/`, `consolidated.safetensors`) cost no extra download. Every file comes from one commit, the
-    one `revision` pointed to when the download began. Progress is huggingface_hub's (per file and in total);
-    finished files stay in the cache, so a download interrupted by a crash or a kill continues with the files it
-    lacks when run again (the file it was writing starts over), and a dropped connection mid-file is resumed from
-    the bytes already received (HTTP range requests, huggingface_hub's retries)."""
-    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    full copy (`original/`, `consolidated.safetensors`) cost no extra download; side files come from the top of the
+    repo only. Progress is huggingface_hub's (per file and in total). Finished files stay in the cache, so a download
+    interrupted by a crash or a kill continues with the files it lacks when run again (the file it was writing
+    starts over: huggingface_hub 2.x keeps no partial file between runs), and a connection dropped mid-file is
+    resumed from the bytes received (range requests, huggingface_hub's retries)."""
 
-    where = f"{repo_id}@{revision}" if revision else repo_id
-    try:
-        if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: whatever the cache holds for that revision
-            folder = Path(snapshot_download(repo_id, revision=revision))
-            return folder, folder.name  # the cache's snapshots/<commit>
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-        sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
-        index = st.read_index(Path(hf_hub_download(repo_id, st.INDEX_NAME, revision=info.sha))) \
-            if st.INDEX_NAME in sizes else None
-    except Exception as error:  # the Hub raises many types, several lines long; the user needs one line
-        raise _hub_error(where, error) from None
-    if index is not None:
-        shards = sorted(set(index.values()))
-    elif st.SINGLE_NAME in sizes:
-        shards = [st.SINGLE_NAME]
-    else:
-        raise ValueError(f"{where} has no safetensors weights ({st.INDEX_NAME} or {st.SINGLE_NAME}) at its top")
-    missing = [shard for shard in shards if shard not in sizes]
-    if missing:
-        raise ValueError(f"{where} is incomplete: shard {missing[0]} named in its index is not in the repo")
-    files = sorted({name for name in sizes if "/" not in name and name.endswith(SIDE_FILE_SUFFIXES)} | set(shards))
-    logger.info("downloading %s (commit %s): %d weight shards, %d other files, %.2f GB", where, info.sha[:12],
-                len(shards), len(files) - len(shards), sum(sizes[name] for name in files) / 1e9)
-    try:  # exact names, glob characters escaped: snapshot_download matches allow_patterns with fnmatch
-        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=[glob.escape(name) for name in files])
-    except Exception as error:
-        raise _hub_error(where, error) from None
-    return Path(folder), info.sha
+    repo_id: str
+    revision: str | None
+    commit: str
+    sizes: dict[str, int]  # every file of the repo at that commit
+    shards: list[str]
+    side_files: list[str]  # config, index, tokenizer, chat template, generation config, custom code
+
+    @classmethod
+    def plan(cls, repo_id: str, revision: str | None = None) -> HubDownload:
+        """The repo's file list and index (a few kB); refuses a repo without safetensors weights or with an
+        incomplete index."""
+        from huggingface_hub import HfApi, hf_hub_download
+
+        try:
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+            sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
+            index = st.read_index(Path(hf_hub_download(repo_id, st.INDEX_NAME, revision=info.sha))) \
+                if st.INDEX_NAME in sizes else None
+        except Exception as error:  # the Hub raises many types, several lines long; the user needs one line
+            raise _hub_error(repo_id, revision, error) from None
+        where = f"{repo_id}@{revision}" if revision else repo_id
+        if index is not None:
+            shards = sorted(set(index.values()))
+        elif st.SINGLE_NAME in sizes:
+            shards = [st.SINGLE_NAME]
+        else:
+            raise ValueError(f"{where} has no safetensors weights ({st.INDEX_NAME} or {st.SINGLE_NAME}) at its top")
+        missing = [shard for shard in shards if shard not in sizes]
+        if missing:
+            raise ValueError(f"{where} is incomplete: shard {missing[0]} named in its index is not in the repo")
+        side = sorted(name for name in sizes if "/" not in name and name.endswith(SIDE_FILE_SUFFIXES))
+        if index is None:  # a single file: its header is its index, so it comes first
+            side, shards = side + shards, []
+        logger.info("%s at commit %s: %d weight shards (%.2f GB) after %d other files", where, info.sha[:12],
+                    len(shards), sum(sizes[name] for name in shards) / 1e9, len(side))
+        return cls(repo_id, revision, info.sha, sizes, shards, side)
+
+    def fetch(self, names: list[str]) -> Path:
+        """Download `names` (what the cache lacks of them); the snapshot folder holding them."""
+        from huggingface_hub import snapshot_download
+
+        try:  # exact names, glob characters escaped: snapshot_download matches allow_patterns with fnmatch
+            return Path(snapshot_download(self.repo_id, revision=self.commit,
+                                          allow_patterns=[glob.escape(name) for name in names]))
+        except Exception as error:
+            raise _hub_error(self.repo_id, self.revision, error) from None
 
 
-def _hub_error(where: str, error: Exception) -> ValueError:
+def _hub_error(repo_id: str, revision: str | None, error: Exception) -> ValueError:
     """One line a user can act on, from huggingface_hub's errors (several lines, the first often a bare status)."""
     from huggingface_hub import errors
 
+    where = f"{repo_id}@{revision}" if revision else repo_id
     known = [(errors.GatedRepoError, "the repo is gated: accept its terms on the Hub and log in (hf auth login)"),
              (errors.RepositoryNotFoundError, "no such repo, or it is private and you are not logged in"),
              (errors.RevisionNotFoundError, "no such branch, tag or commit"),
@@ -101,10 +131,12 @@ def _hub_error(where: str, error: Exception) -> ValueError:
 
 class SourceCheckpoint:
     """A local checkpoint folder: its config.json as written, and which shard holds each tensor. `revision`: the Hub
-    commit the folder was downloaded at (None for a local folder)."""
+    commit the folder was downloaded at (None for a local folder); `fetch_weights`: how a Hub source's weight shards
+    are downloaded (`fetch_weights()`, once every refusal is past)."""
 
-    def __init__(self, folder: str | os.PathLike, revision: str | None = None) -> None:
-        self.folder, self.revision = Path(folder), revision
+    def __init__(self, folder: str | os.PathLike, revision: str | None = None,
+                 fetch_weights: Callable[[], object] | None = None) -> None:
+        self.folder, self.revision, self._fetch_weights = Path(folder), revision, fetch_weights
         config_path = self.folder / "config.json"
         if not config_path.is_file():
             raise ValueError(f"{self.folder} has no config.json; give a Hugging Face model folder or Hub id")
@@ -143,10 +175,19 @@ class SourceCheckpoint:
                 return next((c for c in entry if c), None) if isinstance(entry, (list, tuple)) else str(entry)
         return None
 
+    def fetch_weights(self) -> None:
+        """Download a Hub source's weight shards (a no-op for a local folder, or once done): called when nothing is
+        left to refuse, so a refused run downloads no weights."""
+        if self._fetch_weights is not None:
+            self._fetch_weights()
+            self._fetch_weights = None
+            st.weight_map(self.folder)  # every shard the index names is there now
+
     @functools.cached_property
     def weight_map(self) -> dict[str, str]:
-        """Tensor name -> shard file; read on first use so config-level errors are reported first."""
-        return st.weight_map(self.folder)
+        """Tensor name -> shard file; read on first use so config-level errors are reported first (a Hub source's
+        shards may still be to download: `fetch_weights`)."""
+        return st.weight_map(self.folder, shards_present=self._fetch_weights is None)
 
     @functools.cached_property
     def tensor_infos(self) -> dict[str, st.TensorInfo]:
