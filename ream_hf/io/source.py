@@ -50,7 +50,8 @@ def open_source(model_path: str | os.PathLike, revision: str | None = None) -> S
         return SourceCheckpoint(folder, revision=folder.name)  # the cache's snapshots/<commit>
     download = HubDownload.plan(str(model_path), revision)
     folder = download.fetch(download.side_files)
-    return SourceCheckpoint(folder, revision=download.commit, fetch_weights=lambda: download.fetch(download.shards))
+    fetch_weights = (lambda: download.fetch(download.shards)) if download.shards else None
+    return SourceCheckpoint(folder, revision=download.commit, fetch_weights=fetch_weights)
 
 
 @dataclass
