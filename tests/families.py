@@ -131,12 +131,12 @@ class TikTokenTokenizer(PreTrainedTokenizerFast):
 '''
 
 
-def build_kimi_k2_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+def build_kimi_k2_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfloat16, **overrides) -> Path:
     """A tiny DeepSeek-V3 checkpoint laid out as moonshotai/Kimi-K2-Instruct is: config.json with model_type kimi_k2,
     the original DeepSeek-V3 keys transformers does not write (scoring_func, seq_aux, moe_layer_freq, yarn
     rope_scaling, torch_dtype, ...), one routing group, an auto_map to remote code that must never run, and a
     tokenizer that is remote code (tokenization_kimi.TikTokenTokenizer, here over the tiny BPE)."""
-    folder = build_family_checkpoint("deepseek_v3", folder, dtype=dtype, n_group=1, topk_group=1)
+    folder = build_family_checkpoint("deepseek_v3", folder, dtype=dtype, **{"n_group": 1, "topk_group": 1, **overrides})
     config = json.loads((folder / "config.json").read_text())
     for key in ("rope_parameters", "dtype", "head_dim", "qk_head_dim", "rope_interleave", "output_router_logits"):
         config.pop(key, None)

