@@ -491,3 +491,17 @@ def test_the_revision_is_part_of_the_job(qwen3_source):
 
     jobs = {fingerprint(SourceCheckpoint(qwen3_source, revision=r), {"target_experts": 8}) for r in (None, "a", "b")}
     assert len(jobs) == 3
+
+
+def test_a_single_file_checkpoint_comes_with_its_side_files(fake_hub, hub_cache, qwen3_source):
+    """Without an index, model.safetensors's header is the index: it is fetched first, and fetch_weights has
+    nothing left to do."""
+    from ream_hf.io.source import open_source
+
+    files = {p.name: p.read_bytes() for p in qwen3_source.iterdir() if p.is_file()}
+    fake_hub.add_repo(REPO, {COMMIT_V1: files}, {"main": COMMIT_V1})
+    source = open_source(REPO)
+    assert len(fake_hub.downloads("model.safetensors")) == 1 and len(source.weight_map) > 0
+    count = len(fake_hub.requests)
+    source.fetch_weights()
+    assert len(fake_hub.requests) == count
