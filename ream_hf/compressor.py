@@ -83,12 +83,14 @@ class ReamCompressor(OptimumQuantizer):
         return compressor
 
     def quantize(self, save_dir: str | os.PathLike, file_prefix: str | None = None, *, overwrite: bool = False,
-                 resume: bool = False, work_dir: str | os.PathLike | None = None) -> Path:
+                 resume: bool = False, work_dir: str | os.PathLike | None = None, trust_remote_code: bool = False,
+                 revision: str | None = None) -> Path:
         """optimum's `quantize`: compress the `from_pretrained` source and save it to `save_dir`; returns the folder.
 
         `file_prefix` may only be None or "model": transformers and vLLM find a checkpoint's weights by the names
         model.safetensors / model-0000i-of-0000n.safetensors and model.safetensors.index.json, so a folder written
-        under another prefix would not load. Refused, like an existing `save_dir`, before any work starts."""
+        under another prefix would not load. Refused, like an existing `save_dir`, before any work starts. The other
+        keywords are `compress`'s."""
         if file_prefix not in (None, WEIGHTS_PREFIX):
             raise ValueError(
                 f"file_prefix={file_prefix!r}: transformers and vLLM load weights only from {WEIGHTS_PREFIX}.safetensors "
@@ -97,7 +99,8 @@ class ReamCompressor(OptimumQuantizer):
         if self._pending_source is None:
             raise ValueError("quantize() needs a source: create the compressor with ReamCompressor.from_pretrained(...)")
         check_output_dir(save_dir, overwrite)
-        self.compress(self._pending_source, tokenizer=self._pending_tokenizer, resume=resume, work_dir=work_dir)
+        self.compress(self._pending_source, tokenizer=self._pending_tokenizer, resume=resume, work_dir=work_dir,
+                      trust_remote_code=trust_remote_code, revision=revision)
         return self.save_pretrained(save_dir, overwrite=overwrite)
 
     # -- the pipeline ------------------------------------------------------------------------
