@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import DTYPES, MERGE_MODE_ALIASES, MERGE_MODES, METHODS, MTP_MODES, ReamConfig
+from .config import DTYPES, MERGE_MODE_ALIASES, MERGE_MODES, METHODS, MTP_MODES, OUTPUT_DTYPES, ReamConfig
 
 DEFAULTS = ReamConfig  # the dataclass's field defaults (class attributes): one source for CLI and Python
 
@@ -36,6 +36,8 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--device", default=DEFAULTS.device)
     parser.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
+    parser.add_argument("--output-dtype", choices=OUTPUT_DTYPES, help="write a quantized (FP8 block, MXFP4) source "
+                        "dequantized to this dtype, without quantization_config (default: FP8 in its own format)")
     parser.add_argument("--group-size", type=int, default=DEFAULTS.group_size, help="REAM group size C (0 = M-SMoE rule)")
     parser.add_argument("--merge", choices=(*MERGE_MODES, *MERGE_MODE_ALIASES), default=DEFAULTS.merge,
                         metavar="{" + ",".join(MERGE_MODES) + "}",
@@ -66,7 +68,7 @@ def _config_from_args(args: argparse.Namespace) -> ReamConfig:
         merge=args.merge, pca_dim=args.pca_dim, sequential=not args.no_sequential,
         gated_similarity=not args.no_gated_similarity, use_router_logits=not args.no_router_logits, mtp=args.mtp,
         max_shard_size=args.max_shard_size, streaming=not args.no_streaming,
-        hidden_states_budget_gb=args.hidden_states_budget_gb,
+        hidden_states_budget_gb=args.hidden_states_budget_gb, output_dtype=args.output_dtype,
     )
     if args.calibration:
         kwargs["calibration"] = args.calibration

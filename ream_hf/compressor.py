@@ -20,6 +20,7 @@ from . import __version__
 from .arch import MoEFamily, decoder_layers, expert_count, family_for_config, parse_moe_name, set_expert_count, \
     text_config_dict
 from .config import CONFIG_KEY, ReamConfig
+from .io.quantization import check_loaded_model, plan_output
 from .io.source import SourceCheckpoint, open_source
 from .io.verify import verify_checkpoint
 from .io.writer import (
@@ -119,11 +120,15 @@ class ReamCompressor(OptimumQuantizer):
         if isinstance(model_or_path, (str, os.PathLike)):
             source = open_source(model_or_path, revision)
             config_dict, model, source_name = source.config, None, str(model_or_path)
+            # a quantized source's format, first: unsupported ones are refused from config.json alone
+            dequantize_to = plan_output(source.quantization, config.output_dtype, config.streaming, source_name)
         else:
             if revision is not None:
                 raise ValueError(f"revision {revision!r} applies to a Hub repo id, not to a loaded model")
             model, source = model_or_path, None
             config_dict, source_name = model.config.to_dict(), getattr(model, "name_or_path", "") or "<in-memory model>"
+            check_loaded_model(model.config)
+            dequantize_to = plan_output(None, config.output_dtype, False, source_name)
         family_for_config(config_dict)  # an unsupported model is refused before transformers parses its config
         model_config = model.config if model is not None else source.transformers_config()
         family, num_experts, target = self.check_model(config_dict, model_config, allow_full_width=allow_full_width)
@@ -170,7 +175,7 @@ class ReamCompressor(OptimumQuantizer):
         result = CompressionResult(family, num_experts, target, source, source_name, trunk_prefix=trunk_prefix,
                                    calibration_sequences=len(sequences),
                                    calibration_tokens=int(sum(int(s.numel()) for s in sequences)),
-                                   dropped_prefixes=drop, work=work)
+                                   dropped_prefixes=drop, work=work, dequantize_to=dequantize_to)
         mtp_loader = LayerLoader(source, family, device) if found and config.mtp == "compress" else None
         run_layers(config, model, family, batches, target, device, result, loader, mtp_loader)
         set_expert_count(family, model.config, target)
@@ -289,11 +294,12 @@ class ReamCompressor(OptimumQuantizer):
             writer = PartWriter(folder, config.max_shard_size)
             pending = groups
         for names in pending:
-            writer.write_group(group_tensors(source, result.family, names, result.outputs))
+            writer.write_group(group_tensors(source, result.family, names, result.outputs, result.dequantize_dtype))
         finalize_parts(parts_folder, writer.parts, folder)
         mtp_count = 0 if result.dropped_prefixes else None
         write_json(folder / "config.json",
-                   edit_config_json(source.config, result.family, result.experts_after, config.to_dict(), mtp_count))
+                   edit_config_json(source.config, result.family, result.experts_after, config.to_dict(), mtp_count,
+                                    result.dequantize_to))
         copy_side_files(source.folder, folder)
 
     def _save_copy(self, output_dir: str | os.PathLike, overwrite: bool) -> Path:

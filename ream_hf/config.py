@@ -24,6 +24,7 @@ MERGE_MODES = ("activations+weights", "weights", "activations", "avg", "none")
 MERGE_MODE_ALIASES = {"logits+weights": "activations+weights", "logits": "activations"}
 MTP_MODES = ("compress", "keep", "drop")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32")  # a quantized source written dequantized
 CONFIG_KEY = "ream_config"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -124,6 +125,8 @@ class ReamConfig(QuantizationConfigMixin):
     token_chunk_size: int = 2048
     device: str = "cpu"
     dtype: str = "auto"
+    # a quantized source (FP8 block, MXFP4) is written in its own format, or dequantized to this dtype
+    output_dtype: str | None = None
 
     quant_method: str = field(default="ream", init=False, repr=False)
 
@@ -156,6 +159,8 @@ class ReamConfig(QuantizationConfigMixin):
             raise ValueError(f"mtp must be one of {', '.join(MTP_MODES)}; got {self.mtp!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.output_dtype is not None and self.output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}; got {self.output_dtype!r}")
         if not self.calibration:
             raise ValueError("calibration needs at least one source (a .txt/.jsonl file or a Hub dataset id)")
         if self.calibration_ratios is not None:

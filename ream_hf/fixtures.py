@@ -114,3 +114,47 @@ def write_demo_calibration(path: str | Path, num_lines: int = 600, seed: int = 1
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+
+
+def fp8_block_checkpoint(source: str | Path, output: str | Path, block: tuple[int, int] = (128, 128),
+                         scale_fmt: str | None = None) -> Path:
+    """The FP8 block-wise twin of a plain checkpoint, laid out as DeepSeek-V3 / Qwen3-*-FP8 publish theirs: every
+    2-D linear weight of the decoder layers (MTP layers included) as float8_e4m3fn with a float32
+    `weight_scale_inv` per block (partial edge blocks where a dim is not a multiple of the block), quantized with
+    transformers' rounding; routers, norms, embeddings and lm_head in bfloat16; `quantization_config` in
+    config.json and dtype bfloat16."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .arch import family_for_config, parse_moe_name
+    from .io import safetensors as st
+    from .io.quantization import Fp8BlockFormat
+    from .io.source import SourceCheckpoint
+    from .io.writer import copy_side_files
+
+    src = SourceCheckpoint(source)
+    family = family_for_config(src.config)
+    quantization = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": list(block), "modules_to_not_convert": ["lm_head"]}
+    if scale_fmt:
+        quantization["scale_fmt"] = scale_fmt
+    fmt = Fp8BlockFormat(quantization)
+    output = Path(output)
+    output.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in src.iter_tensors(list(src.weight_map)):
+        parsed = parse_moe_name(family, name)
+        if tensor.dim() == 2 and name.endswith(".weight") and ".layers." in name and \
+                not (parsed and parsed.kind == "router"):
+            tensors.update(fmt.quantize(name, tensor, {}))
+        else:
+            tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    save_file(tensors, str(output / st.SINGLE_NAME), metadata={"format": "pt"})
+    config = dict(src.config, quantization_config=quantization)
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+        config[key] = "bfloat16"
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    copy_side_files(src.folder, output)
+    return output

@@ -24,6 +24,7 @@ from .layout import (
     MoETensorName,
     MTPStyle,
     config_mtp_prefixes,
+    disk_expert_name,
     disk_expert_names,
     disk_expert_tensors,
     expert_shapes,
@@ -39,7 +40,8 @@ from .modules import decoder_layers, experts, moe_block, router
 
 __all__ = [
     "EXPERT_COUNT_KEYS", "FAMILIES", "FUSED_PARAMS", "MTP_STYLES", "NATIVE_ARCHITECTURES", "ExpertWeights", "MTPStyle",
-    "MoEFamily", "MoETensorName", "config_mtp_prefixes", "decoder_layers", "disk_expert_names", "disk_expert_tensors",
+    "MoEFamily", "MoETensorName", "config_mtp_prefixes", "decoder_layers", "disk_expert_name", "disk_expert_names",
+    "disk_expert_tensors",
     "expert_count", "expert_shapes", "experts", "family_for_config", "fused_expert_params", "in_memory_key",
     "moe_block", "mtp_prefix", "mtp_tensor_names", "parse_moe_name", "read_expert_weights", "router",
     "set_expert_count", "supported_families", "text_config_dict", "write_expert_weights",

@@ -149,10 +149,15 @@ def disk_expert_tensors(family: MoEFamily, experts_prefix: str, weights: ExpertW
             for expert in range(weights.num_experts) for role, proj in family.disk_proj_names.items()}
 
 
+def disk_expert_name(family: MoEFamily, experts_prefix: str, expert: int, role: str) -> str:
+    """The on-disk name of one expert's projection (`role`: gate, up or down)."""
+    return f"{experts_prefix}{expert}.{family.disk_proj_names[role]}.weight"
+
+
 def disk_expert_names(family: MoEFamily, experts_prefix: str, num_experts: int) -> dict[str, tuple[str, int]]:
     """Per-expert on-disk names of a layer -> (role, expert), in expert order."""
-    return {f"{experts_prefix}{expert}.{proj}.weight": (role, expert)
-            for expert in range(num_experts) for role, proj in family.disk_proj_names.items()}
+    return {disk_expert_name(family, experts_prefix, expert, role): (role, expert)
+            for expert in range(num_experts) for role in family.disk_proj_names}
 
 
 def expert_shapes(family: MoEFamily, text_config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]],

@@ -17,6 +17,7 @@ import torch
 
 from ..arch import NATIVE_ARCHITECTURES
 from . import safetensors as st
+from .quantization import QuantizedFormat, read_quantization, real_tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +132,10 @@ def _hub_error(repo_id: str, revision: str | None, error: Exception) -> ValueErr
 
 
 class SourceCheckpoint:
-    """A local checkpoint folder: its config.json as written, and which shard holds each tensor. `revision`: the Hub
-    commit the folder was downloaded at (None for a local folder); `fetch_weights`: how a Hub source's weight shards
-    are downloaded (`fetch_weights()`, once every refusal is past)."""
+    """A local checkpoint folder: its config.json as written, which shard holds each tensor, and (for a quantized
+    checkpoint) which stored tensors encode each real-valued one. `revision`: the Hub commit the folder was
+    downloaded at (None for a local folder); `fetch_weights`: how a Hub source's weight shards are downloaded
+    (`fetch_weights()`, once every refusal is past)."""
 
     def __init__(self, folder: str | os.PathLike, revision: str | None = None,
                  fetch_weights: Callable[[], object] | None = None) -> None:
@@ -202,3 +204,41 @@ class SourceCheckpoint:
         if missing:
             raise ValueError(f"{self.folder} lacks tensor {missing[0]}: the checkpoint does not match its config")
         return st.iter_tensors(self.folder, self.weight_map, names)
+
+    @functools.cached_property
+    def quantization(self) -> QuantizedFormat | None:
+        """The quantized format config.json names (None: plain); unsupported formats are refused here, from
+        config.json alone, before any tensor is read."""
+        return read_quantization(self.config, self.folder)
+
+    @functools.cached_property
+    def real_tensors(self) -> dict[str, tuple[str, ...]]:
+        """Real tensor name (as the dequantized checkpoint names it) -> the stored tensors that encode it (itself
+        alone when stored plain). For a plain checkpoint, every tensor maps to itself. A quantized checkpoint's
+        stored tensors are checked against its format first (headers only: scales with their weights, shapes)."""
+        if self.quantization is not None:
+            try:
+                self.quantization.check(self.tensor_infos)
+            except ValueError as error:
+                raise ValueError(f"{self.folder} does not match its quantization_config: {error}") from None
+        return real_tensor_names(self.quantization, self.weight_map)
+
+    def iter_real_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, real tensor) for real tensor `names`: plain tensors as stored, quantized ones dequantized (float32)
+        as they are read. Scales are read first (they are small), then each bulk tensor once, so memory holds one
+        dequantized tensor at a time."""
+        fmt, reals = self.quantization, self.real_tensors
+        names = list(names)
+        if fmt is None:
+            yield from self.iter_tensors(names)
+            return
+        missing = [name for name in names if name not in reals]
+        if missing:
+            raise ValueError(f"{self.folder} lacks tensor {missing[0]}: the checkpoint does not match its config")
+        yield from self.iter_tensors([name for name in names if len(reals[name]) == 1])
+        quantized = [name for name in names if len(reals[name]) > 1]
+        small = dict(self.iter_tensors([s for name in quantized for s in reals[name][1:]]))
+        bulk = {reals[name][0]: name for name in quantized}
+        for stored, tensor in self.iter_tensors(bulk):
+            real = bulk[stored]
+            yield real, fmt.dequantize(real, {stored: tensor, **{s: small[s] for s in reals[real][1:]}})

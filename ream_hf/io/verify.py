@@ -2,7 +2,9 @@
 
 vLLM loads a checkpoint with a missing expert or MTP tensor without a word, so every layer's expert
 set, every router's row count and every tensor's shape is checked against the config and, where
-the source is known, every other tensor's name and shape against the source.
+the source is known, every other tensor's name and shape against the source. A quantized checkpoint
+is checked against its quantization_config first (every scale has its weight and the block grid's shape,
+every FP8 weight its scale: so no scale of a removed expert survives), then by its real tensors' shapes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from ..arch import MoEFamily, expert_count, expert_shapes, parse_moe_name, text_config_dict
 from . import safetensors as st
+from .quantization import read_quantization, real_shapes
 from .source import SourceCheckpoint
 
 
@@ -20,9 +23,18 @@ class CheckpointError(ValueError):
     pass
 
 
-def read_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+def read_shapes(folder: Path, config: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Real tensor name -> shape (a quantized tensor's dequantized shape, its scales checked and folded in)."""
     try:
-        return {name: info.shape for name, info in st.tensor_infos(folder).items()}
+        infos = st.tensor_infos(folder)
+        fmt = read_quantization(config or {}, folder)
+        if fmt is not None:
+            fmt.check(infos)
+        else:
+            stray = next((n for n, info in infos.items() if info.dtype.startswith("F8_") or n.endswith("_scale_inv")), None)
+            if stray is not None:
+                raise ValueError(f"{stray} is {infos[stray].dtype}, but config.json has no quantization_config")
+        return real_shapes(fmt, infos)
     except ValueError as error:
         raise CheckpointError(str(error)) from None
 
@@ -42,7 +54,7 @@ def verify_checkpoint(
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     text = text_config_dict(config)
     target = expert_count(family, config)
-    shapes = read_shapes(folder)
+    shapes = read_shapes(folder, config)
     per_expert_shapes, fused_shapes = expert_shapes(family, text)
     hidden = int(text["hidden_size"])
 
@@ -94,19 +106,19 @@ def verify_checkpoint(
         raise CheckpointError(f"layers {sorted(missing_router)} have experts but no router weight")
 
     if source is not None:
-        kept_names = [n for n in source.weight_map if not (dropped_prefixes and n.startswith(dropped_prefixes))]
+        source_shapes = real_shapes(source.quantization, source.tensor_infos)
+        kept_names = [n for n in source_shapes if not (dropped_prefixes and n.startswith(dropped_prefixes))]
         source_layers = {p.layer_key for n in kept_names if (p := parse_moe_name(family, n))}
         lost = source_layers - set(counts)
         if lost:
             raise CheckpointError(f"MoE layers {sorted(lost)} of the source are missing from the output")
-        source_infos = source.tensor_infos
         for name in kept_names:
             if parse_moe_name(family, name) is not None:
                 continue
             if name not in shapes:
                 raise CheckpointError(f"tensor {name} of the source is missing from the output")
-            if shapes[name] != source_infos[name].shape:
-                raise CheckpointError(f"{name} has shape {shapes[name]} in the output, {source_infos[name].shape} in "
+            if shapes[name] != source_shapes[name]:
+                raise CheckpointError(f"{name} has shape {shapes[name]} in the output, {source_shapes[name]} in "
                                       "the source")
     if dropped_prefixes:
         left = [n for n in shapes if n.startswith(dropped_prefixes)]

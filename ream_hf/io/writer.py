@@ -4,6 +4,8 @@ The output is the source checkpoint with MoE expert and router tensors replaced:
 (attention, norms, embeddings, a vision tower, MTP layers left alone) is copied through bit-exact,
 and expert tensors keep the source's naming (per-expert `experts.{i}.gate_proj.weight` or fused
 `experts.gate_up_proj`), renumbered 0..k-1. config.json is edited as JSON so the source's keys stay.
+A quantized source (io/quantization.py) is written in its own format by default: kept experts with their own
+stored bytes and scales, merged ones quantized afresh; or dequantized to a chosen dtype.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..arch import ExpertWeights, MoEFamily, disk_expert_tensors, parse_moe_name, set_expert_count
+from ..arch import (ExpertWeights, MoEFamily, MoETensorName, disk_expert_name, disk_expert_names, disk_expert_tensors,
+                    parse_moe_name, set_expert_count)
 from . import safetensors as st
+from .quantization import dequantized_config
 from .source import SourceCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,8 @@ class LayerOutput:
 
     experts: ExpertWeights  # canonical, k experts
     router: dict[str, torch.Tensor]  # router tensor name ("weight", "bias", "e_score_correction_bias") -> (k, ...)
+    centroids: list[int] | None = None  # the source expert output expert j stands for (its router row's source)
+    unchanged: list[bool] | None = None  # output expert j is source expert centroids[j] as it is: copied as stored
 
 
 class PartWriter:
@@ -116,38 +122,122 @@ def _trunk_layer(name: str, trunk_prefix: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def group_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str],
-                  outputs: dict[str, LayerOutput]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The output tensors for a group of source names: copied as they are, or replaced for compressed layers."""
+class _StoredReader:
+    """The source's stored tensors by name, each shard opened once, when first needed."""
+
+    def __init__(self, source: SourceCheckpoint) -> None:
+        self.source, self.handles = source, {}
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.source.weight_map[name]
+        if shard not in self.handles:
+            self.handles[shard] = st.open_shard(self.source.folder / shard)
+        return self.handles[shard].get_tensor(name)
+
+    def real(self, name: str) -> torch.Tensor:
+        stored = self.source.real_tensors[name]
+        if len(stored) == 1:
+            return self.get(name)
+        return self.source.quantization.dequantize(name, {s: self.get(s) for s in stored})
+
+
+class _Encoder:
+    """Output tensors of compressed layers in the source's storage: plain in the source's dtype, quantized in the
+    source's format (unchanged experts with their own stored bytes and scales, others quantized afresh), or, with
+    `dequantize_to`, quantized ones dequantized to that dtype."""
+
+    def __init__(self, source: SourceCheckpoint, reader: _StoredReader, dequantize_to: torch.dtype | None) -> None:
+        self.source, self.reader, self.dequantize_to = source, reader, dequantize_to
+        self.fmt, self.reals, self.infos = source.quantization, source.real_tensors, source.tensor_infos
+
+    def encode(self, out_name: str, tensor: torch.Tensor, template: str,
+               copy: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """`tensor` under `out_name`, stored as the source stores `template` (the source tensor it stands for);
+        `copy`: it is `template` unchanged, so the source's stored tensors are written as they are."""
+        stored = self.reals[template]
+        if len(stored) == 1:
+            yield out_name, self.reader.get(template) if copy else tensor.to(self.infos[template].torch_dtype)
+        elif self.dequantize_to is not None:
+            yield out_name, (self.reader.real(template) if copy else tensor).to(self.dequantize_to)
+        elif copy:
+            for name, out in zip(stored, self.fmt.stored_layout(out_name)):
+                yield out, self.reader.get(name)
+        else:
+            yield from self.fmt.quantize(out_name, tensor, self.infos).items()
+
+    def encode_fused(self, out_name: str, tensor: torch.Tensor, output: LayerOutput) -> Iterator[tuple[str, torch.Tensor]]:
+        """A fused (experts first) tensor: quantized per expert, unchanged experts' rows copied from the source."""
+        stored = self.reals[out_name]
+        if len(stored) == 1 or self.dequantize_to is not None:
+            yield from self.encode(out_name, tensor, out_name, copy=False)
+            return
+        fresh = self.fmt.quantize(out_name, tensor, self.infos)
+        for name, out in zip(stored, self.fmt.stored_layout(out_name)):
+            source_tensor = None
+            for j, unchanged in enumerate(output.unchanged or []):
+                if unchanged:
+                    source_tensor = self.reader.get(name) if source_tensor is None else source_tensor
+                    fresh[out][j] = source_tensor[output.centroids[j]]
+            yield out, fresh[out]
+
+    def layer_experts(self, family: MoEFamily, parsed: MoETensorName,
+                      output: LayerOutput) -> Iterator[tuple[str, torch.Tensor]]:
+        prefix = parsed.experts_prefix
+        if parsed.kind == "fused":
+            for out_name, tensor in disk_expert_tensors(family, prefix, output.experts, fused=True).items():
+                yield from self.encode_fused(out_name, tensor, output)
+            return
+        for out_name, (role, j) in disk_expert_names(family, prefix, output.experts.num_experts).items():
+            centroid = output.centroids[j] if output.centroids is not None else j
+            template = disk_expert_name(family, prefix, centroid, role)
+            copy = output.unchanged is not None and output.unchanged[j]
+            yield from self.encode(out_name, getattr(output.experts, role)[j], template, copy)
+
+
+def group_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str], outputs: dict[str, LayerOutput],
+                  dequantize_to: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The output tensors for a group of source names: copied as they are, or replaced for compressed layers.
+
+    For a quantized source, `dequantize_to` None writes its own format (tensors the method leaves alone copied
+    bit-exact with their scales); a dtype writes every quantized tensor dequantized to it, and no scale."""
+    fmt, reals = source.quantization, source.real_tensors
+    if fmt is not None and dequantize_to is None and not fmt.writes_back:
+        raise ValueError(f"{fmt.quant_method} checkpoints cannot be written back in their format; pass output_dtype")
+    reader = _StoredReader(source)
+    encoder = _Encoder(source, reader, dequantize_to)
     emitted_layers: set[str] = set()
-    infos = source.tensor_infos
-    handles = {shard: st.open_shard(source.folder / shard) for shard in {source.weight_map[n] for n in names}}
     try:
         for name in names:
-            parsed = parse_moe_name(family, name)
+            real = fmt.real_name(name) if fmt is not None else name
+            parsed = parse_moe_name(family, real)
             output = outputs.get(parsed.layer_key) if parsed else None
+            bulk = name == reals[real][0]  # the tensor a quantized real one is emitted with (its scales follow it)
             if output is None:
-                yield name, handles[source.weight_map[name]].get_tensor(name)
-                continue
-            dtype = infos[name].torch_dtype
-            if parsed.kind == "router":
-                yield name, output.router[parsed.param].to(dtype)
+                if dequantize_to is None or len(reals[real]) == 1:
+                    yield name, reader.get(name)
+                elif bulk:
+                    yield real, reader.real(real).to(dequantize_to)
+            elif parsed.kind == "router":
+                if bulk:
+                    yield from encoder.encode(real, output.router[parsed.param], real, copy=False)
             elif parsed.layer_key not in emitted_layers:
                 emitted_layers.add(parsed.layer_key)
-                tensors = disk_expert_tensors(family, parsed.experts_prefix, output.experts, fused=parsed.kind == "fused")
-                for out_name, tensor in tensors.items():
-                    yield out_name, tensor.to(dtype)
+                yield from encoder.layer_experts(family, parsed, output)
     finally:
-        handles.clear()
+        reader.handles.clear()
 
 
 def edit_config_json(
     source_config: dict[str, Any], family: MoEFamily, num_experts: int, ream_config: dict[str, Any],
-    mtp_layers: int | None = None,
+    mtp_layers: int | None = None, dequantized_dtype: str | None = None,
 ) -> dict[str, Any]:
     """The source config.json with only the expert count (and MTP count when dropped) changed and the settings
-    recorded under `ream_config` (never `quantization_config`: transformers and vLLM would ask for a plug-in)."""
+    recorded under `ream_config` (ours never as `quantization_config`: transformers and vLLM would ask for a
+    plug-in). A quantized source's own `quantization_config` stays, unless the output is dequantized
+    (`dequantized_dtype`), which removes it and records that dtype."""
     edited = json.loads(json.dumps(source_config))
+    if dequantized_dtype is not None:
+        edited = dequantized_config(edited, dequantized_dtype)
     set_expert_count(family, edited, num_experts, mtp_layers)
     edited["ream_config"] = ream_config
     return edited

@@ -207,6 +207,12 @@ def merge_group(
     )
 
 
+def keeps_centroid(mode: str, group_size: int) -> bool:
+    """Whether merging a group of `group_size` experts (centroid included) returns the centroid unchanged: a
+    writer can then copy the centroid's stored tensors as they are (a quantized source's bytes and scales)."""
+    return mode == "none" or group_size == 1
+
+
 def merge_expert_group(
     gate: Tensor,
     up: Tensor,
@@ -224,7 +230,7 @@ def merge_expert_group(
     their `ActivationGram`; feats (n, D, p)."""
     biases = {name: b for name, b in (biases or {}).items() if b is not None}
     count = gate.shape[0]
-    if mode == "none" or count == 1:
+    if keeps_centroid(mode, count):
         return gate[0], up[0], down[0], {name: b[0] for name, b in biases.items()}
     if mode == "avg":
         return merge_group(gate, up, down, torch.full((count,), 1.0 / count, dtype=torch.float64), biases=biases)

@@ -15,7 +15,7 @@ from ..arch import ExpertWeights, MoEFamily, experts, moe_block, read_expert_wei
 from ..config import ReamConfig
 from ..io.writer import LayerOutput
 from ..method.experts import Activation, activation_for, expert_hidden, routed_forward
-from ..method.merging import ActivationGram, merge_expert_group, weight_features
+from ..method.merging import ActivationGram, keeps_centroid, merge_expert_group, weight_features
 from ..method.planning import LayerPlan, plan_layer
 from ..method.stats import LayerStatistics, LayerStatsAccumulator
 from ..method.surgery import apply_layer_plan
@@ -167,6 +167,8 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         experts=read_expert_weights(family, experts(family, block)),
         router={name: getattr(router_module, name) for name in family.router_tensors
                 if getattr(router_module, name, None) is not None},
+        centroids=plan.centroids,
+        unchanged=[merged is None or keeps_centroid(config.merge, len(g.members)) for g in plan.groups],
     )
     report = LayerReport(
         key, index, before, len(plan.groups), plan, stats.frequency.tolist(),

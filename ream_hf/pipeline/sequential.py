@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..arch import MoEFamily, decoder_layers, moe_block
 from ..config import ReamConfig
+from ..io.quantization import output_dtype
 from ..io.source import SourceCheckpoint
 from ..io.writer import LayerOutput, PartWriter, group_tensors, output_groups
 from ..method.surgery import routing_groups
@@ -57,6 +58,11 @@ class CompressionResult:
     dropped_prefixes: tuple[str, ...] = ()
     layer_entries: list[dict[str, Any]] = field(default_factory=list)  # manifest entries, restored on resume
     work: WorkFolder | None = None
+    dequantize_to: str | None = None  # a quantized source written dequantized to this dtype (None: its own format)
+
+    @property
+    def dequantize_dtype(self) -> torch.dtype | None:
+        return None if self.dequantize_to is None else output_dtype(self.dequantize_to)
 
     @property
     def outputs_complete(self) -> bool:
@@ -120,7 +126,8 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
             logger.info("layer %d: %d -> %d experts, %.2f s, peak RSS %.2f GB", index, report.experts_before,
                         report.experts_after, report.seconds, peak_rss_gb())
         if work is not None:
-            writer.write_group(group_tensors(result.source, family, groups[index], result.outputs))
+            writer.write_group(group_tensors(result.source, family, groups[index], result.outputs,
+                                             result.dequantize_dtype))
             result.outputs.pop(f"{trunk_prefix}{index}", None)  # written: its views die with the layer
             loader.release(layer)
             work.commit(index + 1, writer.parts, result.layer_entries)

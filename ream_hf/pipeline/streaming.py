@@ -39,11 +39,17 @@ class LayerLoader:
         self.source, self.family, self.device = source, family, torch.device(device)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self.source.iter_tensors(names))
+        """Real tensors by name: quantized ones dequantized as they are read."""
+        return dict(self.source.iter_real_tensors(names))
+
+    def stored(self, names) -> set[str]:
+        """The stored tensors that hold real tensors `names` (their scales included)."""
+        reals = self.source.real_tensors
+        return {stored for name in names for stored in reals[name]}
 
     def fill(self, module: nn.Module, disk_prefix: str) -> set[str]:
         """Materialise `module` (on meta) on the loader's device from the tensors named `disk_prefix + key`, experts
-        fused as in memory; returns the on-disk names read."""
+        fused as in memory, quantized tensors dequantized; returns the on-disk names read (scales included)."""
         computed = {name for name, _ in module.named_buffers()} - set(module.state_dict())
         if computed:  # to_empty would leave them uninitialised: nothing on disk says what they hold
             raise ValueError(f"cannot fill {type(module).__name__} from {disk_prefix}*: its buffer "
@@ -56,15 +62,15 @@ class LayerLoader:
             disk_key = in_memory_key(self.family, key)
             head, _, leaf = key.rpartition(".")
             if head.endswith(self.family.experts_attr) and leaf in FUSED_PARAMS \
-                    and disk_prefix + disk_key not in self.source.weight_map:  # fused on disk too: GPT-OSS
+                    and disk_prefix + disk_key not in self.source.real_tensors:  # fused on disk too: GPT-OSS
                 fused.add(head)
             else:
                 wanted[key] = disk_prefix + disk_key
         key_of = {name: key for key, name in wanted.items()}
         with torch.no_grad():
-            for name, tensor in self.source.iter_tensors(key_of):
+            for name, tensor in self.source.iter_real_tensors(key_of):
                 state[key_of[name]].copy_(tensor.to(state[key_of[name]].dtype))
-        read = set(wanted.values())
+        read = self.stored(wanted.values())
         for head in sorted(fused):
             read |= self._fill_experts(module.get_submodule(head), disk_prefix + in_memory_key(self.family, head) + ".")
         return read
@@ -75,10 +81,10 @@ class LayerLoader:
         views = read_expert_weights(self.family, experts_module)
         names = disk_expert_names(self.family, disk_experts_prefix, views.num_experts)
         with torch.no_grad():
-            for name, tensor in self.source.iter_tensors(names):
+            for name, tensor in self.source.iter_real_tensors(names):
                 role, expert = names[name]
                 getattr(views, role)[expert].copy_(tensor)
-        return set(names)
+        return self.stored(names)
 
     @staticmethod
     def release(module: nn.Module) -> None:
