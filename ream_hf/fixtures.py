@@ -116,23 +116,36 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
 
 
+
+def _save_quantized(src, output: Path, tensors: dict, quantization: dict) -> Path:
+    """A quantized checkpoint folder: `tensors` in one shard, the source's config.json with `quantization_config`
+    and dtype bfloat16 (as published), the source's side files."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .io import safetensors as st
+    from .io.quantization import dequantized_config
+    from .io.writer import copy_side_files
+
+    save_file(tensors, str(output / st.SINGLE_NAME), metadata={"format": "pt"})
+    config = dict(dequantized_config(src.config, "bfloat16"), quantization_config=quantization)
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    copy_side_files(src.folder, output)
+    return output
+
+
 def fp8_block_checkpoint(source: str | Path, output: str | Path, block: tuple[int, int] = (128, 128),
                          scale_fmt: str | None = None) -> Path:
     """The FP8 block-wise twin of a plain checkpoint, laid out as DeepSeek-V3 / Qwen3-*-FP8 publish theirs: every
     2-D linear weight of the decoder layers (MTP layers included) as float8_e4m3fn with a float32
     `weight_scale_inv` per block (partial edge blocks where a dim is not a multiple of the block), quantized with
-    transformers' rounding; routers, norms, embeddings and lm_head in bfloat16; `quantization_config` in
-    config.json and dtype bfloat16."""
-    import json
-
+    transformers' rounding; routers, norms, embeddings and lm_head in bfloat16."""
     import torch
-    from safetensors.torch import save_file
 
     from .arch import family_for_config, parse_moe_name
-    from .io import safetensors as st
     from .io.quantization import Fp8BlockFormat
     from .io.source import SourceCheckpoint
-    from .io.writer import copy_side_files
 
     src = SourceCheckpoint(source)
     family = family_for_config(src.config)
@@ -151,10 +164,48 @@ def fp8_block_checkpoint(source: str | Path, output: str | Path, block: tuple[in
             tensors.update(fmt.quantize(name, tensor, {}))
         else:
             tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
-    save_file(tensors, str(output / st.SINGLE_NAME), metadata={"format": "pt"})
-    config = dict(src.config, quantization_config=quantization)
-    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
-        config[key] = "bfloat16"
-    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    copy_side_files(src.folder, output)
-    return output
+    return _save_quantized(src, output, tensors, quantization)
+
+
+FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def mxfp4_pack(weight):
+    """(blocks, scales) of an (E, in, out) GPT-OSS expert weight in the official MXFP4 layout: per output row, groups
+    of 32 input values share an e8m0 exponent (uint8, bias 127) chosen so the group's largest value fits e2m1's 6;
+    values round to the nearest e2m1 code, two a byte, low nibble first. The inverse of transformers'
+    `convert_moe_packed_tensors`, for test fixtures (the real quantizer is OpenAI's, GPU only)."""
+    import torch
+
+    rows = weight.transpose(1, 2).to(torch.float32)  # (E, out, in)
+    experts, out, width = rows.shape
+    groups = rows.reshape(experts, out, width // 32, 32)
+    amax = groups.abs().amax(dim=-1)
+    exponent = torch.where(amax > 0, torch.ceil(torch.log2(amax.clamp(min=1e-30) / 6.0)), torch.zeros_like(amax))
+    scaled = groups / torch.pow(2.0, exponent).unsqueeze(-1)
+    grid = torch.tensor(FP4_E2M1_MAGNITUDES)
+    codes = (scaled.abs().unsqueeze(-1) - grid).abs().argmin(dim=-1) + 8 * (scaled < 0).long()
+    codes = codes.reshape(experts, out, width // 32, 16, 2)
+    blocks = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def mxfp4_checkpoint(source: str | Path, output: str | Path) -> Path:
+    """The MXFP4 twin of a plain GPT-OSS checkpoint, laid out as the official GPT-OSS releases: every expert
+    `gate_up_proj` / `down_proj` as `*_blocks` + `*_scales`, the rest (expert biases included) in bfloat16."""
+    import torch
+
+    from .io.source import SourceCheckpoint
+
+    src = SourceCheckpoint(source)
+    output = Path(output)
+    output.mkdir(parents=True)
+    tensors = {}
+    for name, tensor in src.iter_tensors(list(src.weight_map)):
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4_pack(tensor)
+        else:
+            tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    return _save_quantized(src, output, tensors, quantization)
