@@ -102,10 +102,13 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ream-bench-quantized-"))
     rows = run(workdir, tuple(args.methods), args.sequences, args.length)
-    print("\n| method 16 -> 8 | KL: twin (bf16) source | FP8 source, FP8 output | FP8 source, --output-dtype bfloat16 |")
-    print("|---|---|---|---|")
+    print("\n| method 16 -> 8 | KL: twin (bf16) source | FP8 source, FP8 output | FP8 source, --output-dtype bfloat16 "
+          "| FP8 output / twin |")
+    print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | " + " | ".join(f"{row['kl'][mode]:.5f}" for mode in MODES) + " |")
+        kl = row["kl"]
+        print(f"| {row['method']} | " + " | ".join(f"{kl[mode]:.6f}" for mode in MODES) +
+              f" | {kl['fp8'] / kl['twin']:.5f} |")
 
 
 if __name__ == "__main__":

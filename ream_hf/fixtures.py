@@ -140,7 +140,8 @@ def fp8_block_checkpoint(source: str | Path, output: str | Path, block: tuple[in
     """The FP8 block-wise twin of a plain checkpoint, laid out as DeepSeek-V3 / Qwen3-*-FP8 publish theirs: every
     2-D linear weight of the decoder layers (MTP layers included) as float8_e4m3fn with a float32
     `weight_scale_inv` per block (partial edge blocks where a dim is not a multiple of the block), quantized with
-    transformers' rounding; routers, norms, embeddings and lm_head in bfloat16."""
+    transformers' rounding; routers, norms, embeddings, lm_head and MTP heads in bfloat16, routing-bias
+    corrections (`e_score_correction_bias`) in float32 as DeepSeek-V3 publishes them."""
     import torch
 
     from .arch import family_for_config, parse_moe_name
@@ -160,8 +161,10 @@ def fp8_block_checkpoint(source: str | Path, output: str | Path, block: tuple[in
     for name, tensor in src.iter_tensors(list(src.weight_map)):
         parsed = parse_moe_name(family, name)
         if tensor.dim() == 2 and name.endswith(".weight") and ".layers." in name and \
-                not (parsed and parsed.kind == "router"):
+                not (parsed and parsed.kind == "router") and not name.endswith(("embed_tokens.weight", "head.weight")):
             tensors.update(fmt.quantize(name, tensor, {}))
+        elif name.endswith("e_score_correction_bias"):
+            tensors[name] = tensor.to(torch.float32)
         else:
             tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
     return _save_quantized(src, output, tensors, quantization)

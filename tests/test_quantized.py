@@ -14,7 +14,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Quantize
 from eval import bench_quantized as bench
 from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.arch import family_for_config
-from ream_hf.fixtures import mxfp4_checkpoint
+from ream_hf.fixtures import fp8_block_checkpoint, mxfp4_checkpoint
 from ream_hf.io.quantization import (
     Fp8BlockFormat,
     dequantize_checkpoint,
@@ -24,9 +24,11 @@ from ream_hf.io.quantization import (
 from ream_hf.io.safetensors import INDEX_NAME, SINGLE_NAME
 from ream_hf.io.source import SourceCheckpoint
 from ream_hf.io.verify import CheckpointError, verify_checkpoint
+from ream_hf.release.card import weights_summary
 from tests.conftest import tensors
 from tests.families import build_family_checkpoint
 from tests.test_bad_input import run_cli
+from tests.test_mtp import add_mtp_layers
 
 BLOCK = (128, 128)
 SCALE = ".weight_scale_inv"
@@ -97,6 +99,7 @@ def test_fp8_source_compresses_as_its_dequantized_twin(fp8_runs, method):
     for name in expected:
         assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
     assert kl["fp8->bfloat16"] == kl["twin"]
+    assert weights_summary(fp8_out).parameters == weights_summary(twin_out).parameters  # scales are not parameters
     assert "quantization_config" not in json.loads((bf16_out / "config.json").read_text())
     if method == "reap":
         assert kl["fp8"] == kl["twin"]
@@ -134,6 +137,28 @@ def test_fp8_output_keeps_experts_bit_exact_requantizes_merged_ones_and_orphans_
     assert experts == set(range(8))
     untouched = [n for n in src if ".experts." not in n and ".mlp.gate." not in n]
     assert untouched and all(torch.equal(out[n].view(torch.uint8), src[n].view(torch.uint8)) for n in untouched)
+
+
+def test_fp8_deepseek_v3_with_mla_shared_experts_and_mtp(calibration_txt, tmp_path):
+    """DeepSeek-V3's FP8 layout: MLA projections with partial blocks (kv_a_proj_with_mqa: 48 rows), a dense first
+    layer, shared experts, a float32 routing bias and an MTP layer (its eh_proj quantized too), compressed with
+    REAP: the FP8 output dequantizes to the twin's output, the bfloat16 output is it."""
+    plain = add_mtp_layers(build_family_checkpoint("deepseek_v3", tmp_path / "plain"))
+    fp8 = fp8_block_checkpoint(plain, tmp_path / "fp8")
+    stored = SourceCheckpoint(fp8).tensor_infos
+    assert stored["model.layers.3.eh_proj.weight_scale_inv"].shape == (1, 1)
+    assert stored["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].dtype == "F8_E4M3"
+    twin = dequantize_checkpoint(fp8, tmp_path / "twin", "bfloat16")
+    run = dict(sequences=8, length=48)
+    outputs = {mode: bench.compress(fp8 if mode != "twin" else twin, calibration_txt, tmp_path / f"out-{mode}", "reap", **run,
+                                    output_dtype="bfloat16" if mode == "bf16" else None)
+               for mode in ("twin", "fp8", "bf16")}
+    expected = tensors(outputs["twin"])
+    assert any(n.startswith("model.layers.3.mlp.experts.7.") for n in expected)  # the MTP layer, compressed
+    for got in (tensors(outputs["bf16"]), tensors(dequantize_checkpoint(outputs["fp8"], tmp_path / "fp8-deq"))):
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[n], expected[n]) and got[n].dtype == expected[n].dtype for n in expected)
+    assert tensors(outputs["fp8"])["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
 
 
 # -- verification of quantized outputs ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ from .. import __version__
 from ..arch import mtp_tensor_names, text_config_dict
 from ..config import CONFIG_KEY, looks_local
 from ..io import safetensors as st
+from ..io.quantization import read_quantization, real_shapes
 from ..io.writer import MANIFEST_NAME
 from .evaluation import SCHEMA as EVAL_SCHEMA
 
@@ -96,11 +97,15 @@ class WeightsSummary:
 
 
 def weights_summary(folder: str | os.PathLike) -> WeightsSummary:
-    """Parameter count (from shard headers' shapes), safetensors bytes on disk and tensor names of a folder."""
+    """Parameter count (from shard headers' shapes; a quantized tensor counts its real values, not its scales or
+    packed bytes), safetensors bytes on disk and tensor names of a folder."""
     folder = Path(folder)
     names_to_shards = st.weight_map(folder)
     shards = sorted(set(names_to_shards.values()))
-    parameters = sum(math.prod(info.shape) for shard in shards for info in st.read_header(folder / shard).values())
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    shapes = real_shapes(read_quantization(config, folder), st.tensor_infos(folder, names_to_shards))
+    parameters = sum(math.prod(shape) for shape in shapes.values())
     disk_bytes = sum((folder / shard).stat().st_size for shard in shards)
     return WeightsSummary(parameters, disk_bytes, tuple(names_to_shards))
 
