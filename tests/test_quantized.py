@@ -13,7 +13,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
 from eval import bench_quantized as bench
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.arch import family_for_config
+from ream_hf.arch import ExpertWeights, family_for_config
 from ream_hf.fixtures import fp8_block_checkpoint, mxfp4_checkpoint
 from ream_hf.io.quantization import (
     Fp8BlockFormat,
@@ -24,6 +24,7 @@ from ream_hf.io.quantization import (
 from ream_hf.io.safetensors import INDEX_NAME, SINGLE_NAME
 from ream_hf.io.source import SourceCheckpoint
 from ream_hf.io.verify import CheckpointError, verify_checkpoint
+from ream_hf.io.writer import LayerOutput, group_tensors
 from ream_hf.release.card import weights_summary
 from tests.conftest import tensors
 from tests.families import build_family_checkpoint
@@ -159,6 +160,39 @@ def test_fp8_deepseek_v3_with_mla_shared_experts_and_mtp(calibration_txt, tmp_pa
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[n], expected[n]) and got[n].dtype == expected[n].dtype for n in expected)
     assert tensors(outputs["fp8"])["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+
+
+def test_fused_fp8_experts_keep_unchanged_rows_and_requantize_merged_ones(tmp_path):
+    """Experts stored fused (`experts.gate_up_proj` (E, 2I, H) with a per-expert block grid): an unchanged output
+    expert takes its source expert's FP8 rows and scales, a merged one fresh ones."""
+    torch.manual_seed(0)
+    fmt = Fp8BlockFormat({"quant_method": "fp8", "weight_block_size": [128, 128]})
+    prefix = "model.layers.0.mlp."
+    stored = {prefix + "gate.weight": torch.randn(4, 160).to(torch.bfloat16)}
+    stored.update(fmt.quantize(prefix + "experts.gate_up_proj", torch.randn(4, 192, 160) * 0.1, {}))
+    stored.update(fmt.quantize(prefix + "experts.down_proj", torch.randn(4, 160, 96) * 0.1, {}))
+    tmp_path.joinpath("src").mkdir()
+    save_file(stored, str(tmp_path / "src" / SINGLE_NAME))
+    config = {"model_type": "qwen3_moe", "hidden_size": 160, "moe_intermediate_size": 96, "num_experts": 4,
+              "quantization_config": fmt.config}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    source = SourceCheckpoint(tmp_path / "src")
+    family = family_for_config(config)
+    real = dict(source.iter_real_tensors([prefix + "experts.gate_up_proj", prefix + "experts.down_proj"]))
+    gate_up, down = real[prefix + "experts.gate_up_proj"], real[prefix + "experts.down_proj"]
+    experts = ExpertWeights(gate=gate_up[[2, 0], :96], up=gate_up[[2, 0], 96:], down=down[[2, 0]].clone())
+    experts.down[1] *= 0.5  # output expert 1 is "merged": changed values
+    output = LayerOutput(experts=experts, router={"weight": stored[prefix + "gate.weight"][[2, 0]]}, centroids=[2, 0],
+                         unchanged=[True, False])
+    written = dict(group_tensors(source, family, list(source.weight_map), {"model.layers.0": output}))
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        q, s = written[prefix + name], written[prefix + name + "_scale_inv"]
+        assert q.shape[0] == 2 and s.shape == (2, *stored[prefix + name + "_scale_inv"].shape[1:])
+        assert torch.equal(q[0].view(torch.uint8), stored[prefix + name][2].view(torch.uint8))
+        assert torch.equal(s[0], stored[prefix + name + "_scale_inv"][2])
+    fresh = fmt.quantize("d", experts.down[1], {})
+    assert torch.equal(written[prefix + "experts.down_proj"][1].view(torch.uint8), fresh["d"].view(torch.uint8))
+    assert torch.equal(written[prefix + "experts.down_proj_scale_inv"][1], fresh["d_scale_inv"])
 
 
 # -- verification of quantized outputs ---------------------------------------------------------------------
