@@ -104,7 +104,8 @@ def weights_summary(folder: str | os.PathLike) -> WeightsSummary:
     shards = sorted(set(names_to_shards.values()))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    shapes = real_shapes(read_quantization(config, folder), st.tensor_infos(folder, names_to_shards))
+    infos = {name: info for shard in shards for name, info in st.read_header(folder / shard).items()}
+    shapes = real_shapes(read_quantization(config, folder), infos)
     parameters = sum(math.prod(shape) for shape in shapes.values())
     disk_bytes = sum((folder / shard).stat().st_size for shard in shards)
     return WeightsSummary(parameters, disk_bytes, tuple(names_to_shards))
