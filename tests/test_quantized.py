@@ -317,3 +317,10 @@ def test_output_choices_that_cannot_be_done_are_refused_before_anything_is_read(
     message = str(error.value)
     assert "\n" not in message and {"output dtype of a plain source": "not quantized", "fp8 in memory": "streaming",
                                      "quantized model object": "loaded quantized"}[case] in message
+
+
+
+def test_cli_output_dtype_reaches_the_config(qwen3_source, calibration_txt, tmp_path, capsys, no_work_started):
+    code, err = run_cli(["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(calibration_txt),
+                         "--output-dtype", "bfloat16", "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "output_dtype='bfloat16' is for quantized sources" in err and "\n" not in err
