@@ -81,19 +81,58 @@ def _config_from_args(args: argparse.Namespace) -> ReamConfig:
 def _compress(args: argparse.Namespace) -> int:
     from .compressor import ReamCompressor
     from .io.writer import check_output_dir
+    from .pipeline import distributed
 
     config = _config_from_args(args)
     check_output_dir(args.output, args.overwrite)
     compressor = ReamCompressor(config)
     output_path = Path(args.output)
     work_dir = args.work_dir or output_path.parent / f".{output_path.name}.ream-work"
-    compressor.compress(args.source, resume=args.resume, work_dir=work_dir, trust_remote_code=args.trust_remote_code,
-                        revision=args.revision)
-    output = compressor.save_pretrained(args.output, overwrite=args.overwrite)
+    try:
+        compressor.compress(args.source, resume=args.resume, work_dir=work_dir, trust_remote_code=args.trust_remote_code,
+                            revision=args.revision)
+        output = compressor.save_pretrained(args.output, overwrite=args.overwrite)
+        main_rank = distributed.current().is_main
+    finally:
+        distributed.shutdown()
     result = compressor.result
-    print(f"{result.source_name}: {result.experts_before} -> {result.experts_after} experts in "
-          f"{len(result.layers)} MoE layers ({config.method}); wrote {output}")
+    if main_rank:
+        print(f"{result.source_name}: {result.experts_before} -> {result.experts_after} experts in "
+              f"{len(result.layers)} MoE layers ({config.method}); wrote {output}")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipeline.plan import plan_job
+
+    kwargs = dict(target_experts=args.target_experts, compression_ratio=args.compression_ratio, method=args.method,
+                  num_calibration_sequences=args.num_sequences, sequence_length=args.sequence_length,
+                  dtype=args.dtype, device=args.device, mtp=args.mtp, streaming=not args.no_streaming,
+                  hidden_states_budget_gb=args.hidden_states_budget_gb)
+    plan = plan_job(args.source, ReamConfig(**kwargs), tflops=args.tflops, disk_gbps=args.disk_gbps)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else "\n".join(plan.summary_lines()))
+    return 0
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="local model folder or Hugging Face Hub repo id (only config.json and the "
+                                       "weight index are read)")
+    parser.add_argument("--target-experts", type=int)
+    parser.add_argument("--compression-ratio", type=float)
+    parser.add_argument("--method", choices=METHODS, default=DEFAULTS.method)
+    parser.add_argument("--num-sequences", type=int, default=DEFAULTS.num_calibration_sequences)
+    parser.add_argument("--sequence-length", type=int, default=DEFAULTS.sequence_length)
+    parser.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
+    parser.add_argument("--device", default=DEFAULTS.device, help="the device the job would run on (cpu, cuda)")
+    parser.add_argument("--mtp", choices=MTP_MODES, default=DEFAULTS.mtp)
+    parser.add_argument("--no-streaming", action="store_true")
+    parser.add_argument("--hidden-states-budget-gb", type=float, default=DEFAULTS.hidden_states_budget_gb)
+    parser.add_argument("--tflops", type=float, help="throughput for the estimate (default: 400 on cuda, measured "
+                                                     "on one H100 by eval/bench_gpu.py; 0.15 on cpu)")
+    parser.add_argument("--disk-gbps", type=float, default=2.0, help="disk read speed for the estimate")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -114,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="per-layer log lines")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_compress_arguments(commands.add_parser("compress", help="compress an MoE model"))
+    _add_plan_arguments(commands.add_parser("plan", help="what a compression job needs (sizes, memory, time), from "
+                                                         "config.json and the weight index alone"))
     from .release.serve import add_serve_arguments
 
     add_serve_arguments(commands.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server "
@@ -132,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             from .release.serve import run_serve
 
             return run_serve(args)
+        if args.command == "plan":
+            return _plan(args)
         return _compress(args) if args.command == "compress" else _demo(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -39,8 +39,11 @@ from .io.writer import (
 )
 from .method.planning import check_plan
 from .method.surgery import check_grouped_routing
+from .pipeline import distributed
 from .pipeline.calibration import check_sources, load_calibration, make_batches
+from .pipeline.device import Placement, resolve_device
 from .pipeline.mtp import check_mtp_layers, mtp_prefixes
+from .pipeline.plan import check_fits, plan_job
 from .pipeline.sequential import CompressionResult, run_layers
 from .pipeline.streaming import LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
 
@@ -115,8 +118,13 @@ class ReamCompressor(OptimumQuantizer):
         `resume=True` continues an interrupted run. `allow_full_width` permits target == current experts
         (a no-op that exercises the whole pipeline; used to prove it lossless). `trust_remote_code` lets a source's
         custom tokenizer code run (Kimi-K2's); the model itself always runs on transformers' own classes. `revision`
-        picks the branch, tag or commit of a Hub repo id (recorded in the manifest, part of the work folder's key)."""
+        picks the branch, tag or commit of a Hub repo id (recorded in the manifest, part of the work folder's key).
+
+        Under torchrun (WORLD_SIZE > 1) the processes share the work (pipeline/distributed.py); each must call
+        this with the same arguments, and rank 0 writes the work folder and, in `save_pretrained`, the output."""
         config = self.config
+        ranks = distributed.setup(config.device)
+        device = resolve_device(config.device, ranks.local_rank)
         if isinstance(model_or_path, (str, os.PathLike)):
             source = open_source(model_or_path, revision)
             config_dict, model, source_name = source.config, None, str(model_or_path)
@@ -148,11 +156,14 @@ class ReamCompressor(OptimumQuantizer):
         streaming = source is not None and model is None and config.streaming
         if resume and not streaming:
             raise ValueError("resume needs streaming (the default) and a source folder or Hub id, not a loaded model")
+        if source is not None and model is None:
+            check_fits(plan_job(source, config, device=str(device)))  # a layer the device cannot hold
         work = None
         if streaming:
             dtype = self._source_dtype(source)
             job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width})
-            work = WorkFolder.open(Path(work_dir) if work_dir else default_work_root() / job, job, resume)
+            folder = Path(work_dir) if work_dir else default_work_root() / job
+            work = distributed.on_main(ranks, lambda: WorkFolder.open(folder, job, resume))  # the others get a copy
 
         # everything refusable is refused above: from here on, the tokenizer, calibration data and weights are read
         if source is not None:
@@ -163,10 +174,9 @@ class ReamCompressor(OptimumQuantizer):
         sequences = load_calibration(config, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         batches = make_batches(sequences, config.batch_size, pad_id)
-        device = torch.device(config.device)
         loader = None
         if streaming:
-            loader = LayerLoader(source, family, device)
+            loader = LayerLoader(source, family, device, prefetch=Placement.of(device).prefetch_weights)
             model = build_skeleton(source.transformers_config(), dtype, device, loader)
         elif model is None:
             model = self._load_model(source, device)
@@ -230,8 +240,7 @@ class ReamCompressor(OptimumQuantizer):
         from transformers import AutoModelForCausalLM
 
         dtype = self._dtype()
-        # eager experts are the fastest on CPU and gather no per-token weight copies (TRANSFORMERS.md)
-        implementation = "eager" if device.type == "cpu" else "grouped_mm"
+        implementation = Placement.of(device).experts_implementation(self._source_dtype(source))
         model = AutoModelForCausalLM.from_pretrained(str(source.folder), config=source.transformers_config(), dtype=dtype,
                                                      experts_implementation=implementation)
         return model.to(device)
@@ -259,10 +268,18 @@ class ReamCompressor(OptimumQuantizer):
 
         After a streaming run the trunk layers' shards are already written in the work folder: they are
         moved (not copied) into the output, and the work folder is removed once the output is in place. A second
-        call copies the first output (the layers' tensors are no longer held), verified again.
+        call copies the first output (the layers' tensors are no longer held), verified again. In a distributed
+        run rank 0 writes; every rank returns once the output is in place.
         """
         if self.result is None:
             raise ValueError("nothing to save: call compress() first")
+        ranks = distributed.current()
+        saved = distributed.on_main(ranks, lambda: self._save_pretrained(output_dir, overwrite))
+        if not ranks.is_main:
+            self.result.work, self._saved = None, Path(output_dir).resolve()
+        return saved
+
+    def _save_pretrained(self, output_dir: str | os.PathLike, overwrite: bool) -> Path:
         result, config = self.result, self.config
         if self._saved is not None and not result.outputs_complete:
             return self._save_copy(output_dir, overwrite)

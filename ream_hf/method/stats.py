@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..arch import ExpertWeights
 from .experts import Activation, pairs_by_expert, single_expert_output
@@ -23,6 +24,40 @@ from .similarity import logit_gram
 CHUNK_BYTES_BUDGET = 24 * 2**20
 MIN_CHUNK_ROWS = 16
 ROUTED_BYTES_BUDGET = 16 * 2**20  # hidden rows of routed pairs gathered for one saliency window
+
+
+@dataclass(frozen=True)
+class GemmPolicy:
+    """How the statistics pass runs its GEMMs; `ream_hf.pipeline.device` picks one per device and checkpoint dtype.
+
+    `operands`: the dtype the block inputs and the fused gate/up matrix are cast to. float32 is exact for every
+    checkpoint; for a bfloat16/float16 checkpoint the weights and hidden states already hold bfloat16/float16
+    values, so GEMMs in that dtype read the same numbers and, with products exact in the float32 accumulator,
+    differ from float32 GEMMs only in summation order. `result`: float32 keeps that accumulator (CUDA's
+    `mm(..., out_dtype=float32)`); the operand dtype rounds each gate/up pre-activation to it. `grouped`:
+    saliency's down projection as one grouped GEMM over the routed pairs (operands in `operands`, result rounded
+    to it) instead of one float32 GEMM per expert.
+    """
+
+    operands: torch.dtype = torch.float32
+    result: torch.dtype = torch.float32
+    grouped: bool = False
+
+    def describe(self) -> dict[str, str]:
+        """Which dtype each GEMM of the pass uses, for logs and benchmarks."""
+        name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+        down = f"{name(self.operands)} grouped_mm -> {name(self.operands)}" if self.grouped else "float32 per expert"
+        return {"gate_up": f"{name(self.operands)} x {name(self.operands)} -> {name(self.result)}",
+                "saliency_down": down, "signature_down": "float32"}
+
+
+FLOAT32_GEMMS = GemmPolicy()
+
+
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows (P, K) sorted by group, weights (G, K, N), offsets (G,) int32 cumulative row counts -> (P, N)."""
+    function = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
+    return function(rows, weights, offs=offsets)
 
 
 @dataclass
@@ -41,10 +76,12 @@ def gate_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
-def chunk_rows(num_experts: int, inner: int, requested: int) -> int:
-    """Token rows per chunk so the dense (rows, E, 2D) float32 gate/up buffer stays within budget."""
+def chunk_rows(num_experts: int, inner: int, requested: int, budget: int | None = None) -> int:
+    """Token rows per chunk so the dense (rows, E, 2D) float32 gate/up buffer stays within `budget` bytes
+    (default CHUNK_BYTES_BUDGET, the CPU's; a GPU's is larger, see `ream_hf.pipeline.device`)."""
     per_row = num_experts * 2 * inner * 4
-    return max(1, min(requested, max(MIN_CHUNK_ROWS, CHUNK_BYTES_BUDGET // per_row)))
+    budget = CHUNK_BYTES_BUDGET if budget is None else budget
+    return max(1, min(requested, max(MIN_CHUNK_ROWS, budget // per_row)))
 
 
 class LayerStatsAccumulator:
@@ -70,6 +107,9 @@ class LayerStatsAccumulator:
         gated: bool = True,
         sample_positions: torch.Tensor | None = None,
         chunk_size: int = 2048,
+        gemm: GemmPolicy = FLOAT32_GEMMS,
+        chunk_bytes: int | None = None,
+        routed_bytes: int | None = None,
     ) -> None:
         # the source dtype is kept: a float32 copy of a bfloat16 layer would double its memory; what the math
         # needs in float32 (the fused gate/up matrix, one expert's down projection) is converted where used
@@ -83,16 +123,19 @@ class LayerStatsAccumulator:
         self.num_experts, self.inner = num_experts, inner
         device = self.device = self.weights.gate.device  # running sums live beside the weights; finalize() moves to CPU
         self.logit_gram = torch.zeros(num_experts, num_experts, dtype=torch.float64, device=device) if with_logit_gram else None
-        self.chunk_size = chunk_rows(num_experts, inner, chunk_size)
+        self.gemm = gemm
+        self.chunk_size = chunk_rows(num_experts, inner, chunk_size, chunk_bytes)
+        self.routed_bytes = ROUTED_BYTES_BUDGET if routed_bytes is None else routed_bytes
         self.frequency = torch.zeros(num_experts, dtype=torch.int64, device=device)
-        self.saliency_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        # on the host on every device: index_add_ there adds in a fixed order (CUDA's adds floats atomically)
+        self.saliency_sum = torch.zeros(num_experts, dtype=torch.float64)
         self.sample_positions = sample_positions  # sorted global token positions
         self.sample_chunks: list[torch.Tensor] = []
         self.seen_tokens = 0
         if dense:
             # (H, E*2D): column block e holds [gate_e; up_e]^T
             gate_up = torch.cat([self.weights.gate, self.weights.up], dim=1).reshape(-1, hidden)
-            self.gate_up_matrix = torch.empty(hidden, gate_up.shape[0], dtype=torch.float32, device=device)
+            self.gate_up_matrix = torch.empty(hidden, gate_up.shape[0], dtype=gemm.operands, device=device)
             self.gate_up_matrix.copy_(gate_up.T)
             del gate_up
             self.gate_up_bias = None
@@ -102,23 +145,32 @@ class LayerStatsAccumulator:
             self.gate_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
             self.gate_up_buffer: torch.Tensor | None = None  # reused by every chunk
 
+    def running_sums(self) -> dict[str, torch.Tensor]:
+        """Every running sum `add` accumulates into, by attribute name: what a distributed run reduces over its
+        ranks (`ream_hf.pipeline.distributed`). A statistic added to this class must list its sums here."""
+        names = ("frequency", "saliency_sum", "logit_gram", "weighted_hidden_sum", "gate_sum")
+        return {name: value for name in names if isinstance(value := getattr(self, name, None), torch.Tensor)}
+
     @torch.no_grad()
-    def add(self, x: torch.Tensor, logits: torch.Tensor, topk_weights: torch.Tensor, topk_index: torch.Tensor) -> None:
-        """x: (T, H) block inputs of real (non-padding) tokens; the rest is the router's output for them."""
-        x, logits = x.to(self.device, torch.float32), logits.to(self.device, torch.float32)
+    def add(self, x: torch.Tensor, logits: torch.Tensor, topk_weights: torch.Tensor, topk_index: torch.Tensor,
+            position: int | None = None) -> None:
+        """x: (T, H) block inputs of real (non-padding) tokens; the rest is the router's output for them.
+        `position`: the global index of x's first token (default: right after the tokens added so far)."""
+        x, logits = x.to(self.device), logits.to(self.device, torch.float32)
         topk_weights, topk_index = topk_weights.to(self.device, torch.float32), topk_index.to(self.device)
+        first_token = self.seen_tokens if position is None else position
         self.frequency += torch.bincount(topk_index.reshape(-1), minlength=self.num_experts)
         if self.logit_gram is not None:
             self.logit_gram += logit_gram(logits)
         if self.sample_positions is not None:
-            lo = int(torch.searchsorted(self.sample_positions, self.seen_tokens))
-            hi = int(torch.searchsorted(self.sample_positions, self.seen_tokens + x.shape[0]))
+            lo = int(torch.searchsorted(self.sample_positions, first_token))
+            hi = int(torch.searchsorted(self.sample_positions, first_token + x.shape[0]))
             if hi > lo:
-                rows = (self.sample_positions[lo:hi] - self.seen_tokens).to(self.device)
+                rows = (self.sample_positions[lo:hi] - first_token).to(self.device)
                 self.sample_chunks.append(x[rows].cpu())
         if self.dense:
             k = topk_index.shape[1]
-            window = self.chunk_size * max(1, ROUTED_BYTES_BUDGET // (self.chunk_size * k * self.inner * 4))
+            window = self.chunk_size * max(1, self.routed_bytes // (self.chunk_size * k * self.inner * 4))
             for first in range(0, x.shape[0], window):  # saliency once per window: fewer per-expert matmuls
                 last = min(first + window, x.shape[0])
                 routed_hidden = torch.empty(k, last - first, self.inner, dtype=torch.float32, device=self.device)
@@ -126,18 +178,20 @@ class LayerStatsAccumulator:
                     stop = min(start + self.chunk_size, last)
                     self._add_dense(x[start:stop], logits[start:stop], topk_index[start:stop],
                                     routed_hidden[:, start - first : stop - first])
-                self._add_saliency(topk_weights[first:last], topk_index[first:last], self._down_projection(routed_hidden.view(-1, self.inner)))
+                if self.gemm.grouped:
+                    self._add_grouped_saliency(topk_weights[first:last], topk_index[first:last], routed_hidden)
+                else:
+                    self._add_saliency(topk_weights[first:last], topk_index[first:last],
+                                       self._down_projection(routed_hidden.view(-1, self.inner)))
         elif self.with_saliency:
-            self._add_saliency(topk_weights, topk_index, self._full_expert(x))
+            self._add_saliency(topk_weights, topk_index, self._full_expert(x.float()))
         self.seen_tokens += x.shape[0]
 
     def _add_dense(self, x, logits, topk_index, routed_hidden) -> None:
         """Gated signature sums for one chunk; copies the routed (token, expert) hidden rows into
         `routed_hidden` (k, c, D), slot-major as `pairs_by_expert` numbers them, for the window's saliency."""
         rows = x.shape[0]
-        if self.gate_up_buffer is None or self.gate_up_buffer.shape[0] < rows:
-            self.gate_up_buffer = torch.empty(rows, self.gate_up_matrix.shape[1], dtype=torch.float32, device=self.device)
-        gate_up = torch.mm(x, self.gate_up_matrix, out=self.gate_up_buffer[:rows])  # one GEMM for every expert
+        gate_up = self._gate_up(x)  # one GEMM for every expert
         if self.gate_up_bias is not None:
             gate_up += self.gate_up_bias
         gate_up = gate_up.view(rows, self.num_experts, 2 * self.inner)
@@ -145,11 +199,38 @@ class LayerStatsAccumulator:
         routed_hidden.copy_(hidden[torch.arange(rows, device=self.device), topk_index.T])
         if self.gated:
             gates = gate_scores(logits, self.scoring)
-            hidden.mul_(gates.unsqueeze(-1))  # saliency has read the ungated rows it needs
+            # sum_x g_e(x) a_e(x) for every expert as one batched (1, c) x (c, D) product over the strided view:
+            # one read of the activations, where scaling them in place and summing took two passes and a write
+            weighted = torch.bmm(gates.T.unsqueeze(1), hidden.transpose(0, 1)).squeeze(1)
             self.gate_sum += gates.sum(dim=0, dtype=torch.float64)
         else:
+            weighted = hidden.sum(dim=0)
             self.gate_sum += rows
-        self.weighted_hidden_sum += hidden.sum(dim=0).double()
+        self.weighted_hidden_sum += weighted.double()
+
+    def _gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, E*2D) float32 gate/up pre-activations of every expert, per the GEMM policy."""
+        rows = x.shape[0]
+        if self.gemm.operands != torch.float32 and self.gemm.result == torch.float32:
+            return torch.mm(x.to(self.gemm.operands), self.gate_up_matrix, out_dtype=torch.float32)  # CUDA only
+        if self.gate_up_buffer is None or self.gate_up_buffer.shape[0] < rows:
+            self.gate_up_buffer = torch.empty(rows, self.gate_up_matrix.shape[1], dtype=torch.float32, device=self.device)
+        if self.gemm.operands == torch.float32:
+            return torch.mm(x.float(), self.gate_up_matrix, out=self.gate_up_buffer[:rows])
+        return self.gate_up_buffer[:rows].copy_(torch.mm(x.to(self.gemm.operands), self.gate_up_matrix))
+
+    def _add_grouped_saliency(self, topk_weights: torch.Tensor, topk_index: torch.Tensor,
+                              routed_hidden: torch.Tensor) -> None:
+        """Saliency of a window's routed pairs with one grouped GEMM for every expert's down projection: no
+        per-expert loop, no host synchronisation. `routed_hidden` (k, c, D) as `_add_dense` fills it."""
+        flat = topk_index.T.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        offsets = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0).to(torch.int32)
+        down = self.weights.down.to(self.gemm.operands).transpose(1, 2)  # (E, D, H), a view in the source dtype
+        out = grouped_mm(routed_hidden.reshape(-1, self.inner)[order].to(self.gemm.operands), down, offsets).float()
+        if self.weights.down_bias is not None:
+            out += self.weights.down_bias.float()[flat[order]]
+        self._add_pair_saliency(topk_weights, topk_index, order, torch.linalg.vector_norm(out, dim=-1))
 
     def _add_saliency(self, topk_weights: torch.Tensor, topk_index: torch.Tensor,
                       expert_output: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
@@ -160,8 +241,13 @@ class LayerStatsAccumulator:
         norms = torch.empty(order.shape[0], dtype=torch.float32, device=self.device)
         for expert, part in slices:
             norms[part] = torch.linalg.vector_norm(expert_output(expert, order[part]), dim=-1)
+        self._add_pair_saliency(topk_weights, topk_index, order, norms)
+
+    def _add_pair_saliency(self, topk_weights: torch.Tensor, topk_index: torch.Tensor, order: torch.Tensor,
+                           norms: torch.Tensor) -> None:
+        """Adds g_i(x) * ||f_i(x)|| of the routed pairs to their experts' sums; `norms` in `order` (by expert)."""
         pair_saliency = topk_weights.T.reshape(-1)[order].double() * norms.double()
-        self.saliency_sum.index_add_(0, topk_index.T.reshape(-1)[order], pair_saliency)
+        self.saliency_sum.index_add_(0, topk_index.T.reshape(-1)[order].cpu(), pair_saliency.cpu())
 
     def _down_projection(self, routed_hidden: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """Expert outputs from the routed pairs' hidden rows (dense path): just the down projection."""
@@ -193,7 +279,7 @@ class LayerStatsAccumulator:
             output_signatures = output_signatures.cpu()
         return LayerStatistics(
             frequency=self.frequency.cpu(),
-            saliency=(self.saliency_sum / count).cpu() if self.with_saliency else None,
+            saliency=self.saliency_sum / count.cpu() if self.with_saliency else None,
             output_signatures=output_signatures,
             router_logit_gram=None if self.logit_gram is None else self.logit_gram.cpu(),
             sample_inputs=torch.cat(self.sample_chunks) if self.sample_chunks else None,

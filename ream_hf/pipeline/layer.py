@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,10 +19,11 @@ from ..method.merging import ActivationGram, keeps_centroid, merge_expert_group,
 from ..method.planning import LayerPlan, plan_layer
 from ..method.stats import LayerStatistics, LayerStatsAccumulator
 from ..method.surgery import apply_layer_plan
+from . import distributed
+from .device import Placement
+from .distributed import BatchShare
 from .runner import feed_block_inputs, run_layer
 from .streaming import HiddenStateStore
-
-ALIGNMENT_CHUNK_BYTES = 24 * 2**20  # a group's (members, rows, D) gate/up/activation intermediates per chunk
 
 
 @dataclass
@@ -36,6 +37,8 @@ class LayerReport:
     saliency: list[float] | None
     seconds: float
     stats_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: statistics, plan, merge, forward
+    gemm: dict[str, str] = field(default_factory=dict)  # the statistics GEMMs' dtypes (GemmPolicy.describe)
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -69,13 +72,14 @@ def routed_experts(family: MoEFamily, layer, device: torch.device):
 
 
 def forward_in_place(family: MoEFamily, layer, hidden: list[torch.Tensor], calls, store: HiddenStateStore | None,
-                     generation: int, device: torch.device) -> None:
+                     generation: int, device: torch.device, numbers: list[int] | None = None) -> None:
     """Replace each batch's inputs in `hidden` by the layer's outputs (the next layer's inputs; persisted when
-    resumable) as soon as they exist, so one generation is held, not two."""
+    resumable, under the batches' global `numbers`) as soon as they exist, so one generation is held, not two."""
+    numbers = list(range(len(calls))) if numbers is None else numbers
     with routed_experts(family, layer, device):
-        for b, call in enumerate(calls):
-            out = run_layer(layer, hidden[b], call)
-            hidden[b] = out if store is None else store.write(generation, b, out)
+        for b, (inputs, call) in enumerate(zip(Placement.of(device).feed(hidden), calls)):
+            out = run_layer(layer, inputs, call)
+            hidden[b] = out if store is None else store.write(generation, numbers[b], out)
 
 
 def sample_positions(config: ReamConfig, total_tokens: int) -> torch.Tensor:
@@ -90,7 +94,7 @@ def group_activation_gram(group: ExpertWeights, activation: Activation, sample_i
     sums: a 16-member group on 32k sample tokens would otherwise hold about 0.8 GB of activations."""
     group = group.to(torch.float32)
     count, inner, _ = group.gate.shape
-    rows = max(16, ALIGNMENT_CHUNK_BYTES // (3 * 4 * count * inner))
+    rows = max(16, Placement.of(group.gate.device).alignment_bytes // (3 * 4 * count * inner))
     gram = ActivationGram(count, inner)
     for start in range(0, sample_inputs.shape[0], rows):
         gram.add(expert_hidden(group, activation, sample_inputs[start : start + rows].to(group.gate.device, torch.float32)))
@@ -98,10 +102,16 @@ def group_activation_gram(group: ExpertWeights, activation: Activation, sample_i
 
 
 def layer_statistics(config: ReamConfig, family: MoEFamily, layer, block, hidden, calls, batches,
-                     sample: torch.Tensor | None) -> LayerStatistics:
+                     sample: torch.Tensor | None, share: BatchShare | None = None,
+                     gemm: dict[str, str] | None = None) -> LayerStatistics:
+    """The layer's statistics over every rank's batches (`share`: this rank's, default all of `batches`), summed
+    batch by batch in global order (`distributed.OrderedReduction`). `gemm`, if given, receives the GEMM dtypes."""
     experts_module, router_module = experts(family, block), router(family, block)
+    weights = read_expert_weights(family, experts_module)
+    placement = Placement.of(weights.gate.device)
+    policy = placement.gemm(weights.gate.dtype)
     accumulator = LayerStatsAccumulator(
-        read_expert_weights(family, experts_module),
+        weights,
         activation_for(family, experts_module),
         family.scoring,
         dense=config.is_merging,
@@ -110,14 +120,23 @@ def layer_statistics(config: ReamConfig, family: MoEFamily, layer, block, hidden
         gated=config.gated_similarity,
         sample_positions=sample if config.aligns_activations else None,
         chunk_size=config.token_chunk_size,
+        gemm=policy,
+        chunk_bytes=placement.chunk_bytes,
+        routed_bytes=placement.routed_bytes,
     )
+    if gemm is not None:
+        gemm.update(policy.describe())
+    if share is None:
+        share = BatchShare.of([int(b.attention_mask.sum()) for b in batches])
+    reduction = distributed.OrderedReduction(accumulator, share.first_tokens, share.total_tokens, distributed.current())
+    numbers = iter(share.numbers)
 
     def consume(x: torch.Tensor) -> None:
         logits, topk_weights, topk_index = router_module(x)
-        accumulator.add(x, logits, topk_weights, topk_index)
+        reduction.add(next(numbers), x, logits, topk_weights, topk_index)
 
-    feed_block_inputs(layer, block, hidden, calls, batches, consume)
-    return accumulator.finalize()
+    feed_block_inputs(layer, block, hidden, calls, batches, consume, placement=placement)
+    return reduction.finalize()
 
 
 def merge_layer(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, stats: LayerStatistics) -> ExpertWeights:
@@ -128,17 +147,33 @@ def merge_layer(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, s
     features = None
     if mode in ("activations+weights", "weights"):
         features = weight_features(weights.gate, weights.up, weights.down, config.pca_dim)  # float32 per block
-    merged = []
-    for group, group_weights in zip(plan.groups, plan.weights):
+    def merge(group, group_weights):
         index = list(group.members)
         part = weights.select(index)
         needs_activations = stats.sample_inputs is not None and len(index) > 1  # a singleton is kept as it is
-        merged.append(merge_expert_group(
+        return merge_expert_group(
             part.gate, part.up, part.down, torch.tensor(group_weights, dtype=torch.float64), mode,
             feats=None if features is None else features[index],
             biases={"gate_bias": part.gate_bias, "up_bias": part.up_bias, "down_bias": part.down_bias},
             gram=group_activation_gram(part, activation, stats.sample_inputs) if needs_activations else None,
-        ))
+        )
+
+    # multi-member groups are the work: in a distributed run each rank merges every world-th one and broadcasts it
+    ranks = distributed.current()
+    work = [j for j, group in enumerate(plan.groups) if len(group.members) > 1]
+    results = [merge(plan.groups[j], plan.weights[j]) if ranks.owns(n) else None for n, j in enumerate(work)]
+    flat = [None if r is None else [r[0], r[1], r[2], *r[3].values()] for r in results]
+
+    def like(n: int) -> list[torch.Tensor]:
+        one = weights.select([plan.groups[work[n]].centroid])
+        return [torch.empty_like(t[0]) for t in (one.gate, one.up, one.down, one.gate_bias, one.up_bias, one.down_bias)
+                if t is not None]
+
+    flat = distributed.broadcast_results(ranks, flat, like)
+    bias_names = [name for name in ("gate_bias", "up_bias", "down_bias") if getattr(weights, name) is not None]
+    done = {j: (t[0], t[1], t[2], dict(zip(bias_names, t[3:]))) for j, t in zip(work, flat)}
+    merged = [done[j] if j in done else merge(group, group_weights)
+              for j, (group, group_weights) in enumerate(zip(plan.groups, plan.weights))]
     stacked = {name: torch.stack([m[i] for m in merged]) for i, name in enumerate(("gate", "up", "down"))}
     for name in ("gate_bias", "up_bias", "down_bias"):
         if name in merged[0][3]:
@@ -148,20 +183,36 @@ def merge_layer(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, s
 
 def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key: str, index: int, hidden, calls,
                        batches, sample: torch.Tensor | None, target: int, groups_per_layer: int, started: float,
-                       forward: Callable[[], None] | None = None) -> tuple[LayerReport, LayerOutput]:
+                       forward: Callable[[], None] | None = None,
+                       share: BatchShare | None = None) -> tuple[LayerReport, LayerOutput]:
     """Statistics, plan, merge and surgery of one MoE layer. `forward` re-runs the layer on the calibration data
     for what follows it: after the surgery (the paper's sequential mode) or, for the non-sequential ablation,
     with the original experts. Returns the report and the tensors that replace the layer's on disk."""
-    stats = layer_statistics(config, family, layer, block, hidden, calls, batches, sample)
-    stats_seconds = time.perf_counter() - started
+    placement = Placement.of(read_expert_weights(family, experts(family, block)).gate.device)
+    timings: dict[str, float] = {}
+    gemm: dict[str, str] = {}
+
+    def stage(name: str, since: float) -> float:
+        placement.synchronize()
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - since
+        return now
+
+    stats = layer_statistics(config, family, layer, block, hidden, calls, batches, sample, share, gemm)
+    clock = stage("statistics", started)
+    stats_seconds = clock - started
     plan = plan_layer(config, stats, target, groups_per_layer)
+    clock = stage("plan", clock)
     if forward is not None and not config.sequential:
         forward()
+        clock = stage("forward", clock)
     merged = merge_layer(config, family, block, plan, stats) if config.is_merging else None
     before = experts(family, block).num_experts
     apply_layer_plan(family, block, plan.centroids, merged)
+    clock = stage("merge", clock)
     if forward is not None and config.sequential:
         forward()
+        clock = stage("forward", clock)
     router_module = router(family, block)
     output = LayerOutput(
         experts=read_expert_weights(family, experts(family, block)),
@@ -173,6 +224,6 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
     report = LayerReport(
         key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
         None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency],
-        time.perf_counter() - started, stats_seconds,
+        time.perf_counter() - started, stats_seconds, timings, gemm,
     )
     return report, output

@@ -34,6 +34,7 @@ from torch import nn
 from ..arch import MTP_STYLES, MoEFamily, MTPStyle, config_mtp_prefixes, decoder_layers, parse_moe_name
 from ..io.source import SourceCheckpoint
 from .calibration import CalibrationBatch
+from .device import Placement
 from .runner import LayerCall, run_layer
 from .streaming import LayerLoader, final_norm, fp32_tensors, keep_fp32
 
@@ -264,7 +265,8 @@ def run_mtp_layers(
     call_index = mtp_call_layer(model)
     layer_calls = [per_batch[call_index] for per_batch in calls]
     count = len(batches)
-    previous: Sequence[torch.Tensor] = LazyBatches(count, lambda b: norm(last_hidden[b]))
+    placement = Placement.of(loader.device)  # the trunk's outputs may be spilled or still being written
+    previous: Sequence[torch.Tensor] = LazyBatches(count, lambda b: norm(placement.fetch(last_hidden[b])))
     num_hidden_layers = int(model.config.get_text_config().num_hidden_layers)
     for spec in specs:
         block = build_mtp_block(model, family, loader, spec)

@@ -81,8 +81,10 @@ def feed_block_inputs(
     batches: list[CalibrationBatch],
     consume: Callable[[torch.Tensor], None],
     progress: Callable[[], None] | None = None,
+    placement=None,
 ) -> None:
-    """Run the layer up to its MoE block for every batch; `consume` gets the real tokens' block inputs."""
+    """Run the layer up to its MoE block for every batch; `consume` gets the real tokens' block inputs. With a
+    `placement` (pipeline/device.py) the hidden states reach its device through `placement.feed`."""
     current_mask: list[torch.Tensor] = []
 
     def hook(_module, args):
@@ -93,7 +95,8 @@ def feed_block_inputs(
 
     handle = block.register_forward_pre_hook(hook)
     try:
-        for hidden, call, batch in zip(hidden_states, calls, batches):
+        feed = hidden_states if placement is None else placement.feed(hidden_states)
+        for hidden, call, batch in zip(feed, calls, batches):
             current_mask[:] = [batch.token_mask]
             try:
                 run_layer(layer, hidden, call)

@@ -5,6 +5,7 @@ committed, so an interrupted run resumes after its last finished layer."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,12 @@ from ..io.quantization import output_dtype
 from ..io.source import SourceCheckpoint
 from ..io.writer import LayerOutput, PartWriter, group_tensors, output_groups
 from ..method.surgery import routing_groups
+from . import distributed
 from .calibration import CalibrationBatch
+from .device import Placement
+from .distributed import BatchShare
 from .layer import LayerReport, compress_moe_layer, forward_in_place, sample_positions
-from .mtp import run_mtp_layers
+from .mtp import run_mtp_layers, shifted_batch
 from .runner import capture_layer_inputs
 from .streaming import HiddenStateStore, LayerLoader, WorkFolder
 
@@ -58,6 +62,8 @@ class CompressionResult:
     dropped_prefixes: tuple[str, ...] = ()
     layer_entries: list[dict[str, Any]] = field(default_factory=list)  # manifest entries, restored on resume
     work: WorkFolder | None = None
+    background_write_seconds: float = 0.0  # hidden-state barrier, shard parts and commits, in the writer thread
+    write_wait_seconds: float = 0.0  # the compute thread waiting for those writes at the end
     dequantize_to: str | None = None  # a quantized source written dequantized to this dtype (None: its own format)
 
     @property
@@ -81,12 +87,21 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
                device: torch.device, result: CompressionResult, loader: LayerLoader | None = None,
                mtp_loader: LayerLoader | None = None) -> None:
     """The trunk layer by layer, then (`mtp_loader` given) the MTP layers, fed the last trunk layer's outputs.
-    `loader` fills each trunk layer from the source when the model is a streaming skeleton."""
+    `loader` fills each trunk layer from the source when the model is a streaming skeleton. `batches` are all
+    calibration batches; under torch.distributed each rank runs its share (pipeline/distributed.py).
+
+    With a work folder, each layer's hidden-state files, shard part and commit are written by a background
+    thread while the next layer computes; a layer counts as finished (and resumable) once its commit is on disk."""
     work, trunk_prefix = result.work, result.trunk_prefix
+    ranks = distributed.current()
+    placement = Placement.of(device)
     layers = decoder_layers(model)
-    hidden, calls = capture_layer_inputs(model, layers, tqdm(batches, desc="Embedding calibration", leave=False), device)
-    total_tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
-    sample = sample_positions(config, total_tokens) if config.is_merging else None
+    share = BatchShare.of([int(b.attention_mask.sum()) for b in batches], ranks)
+    own = [batches[b] for b in share.numbers]
+    numbers = list(share.numbers)
+    embedding = tqdm(own, desc="Embedding calibration", leave=False, disable=not ranks.is_main)
+    hidden, calls = capture_layer_inputs(model, layers, embedding, device)
+    sample = sample_positions(config, share.total_tokens) if config.is_merging else None
     groups_per_layer = routing_groups(family, model.config.get_text_config())
     last = len(layers) - 1
     store = writer = groups = None
@@ -98,59 +113,87 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
         groups = output_groups(result.source, trunk_prefix, len(layers), result.dropped_prefixes)
         start = work.finished_layers
         if start:
-            hidden = store.read_all(start, len(batches))
+            hidden = store.read_batches(start, numbers, device)
             result.layer_entries = list(work.state["layers"])
         elif not store.in_memory:
-            hidden = [store.write(0, b, h) for b, h in enumerate(hidden)]
-    progress = tqdm(range(start, len(layers)), desc="Compressing layers", unit="layer", initial=start, total=len(layers))
+            hidden = [store.write(0, number, h) for number, h in zip(numbers, hidden)]
+    progress = tqdm(range(start, len(layers)), desc="Compressing layers", unit="layer", initial=start, total=len(layers),
+                    disable=not ranks.is_main)
     for index in progress:
         layer = layers[index]
         started = time.perf_counter()
         if loader is not None:
             loader.fill(layer, f"{trunk_prefix}{index}.")
+            if index < last:
+                loader.prefetch(f"{trunk_prefix}{index + 1}.")
+        placement.synchronize()
+        load_seconds = time.perf_counter() - started
         layer_calls = [per_batch[index] for per_batch in calls]
         block = moe_block(family, layer)
         feeds_next = index < last or mtp_loader is not None  # its outputs are some layer's inputs
 
         def forward(layer=layer, layer_calls=layer_calls, generation=index + 1) -> None:
-            forward_in_place(family, layer, hidden, layer_calls, store, generation, device)
+            forward_in_place(family, layer, hidden, layer_calls, store, generation, device, numbers)
 
         if block is None:
             if feeds_next:
                 forward()
         else:
             report, output = compress_moe_layer(config, family, layer, block, f"{trunk_prefix}{index}", index, hidden,
-                                                layer_calls, batches, sample, target, groups_per_layer, started,
-                                                forward if feeds_next else None)
+                                                layer_calls, own, sample, target, groups_per_layer, started,
+                                                forward if feeds_next else None, share)
+            report.timings["load"] = load_seconds
             result.record(report, output)
-            logger.info("layer %d: %d -> %d experts, %.2f s, peak RSS %.2f GB", index, report.experts_before,
-                        report.experts_after, report.seconds, peak_rss_gb())
+            logger.info("layer %d: %d -> %d experts, %.2f s (%s), peak RSS %.2f GB", index, report.experts_before,
+                        report.experts_after, report.seconds,
+                        ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()), peak_rss_gb())
         if work is not None:
-            writer.write_group(group_tensors(result.source, family, groups[index], result.outputs,
-                                             result.dequantize_dtype))
-            result.outputs.pop(f"{trunk_prefix}{index}", None)  # written: its views die with the layer
+            key = f"{trunk_prefix}{index}"
+            outputs = {key: result.outputs.pop(key)} if key in result.outputs else {}  # written: dropped after
+            store.writer.submit(functools.partial(commit_layer, result, store, writer, groups[index], outputs, index + 1,
+                                                  list(result.layer_entries), ranks))
             loader.release(layer)
-            work.commit(index + 1, writer.parts, result.layer_entries)
-            store.drop_before(index + 1)
+    if store is not None:
+        waited = time.perf_counter()
+        store.flush()  # every layer's files and commit on disk: save_pretrained reads the parts' list
+        result.write_wait_seconds += time.perf_counter() - waited
     if mtp_loader is not None:
         run_mtp(config, model, family, batches, target, mtp_loader, calls, hidden, result)
+
+
+def commit_layer(result: CompressionResult, store: HiddenStateStore, writer: PartWriter, names: list[str],
+                 outputs: dict[str, LayerOutput], finished: int, entries: list[dict], ranks) -> None:
+    """In the writer thread, after this rank's hidden-state files of generation `finished` (queued before it):
+    once every rank is there, rank 0 writes the layer's shard part and records the layer as finished."""
+    started = time.perf_counter()
+    distributed.io_barrier()
+    if ranks.is_main:
+        writer.write_group(group_tensors(result.source, result.family, names, outputs, result.dequantize_dtype))
+        result.work.commit(finished, writer.parts, entries)
+        store.drop_before(finished)
+    result.background_write_seconds += time.perf_counter() - started
 
 
 def run_mtp(config: ReamConfig, model, family: MoEFamily, batches: list[CalibrationBatch], target: int,
             loader: LayerLoader, calls, trunk_out: list[torch.Tensor], result: CompressionResult) -> None:
     """MTP layers (mtp="compress"), METHOD.md §6: each is one more MoE layer after the trunk, fed as vLLM feeds
-    its drafter (pipeline/mtp.py) from the last trunk layer's outputs `trunk_out`, compressed with the same
-    method and target, written under its own names."""
+    its drafter (pipeline/mtp.py) from the last trunk layer's outputs `trunk_out` (this rank's batches),
+    compressed with the same method and target, written under its own names."""
+    ranks = distributed.current()
     groups_per_layer = routing_groups(family, model.config.get_text_config())
-    for item in tqdm(run_mtp_layers(model, family, loader, trunk_out, batches, calls),
-                     desc="Compressing MTP layers", unit="layer"):
+    num_hidden_layers = int(model.config.get_text_config().num_hidden_layers)
+    for item in tqdm(run_mtp_layers(model, family, loader, trunk_out, ranks.share(batches), calls),
+                     desc="Compressing MTP layers", unit="layer", disable=not ranks.is_main):
         block = moe_block(family, item.layer)
         if block is None:  # a dense MTP layer: copied as it is
             continue
         started = time.perf_counter()
-        sample = sample_positions(config, item.num_tokens) if config.is_merging else None
+        shift = item.index - num_hidden_layers + 1  # position t is fed token t + shift
+        share = BatchShare.of([int(shifted_batch(b, shift).attention_mask.sum()) for b in batches], ranks)
+        sample = sample_positions(config, share.total_tokens) if config.is_merging else None
         report, output = compress_moe_layer(config, family, item.layer, block, item.key, item.index, item.hidden,
-                                            item.calls, item.batches, sample, target, groups_per_layer, started)
+                                            item.calls, item.batches, sample, target, groups_per_layer, started,
+                                            share=share)
         result.record(report, output)
         logger.info("MTP layer %s: %d -> %d experts, %.2f s", item.key, report.experts_before,
                     report.experts_after, report.seconds)

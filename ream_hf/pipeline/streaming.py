@@ -9,12 +9,15 @@ and the settings holds everything needed to continue after a crash.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from torch import nn
 from ..arch import (FUSED_PARAMS, MoEFamily, config_mtp_prefixes, disk_expert_names, in_memory_key,
                     read_expert_weights)
 from ..io.source import SourceCheckpoint
+from .device import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +39,50 @@ class LayerLoader:
     """Fills meta-device modules (a trunk decoder layer, an MTP layer, the embeddings) from the source's
     safetensors shards: only the module's own tensors are read, experts straight into their fused parameters."""
 
-    def __init__(self, source: SourceCheckpoint, family: MoEFamily, device: torch.device) -> None:
+    def __init__(self, source: SourceCheckpoint, family: MoEFamily, device: torch.device, *,
+                 prefetch: bool = False) -> None:
         self.source, self.family, self.device = source, family, torch.device(device)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="ream-prefetch") if prefetch else None
+        self._ahead: tuple[str, Future] | None = None  # (disk prefix, its tensors by name), read in the background
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Real tensors by name: quantized ones dequantized as they are read."""
-        return dict(self.source.iter_real_tensors(names))
+        return dict(self._tensors(names))
 
     def stored(self, names) -> set[str]:
         """The stored tensors that hold real tensors `names` (their scales included)."""
         reals = self.source.real_tensors
         return {stored for name in names for stored in reals[name]}
+
+    def prefetch(self, disk_prefix: str) -> None:
+        """Start reading every source tensor under `disk_prefix` (the next layer's) in a background thread, pinned
+        for the copy to a GPU; `fill` with that prefix takes them from there. One layer ahead at most: a prefetch
+        replaces the one before it. A no-op unless the loader was made with prefetch=True, and for a quantized
+        source (its layer, dequantized to float32, would take four times its stored size in pinned memory)."""
+        if self._reader is None or self.source.quantization is not None:
+            return
+        self._ahead = None
+        names = [name for name in self.source.real_tensors if name.startswith(disk_prefix)]
+        pin = self.device.type == "cuda"
+        self._ahead = (disk_prefix, self._reader.submit(
+            lambda: {name: tensor.pin_memory() if pin else tensor for name, tensor in self.source.iter_real_tensors(names)}))
+
+    def _tensors(self, names: Iterable[str], ahead: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, real tensor) for `names`: from `ahead` (a prefetched layer, emptied as it is used) or read now."""
+        names = list(names)
+        rest = [name for name in names if ahead is None or name not in ahead]
+        for name in names:
+            if ahead is not None and name in ahead:
+                yield name, ahead.pop(name)
+        yield from self.source.iter_real_tensors(rest)
+
+    def _claim(self, disk_prefix: str) -> dict[str, torch.Tensor] | None:
+        """The prefetched tensors if they are `disk_prefix`'s (waiting for the read to finish), else None."""
+        if self._ahead is None or self._ahead[0] != disk_prefix:
+            return None
+        _, pending = self._ahead
+        self._ahead = None
+        return pending.result()
 
     def fill(self, module: nn.Module, disk_prefix: str) -> set[str]:
         """Materialise `module` (on meta) on the loader's device from the tensors named `disk_prefix + key`, experts
@@ -67,21 +104,24 @@ class LayerLoader:
             else:
                 wanted[key] = disk_prefix + disk_key
         key_of = {name: key for key, name in wanted.items()}
+        ahead = self._claim(disk_prefix)
         with torch.no_grad():
-            for name, tensor in self.source.iter_real_tensors(key_of):
+            for name, tensor in self._tensors(key_of, ahead):
                 state[key_of[name]].copy_(tensor.to(state[key_of[name]].dtype))
         read = self.stored(wanted.values())
         for head in sorted(fused):
-            read |= self._fill_experts(module.get_submodule(head), disk_prefix + in_memory_key(self.family, head) + ".")
+            read |= self._fill_experts(module.get_submodule(head), disk_prefix + in_memory_key(self.family, head) + ".",
+                                       ahead)
         return read
 
-    def _fill_experts(self, experts_module: nn.Module, disk_experts_prefix: str) -> set[str]:
+    def _fill_experts(self, experts_module: nn.Module, disk_experts_prefix: str,
+                      ahead: dict[str, torch.Tensor] | None = None) -> set[str]:
         """Per-expert disk tensors copied one at a time into the fused parameters, through their canonical views
         (`read_expert_weights`): no stacked or concatenated copy of the layer is ever made."""
         views = read_expert_weights(self.family, experts_module)
         names = disk_expert_names(self.family, disk_experts_prefix, views.num_experts)
         with torch.no_grad():
-            for name, tensor in self.source.iter_real_tensors(names):
+            for name, tensor in self._tensors(names, ahead):
                 role, expert = names[name]
                 getattr(views, role)[expert].copy_(tensor)
         return self.stored(names)
@@ -144,8 +184,9 @@ def build_skeleton(hf_config, dtype, device: torch.device, loader: LayerLoader):
     float32 (`fp32_tensors`) are float32 here too."""
     from transformers import AutoModelForCausalLM
 
+    implementation = Placement.of(device).experts_implementation(dtype)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, experts_implementation="eager")
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, experts_implementation=implementation)
     keep_fp32(model, fp32_tensors(model, dtype))
     base = model.model
     embed = base.get_input_embeddings()
@@ -225,32 +266,108 @@ def default_work_root() -> Path:
     return Path(os.environ.get("REAM_HF_WORK_DIR", Path.home() / ".cache" / "ream-hf" / "work"))
 
 
-class HiddenStateStore:
-    """Calibration hidden states at one layer boundary, one file per batch.
+class BackgroundWriter:
+    """One thread that runs file writes in submission order, so a GPU never waits for the disk. At most
+    `max_pending_bytes` of submitted data wait at once (a submit beyond that waits for the oldest). A failed
+    write is raised by the next `submit` or `flush`, and every write queued after it is skipped: nothing may be
+    recorded as done after something it depends on failed."""
 
-    Files make a run resumable; above the memory budget they are also the storage, read back
-    memory-mapped one batch at a time, so RAM holds one batch instead of all of them.
+    def __init__(self, max_pending_bytes: int = 2 * 2**30) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ream-writer")
+        self._pending: collections.deque[tuple[Future, int]] = collections.deque()
+        self._pending_bytes = 0
+        self._failed = False
+        self.max_pending_bytes = max_pending_bytes
+
+    def _run(self, task: Callable[[], Any]) -> Any:
+        if self._failed:
+            raise RuntimeError("skipped: an earlier background write failed")
+        try:
+            return task()
+        except BaseException:
+            self._failed = True
+            raise
+
+    def submit(self, task: Callable[[], Any], nbytes: int = 0) -> Future:
+        self._retire(lambda: self._pending and self._pending_bytes + nbytes > self.max_pending_bytes)
+        future = self._pool.submit(self._run, task)
+        self._pending.append((future, nbytes))
+        self._pending_bytes += nbytes
+        return future
+
+    def flush(self) -> None:
+        """Wait for every submitted write."""
+        self._retire(lambda: self._pending)
+
+    def _retire(self, keep_waiting: Callable[[], Any]) -> None:
+        while self._pending and (self._pending[0][0].done() or keep_waiting()):
+            future, nbytes = self._pending.popleft()
+            self._pending_bytes -= nbytes
+            future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def host_copy(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start copying a tensor to host memory without waiting: on CUDA into pinned memory, queued on the current
+    stream after the kernels that produce it; returns what waits for the copy (to call from a writer thread)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cuda":
+        return lambda: tensor.contiguous()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> torch.Tensor:
+        done.synchronize()
+        return host
+
+    return wait
+
+
+class HiddenStateStore:
+    """Calibration hidden states at one layer boundary, one file per batch (named by the batch's global number,
+    so every rank of a distributed run writes its own batches into the same folder).
+
+    Files make a run resumable; above the memory budget they are also the storage, read back memory-mapped one
+    batch at a time, so RAM holds one batch instead of all of them. Files are written by a `BackgroundWriter`:
+    `write` returns at once with the tensor itself (held in memory) or a Future of its memory-mapped file
+    (spilled), which `Placement.feed` waits for; `flush` waits for all of them.
     """
 
-    def __init__(self, folder: Path, in_memory: bool) -> None:
+    def __init__(self, folder: Path, in_memory: bool, writer: BackgroundWriter | None = None) -> None:
         self.folder, self.in_memory = Path(folder), in_memory
+        self.writer = writer if writer is not None else BackgroundWriter()
 
     def path(self, generation: int, batch: int) -> Path:
         return self.folder / f"hidden-{generation:05d}" / f"{batch:06d}.pt"
 
-    def write(self, generation: int, batch: int, tensor: torch.Tensor) -> torch.Tensor:
+    def write(self, generation: int, batch: int, tensor: torch.Tensor) -> torch.Tensor | Future:
         path = self.path(generation, batch)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tensor.detach().contiguous().cpu(), path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
-        return tensor if self.in_memory else self.read(generation, batch)
+        host = host_copy(tensor)
+
+        def save() -> torch.Tensor | None:
+            torch.save(host(), path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+            return None if self.in_memory else self.read(generation, batch)
+
+        future = self.writer.submit(save, tensor.numel() * tensor.element_size())
+        return tensor if self.in_memory else future
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def read(self, generation: int, batch: int) -> torch.Tensor:
         return torch.load(self.path(generation, batch), mmap=True, weights_only=True)
 
-    def read_all(self, generation: int, count: int) -> list[torch.Tensor]:
-        tensors = [self.read(generation, b) for b in range(count)]
-        return [t.clone() for t in tensors] if self.in_memory else tensors
+    def read_batches(self, generation: int, batches: Iterable[int], device: torch.device) -> list[torch.Tensor]:
+        """A resumed run's hidden states: on `device` when held in memory, else memory-mapped (fed to the device
+        batch by batch)."""
+        tensors = [self.read(generation, b) for b in batches]
+        return [t.to(device, copy=True) for t in tensors] if self.in_memory else tensors
 
     def drop_before(self, generation: int) -> None:
         for old in self.folder.glob("hidden-*"):

@@ -1,0 +1,289 @@
+"""`ream-hf plan`: what a compression job needs, from config.json (and the weight index) alone.
+
+Sizes come from the model built on the meta device (no memory, no weights), so every family is measured as the
+pipeline builds it: per decoder layer, the bytes of its parameters in the working dtype; per MoE layer, the
+bytes one expert and one router row take. The arithmetic, with T = sequences x sequence length calibration
+tokens, H the hidden size, D the expert width, E experts, k kept experts, b bytes per element:
+
+- source_bytes: the index's `total_size` when there is an index (exact, MTP layers included), else the
+  parameters' bytes in the recorded dtype;
+- output_bytes: source_bytes minus, per compressed MoE layer, (E - k) x (3HD [+ biases] + router row) x b;
+- layer_bytes_max: the largest decoder layer's parameters in the working dtype;
+- hidden_states_bytes: one generation of calibration hidden states, T x H x b (sequences may be shorter);
+- statistics_flops: the exact statistic, every expert on every token, 3 x 2HD x E x T per MoE layer (REAP and
+  frequency evaluate only the routed experts: 6HD x top-k x T, and nothing);
+- work_dir_bytes: the compressed trunk's shards plus two generations of hidden-state files (the next layer's
+  inputs are written before the previous ones are deleted);
+- device_bytes_needed: the largest layer, the statistics pass's fused gate/up copy (in its GEMM dtype) and
+  working set, the merged experts, the embeddings, and the hidden states when they are held on the device.
+
+The estimate is executed FLOPs at a stated throughput plus reading the source at a stated disk speed (writes
+overlap with compute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..arch import decoder_layers, expert_count, experts, family_for_config, moe_block, router, text_config_dict
+from ..config import ReamConfig
+from ..io import safetensors as st
+from ..io.source import SourceCheckpoint
+from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
+from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# throughput assumed by the estimate when none is given: the statistics GEMMs' rate measured by eval/bench_gpu.py
+# (bf16 on one H100: see the README) and by eval/bench_compress.py (float32, 2 CPU cores)
+DEFAULT_TFLOPS = {"cuda": 400.0, "cpu": 0.15}
+DEFAULT_DISK_GBPS = 2.0
+WRITER_PENDING_BYTES = 2 * 2**30  # streaming.BackgroundWriter's bound on host copies waiting for the disk
+
+
+@dataclass
+class JobPlan:
+    source: str
+    family: str
+    dtype: str  # the working dtype
+    num_layers: int
+    moe_layers: int  # trunk MoE layers (+ MTP MoE layers compressed with them)
+    experts_before: int
+    experts_after: int
+    top_k: int
+    hidden_size: int
+    expert_intermediate_size: int
+    calibration_tokens: int
+    source_bytes: int
+    source_bytes_from: str  # "index", "safetensors header" or "config"
+    output_bytes: int
+    layer_bytes_max: int
+    hidden_states_bytes: int
+    hidden_states_in_memory: bool  # within hidden_states_budget_gb: held on the device, else spilled to files
+    statistics_flops: float
+    executed_flops: float  # what the pass runs: gate/up of every expert (merging), the routed down projections,
+    #                        and the re-forward's routed experts
+    work_dir_bytes: int
+    device: str
+    device_bytes_needed: int
+    device_memory_bytes: int | None
+    fits_device: bool | None
+    layer_fits_device: bool | None  # the refusal test of `compress`: the largest layer and its statistics (the
+    #                                 whole model without streaming)
+    ram_bytes: int
+    ram_bytes_needed: int
+    fits_ram: bool
+    gpu_memory_bytes: int | None  # this machine's first GPU, if any
+    throughput_tflops: float
+    disk_gbps: float
+    estimated_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        gb = lambda n: "unknown" if n is None else f"{n / 1e9:,.2f} GB"  # noqa: E731
+        fits = lambda ok: "unknown" if ok is None else ("yes" if ok else "NO")  # noqa: E731
+        return [
+            f"{self.source}: {self.family}, {self.num_layers} layers ({self.moe_layers} MoE), "
+            f"{self.experts_before} -> {self.experts_after} experts (top-{self.top_k}), {self.dtype}",
+            f"source            {gb(self.source_bytes)} (from the {self.source_bytes_from})",
+            f"output            {gb(self.output_bytes)}",
+            f"largest layer     {gb(self.layer_bytes_max)}",
+            f"hidden states     {gb(self.hidden_states_bytes)} per layer boundary "
+            f"({self.calibration_tokens:,} tokens; {'on the device' if self.hidden_states_in_memory else 'spilled to files'})",
+            f"statistics        {self.statistics_flops / 1e15:,.2f} PFLOP exact statistic, "
+            f"{self.executed_flops / 1e15:,.2f} PFLOP executed",
+            f"work folder       {gb(self.work_dir_bytes)} of disk at most",
+            f"{self.device:<17} needs {gb(self.device_bytes_needed)} of {gb(self.device_memory_bytes)}: "
+            f"fits {fits(self.fits_device)}",
+            f"this machine RAM  needs {gb(self.ram_bytes_needed)} of {gb(self.ram_bytes)}: fits {fits(self.fits_ram)}"
+            + ("" if self.gpu_memory_bytes is None else f"; GPU memory {gb(self.gpu_memory_bytes)}"),
+            f"estimate          {self.estimated_seconds / 60:,.1f} min at {self.throughput_tflops:g} TFLOP/s "
+            f"and {self.disk_gbps:g} GB/s from disk",
+            *(f"note: {note}" for note in self.notes),
+        ]
+
+
+def source_files(model_path: str | os.PathLike) -> Path:
+    """A folder holding the source's config.json (and weight index when it has one): a local folder as it is;
+    for a Hub repo id, only those two files are downloaded."""
+    path = Path(model_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"source {model_path} is a file; give a model folder or a Hub repo id")
+        return path
+    if str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") != 1:
+        raise ValueError(f"source {model_path} is neither a local folder nor a Hub repo id (owner/name)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        config = Path(hf_hub_download(str(model_path), "config.json"))
+        try:
+            hf_hub_download(str(model_path), st.INDEX_NAME)
+        except EntryNotFoundError:
+            pass  # a single-shard model: its size comes from the config
+    except Exception as error:  # the hub raises many types; the user needs one line
+        raise ValueError(f"cannot read {model_path}'s config from the Hugging Face Hub: {error}") from None
+    return config.parent
+
+
+def _index_total_size(folder: Path) -> tuple[int | None, list[str]]:
+    index = folder / st.INDEX_NAME
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        total = data.get("metadata", {}).get("total_size")
+        return (int(total) if total is not None else None), list(data.get("weight_map", {}))
+    single = folder / st.SINGLE_NAME
+    if single.is_file():  # the header only: names, dtypes, shapes
+        infos = st.read_header(single)
+        return sum(info.nbytes for info in infos.values()), list(infos)
+    return None, []
+
+
+def _tensor_bytes(tensors, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel() for t in tensors) * size
+
+
+def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfig, *, device: str | None = None,
+             tflops: float | None = None, disk_gbps: float = DEFAULT_DISK_GBPS) -> JobPlan:
+    """The job's sizes and needs (module docstring), reading config.json and the index only (`model_path`: a
+    folder, a Hub id, or a source `compress` has opened, whose weights may not be downloaded yet)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import config_mtp_prefixes, parse_moe_name
+
+    source = model_path if isinstance(model_path, SourceCheckpoint) else SourceCheckpoint(source_files(model_path))
+    folder, config_dict = source.folder, source.config
+    family = family_for_config(config_dict)
+    num_experts = expert_count(family, config_dict)
+    text = text_config_dict(config_dict)
+    top_k = int(text["num_experts_per_tok"])
+    target = config.resolve_target(num_experts, top_k)
+    recorded = config_dict.get("dtype") or config_dict.get("torch_dtype") or text.get("dtype") \
+        or text.get("torch_dtype") or "float32"
+    disk_dtype = DTYPES.get(recorded, torch.bfloat16)
+    working = disk_dtype if config.dtype == "auto" else DTYPES[config.dtype]
+    notes: list[str] = []
+    if "quantization_config" in config_dict:
+        notes.append(f"the source is quantized ({config_dict['quantization_config'].get('quant_method', '?')}); "
+                     f"sizes use {recorded} for its weights")
+
+    hf_config = source.transformers_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=working)
+    layers = decoder_layers(model)
+    layer_bytes = [_tensor_bytes(layer.state_dict().values(), working) for layer in layers]
+    model_bytes = _tensor_bytes([p for _, p in model.named_parameters()], disk_dtype)
+    embed_bytes = _tensor_bytes(model.get_input_embeddings().parameters(), working)
+
+    moe = [(i, moe_block(family, layer)) for i, layer in enumerate(layers)]
+    moe = [(i, block) for i, block in moe if block is not None]
+    if not moe:
+        raise ValueError(f"{folder} has no MoE layer the {family.name} adapter recognises")
+    block = moe[0][1]
+    experts_module, router_module = experts(family, block), router(family, block)
+    expert_numel = sum(p.numel() for p in experts_module.parameters()) // num_experts
+    router_numel = sum(t.numel() for name, t in router_module.state_dict().items()
+                       if name.split(".")[-1] in family.router_tensors) // num_experts
+    hidden = int(text["hidden_size"])
+    inner = int(experts_module.down_proj.shape[-1] if family.expert_layout != "gpt_oss" else experts_module.down_proj.shape[1])
+
+    total_size, names = _index_total_size(folder)
+    mtp_moe = 0
+    if names:
+        mtp = config_mtp_prefixes(config_dict, names)
+        mtp_moe = len({p.layer_key for n in names if mtp and n.startswith(mtp) and (p := parse_moe_name(family, n))
+                       and p.kind != "router"})
+    compressed = len(moe) + (mtp_moe if config.mtp == "compress" else 0)
+    if mtp_moe and config.mtp == "drop":
+        notes.append("--mtp drop: the MTP layers' bytes are not subtracted from output_bytes")
+    source_bytes = total_size if total_size is not None else model_bytes
+    source_from = ("index" if (folder / st.INDEX_NAME).is_file() else "safetensors header") \
+        if total_size is not None else "config"
+    if total_size is None:
+        notes.append("no weight index: source_bytes counts the model transformers builds (MTP layers, if any, excluded)")
+    disk_size = torch.empty((), dtype=disk_dtype).element_size()
+    output_bytes = source_bytes - compressed * (num_experts - target) * (expert_numel + router_numel) * disk_size
+
+    tokens = config.num_calibration_sequences * config.sequence_length
+    size = torch.empty((), dtype=working).element_size()
+    hidden_bytes = tokens * hidden * size
+    in_memory = hidden_bytes <= config.hidden_states_budget_gb * 2**30
+    per_layer_exact = 3 * 2 * hidden * inner * tokens
+    if config.is_merging:
+        statistics_flops = per_layer_exact * num_experts * compressed
+        executed = (2 * 2 * hidden * inner * num_experts + 2 * hidden * inner * top_k) * tokens * compressed
+    elif config.method == "reap":
+        statistics_flops = executed = per_layer_exact * top_k * compressed
+    else:
+        statistics_flops = executed = 0
+    executed += per_layer_exact * top_k * len(moe)  # the re-forward's routed experts (attention not counted)
+    notes.append("FLOPs count the experts only (attention and routers are small beside them)")
+
+    run_device = torch.device(device or config.device)
+    cuda = run_device.type == "cuda"
+    gpu_memory = memory_bytes(torch.device("cuda", 0)) if torch.cuda.is_available() else None
+    operand = size if cuda and working in (torch.float16, torch.bfloat16) else 4
+    gate_up_copy = num_experts * (expert_numel - hidden * inner) * operand  # the statistics' fused gate/up matrix
+    if cuda:  # the statistics' chunk and saliency window (pipeline/device.py)
+        workspace = CUDA_CHUNK_BYTES + CUDA_ROUTED_BYTES
+        if gpu_memory:
+            workspace = min(workspace, int(2 * CUDA_MEMORY_FRACTION * gpu_memory))
+    else:
+        workspace = CHUNK_BYTES_BUDGET + ROUTED_BYTES_BUDGET
+    merged = target * expert_numel * size
+    layer_need = max(layer_bytes) + gate_up_copy + workspace + merged + embed_bytes
+    held_hidden = hidden_bytes if in_memory else 0
+    if config.streaming:
+        device_need = layer_need + held_hidden
+    else:
+        device_need = _tensor_bytes([p for _, p in model.named_parameters()], working) + gate_up_copy + workspace + held_hidden
+    if cuda:
+        device_total = gpu_memory if run_device.index in (None, 0) or gpu_memory is None else memory_bytes(run_device)
+        ram_need = max(layer_bytes) + WRITER_PENDING_BYTES  # the prefetched next layer (pinned) + pending writes
+    else:
+        device_total = memory_bytes(torch.device("cpu"))
+        ram_need = device_need
+    ram_total = memory_bytes(torch.device("cpu"))
+    if cuda and device_total is None:
+        notes.append("no CUDA GPU on this machine: whether the job fits one is not known here")
+
+    throughput = tflops if tflops is not None else DEFAULT_TFLOPS["cuda" if cuda else "cpu"]
+    seconds = executed / (throughput * 1e12) + source_bytes / (disk_gbps * 1e9)
+    return JobPlan(
+        source=str(source.folder if isinstance(model_path, SourceCheckpoint) else model_path), family=family.name, dtype=str(working).removeprefix("torch."),
+        num_layers=len(layers), moe_layers=compressed, experts_before=num_experts, experts_after=target, top_k=top_k,
+        hidden_size=hidden, expert_intermediate_size=inner, calibration_tokens=tokens,
+        source_bytes=int(source_bytes), source_bytes_from=source_from, output_bytes=int(output_bytes),
+        layer_bytes_max=int(max(layer_bytes)), hidden_states_bytes=int(hidden_bytes), hidden_states_in_memory=in_memory,
+        statistics_flops=float(statistics_flops), executed_flops=float(executed),
+        work_dir_bytes=int(output_bytes + 2 * hidden_bytes) if config.streaming else 0,
+        device=str(run_device), device_bytes_needed=int(device_need), device_memory_bytes=device_total,
+        fits_device=None if device_total is None else device_need <= device_total,
+        layer_fits_device=None if device_total is None else (layer_need if config.streaming else device_need) <= device_total,
+        ram_bytes=ram_total, ram_bytes_needed=int(ram_need), fits_ram=ram_need <= ram_total,
+        gpu_memory_bytes=gpu_memory, throughput_tflops=throughput, disk_gbps=disk_gbps,
+        estimated_seconds=float(seconds), notes=notes,
+    )
+
+
+def check_fits(plan: JobPlan) -> None:
+    """Refuse a job whose largest layer cannot be held on the device with its statistics (before any weight is
+    read); a job that fits only without its hidden states on the device runs, with them spilled to files."""
+    if plan.layer_fits_device is False:
+        gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+        raise ValueError(
+            f"a decoder layer of {plan.source} cannot fit {plan.device} ({gb(plan.device_memory_bytes)}): its largest "
+            f"layer is {gb(plan.layer_bytes_max)} in {plan.dtype} and needs about "
+            f"{gb(plan.device_bytes_needed - (plan.hidden_states_bytes if plan.hidden_states_in_memory else 0))} with "
+            f"its statistics; use a device with more memory (see `ream-hf plan`)")
+

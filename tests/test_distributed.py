@@ -1,0 +1,80 @@
+"""`torchrun --nproc-per-node 2` on the CPU (gloo) writes the single process's output, byte for byte, and resumes
+after a rank is killed. The model has a dense first layer, grouped routing and an MTP layer (GLM-4.5 layout), so
+every kind of layer is split over the ranks; REAM merges, so the alignment sample is gathered and merging is
+shared out too. Both runs use one thread per process (torchrun's default), the GEMMs then add in one order."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import snapshot
+from tests.families import build_family_checkpoint
+from tests.test_mtp import add_mtp_layers
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import ream_hf.pipeline.streaming as streaming
+    original = streaming.WorkFolder.commit
+    def commit(self, finished_layers, parts, entries):
+        original(self, finished_layers, parts, entries)
+        if finished_layers == int(os.environ["KILL_AFTER_LAYERS"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    streaming.WorkFolder.commit = commit
+    from ream_hf.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, calibration_txt):
+    folder = tmp_path_factory.mktemp("distributed")
+    source = add_mtp_layers(build_family_checkpoint("glm4_moe", folder / "source", num_hidden_layers=3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    killer = folder / "killer.py"
+    killer.write_text(KILLER)
+
+    def args(output, work, *extra):
+        return ["compress", str(source), "--target-experts", "8", "--method", "ream", "--group-size", "4",
+                "--calibration", str(calibration_txt), "--num-sequences", "10", "--sequence-length", "32",
+                "--batch-size", "2", "--max-shard-size", "300000", "--output", str(output), "--work-dir", str(work),
+                *extra]
+
+    single = subprocess.run([sys.executable, "-m", "ream_hf.cli", *args(folder / "single", folder / "w1")],
+                            env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return folder, env, args, killer
+
+
+def torchrun(env, script_or_module, arguments, **kw):
+    target = ["-m", script_or_module] if not script_or_module.endswith(".py") else [script_or_module]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *target, *arguments], env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_two_ranks_write_the_single_process_output(job):
+    folder, env, args, _ = job
+    run = torchrun(env, "ream_hf.cli", args(folder / "two", folder / "w2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote") == 1, "rank 0 alone reports (and writes)"
+    assert snapshot(folder / "two") == snapshot(folder / "single")
+    manifest = json.loads((folder / "two" / "ream_manifest.json").read_text())
+    assert [entry["layer"] for entry in manifest["layers"]] == ["model.layers.1", "model.layers.2", "model.layers.3"]
+
+
+def test_two_ranks_resume_after_a_rank_is_killed(job):
+    folder, env, args, killer = job
+    killed = torchrun({**env, "KILL_AFTER_LAYERS": "2"}, str(killer), args(folder / "resumed", folder / "w3"))
+    assert killed.returncode != 0 and not (folder / "resumed").exists()  # rank 0 SIGKILLed, torchrun stopped rank 1
+    assert f"exitcode  : {-signal.SIGKILL}" in killed.stderr or "Signal 9" in killed.stderr, killed.stderr[-2000:]
+    state = json.loads((folder / "w3" / "state.json").read_text())
+    assert state["finished_layers"] == 2
+    assert sorted(p.name for p in (folder / "w3" / "hidden-00002").iterdir()) == [f"{b:06d}.pt" for b in range(5)], \
+        "both ranks wrote their batches' inputs of layer 2"
+    resumed = torchrun({**env, "KILL_AFTER_LAYERS": "-1"}, str(killer), args(folder / "resumed", folder / "w3", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert snapshot(folder / "resumed") == snapshot(folder / "single")

@@ -1,0 +1,105 @@
+"""Every way hidden states and weights reach a layer, on the CPU: spilled to files (budget 0), read back after an
+interruption (resume), written in the background, the next layer's weights read ahead. Each gives the bytes of
+the in-memory run, in every method, sequential or not."""
+
+import pytest
+import torch
+
+from ream_hf import ReamCompressor, ReamConfig
+from ream_hf.pipeline import streaming
+from ream_hf.pipeline.device import Placement
+from ream_hf.pipeline.streaming import BackgroundWriter, HiddenStateStore
+from tests.conftest import snapshot
+from tests.test_streaming import same_output
+
+MODES = [(method, sequential) for method in ("ream", "hc_smoe", "m_smoe", "reap", "frequency")
+         for sequential in (True, False)]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def config(calibration, method, sequential, **overrides):
+    kwargs = dict(target_experts=8, method=method, group_size=4, sequential=sequential, calibration=[str(calibration)],
+                  calibration_ratios=None, num_calibration_sequences=8, sequence_length=32, batch_size=2,
+                  activation_sample_tokens=64)
+    return ReamConfig(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("method, sequential", MODES)
+def test_spilled_and_resumed_equals_in_memory(method, sequential, qwen3_source, calibration_txt, tmp_path, monkeypatch):
+    """Budget 0: every generation of hidden states lives in files written in the background; the run is stopped
+    right after layer 0 is committed and resumed from the files; the output is the in-memory run's, byte for byte."""
+    in_memory = ReamCompressor(config(calibration_txt, method, sequential, streaming=False))
+    in_memory.compress(str(qwen3_source))
+    in_memory.save_pretrained(tmp_path / "memory")
+
+    commit = streaming.WorkFolder.commit
+
+    def commit_then_stop(self, finished_layers, parts, entries):
+        commit(self, finished_layers, parts, entries)
+        if finished_layers == 1:
+            raise Interrupted  # in the writer thread: everything queued after it is skipped, compress() raises
+
+    monkeypatch.setattr(streaming.WorkFolder, "commit", commit_then_stop)
+    spilled = config(calibration_txt, method, sequential, hidden_states_budget_gb=0.0)
+    with pytest.raises(Interrupted):
+        ReamCompressor(spilled).compress(str(qwen3_source), work_dir=tmp_path / "work")
+    assert (tmp_path / "work" / "hidden-00001").is_dir()  # the next layer's inputs, spilled
+    monkeypatch.setattr(streaming.WorkFolder, "commit", commit)
+    resumed = ReamCompressor(spilled)
+    resumed.compress(str(qwen3_source), work_dir=tmp_path / "work", resume=True)
+    resumed.save_pretrained(tmp_path / "resumed")
+    assert same_output(tmp_path / "memory", tmp_path / "resumed")
+
+
+def test_weights_read_ahead_give_the_same_output(qwen3_source, calibration_txt, tmp_path, monkeypatch):
+    """The GPU's weight prefetch (a background read of the next layer, taken by `fill`), forced on the CPU."""
+    run = config(calibration_txt, "ream", True)
+    plain = ReamCompressor(run)
+    plain.compress(str(qwen3_source))
+    plain.save_pretrained(tmp_path / "plain")
+    claimed = []
+    claim = streaming.LayerLoader._claim
+    monkeypatch.setattr(Placement, "prefetch_weights", property(lambda self: True))
+    monkeypatch.setattr(streaming.LayerLoader, "_claim", lambda self, prefix: claimed.append(prefix) or claim(self, prefix))
+    ahead = ReamCompressor(run)
+    ahead.compress(str(qwen3_source))
+    ahead.save_pretrained(tmp_path / "ahead")
+    assert snapshot(tmp_path / "plain") == snapshot(tmp_path / "ahead")
+    assert "model.layers.1." in claimed
+
+
+def test_background_writer_stops_after_a_failure(tmp_path):
+    writer = BackgroundWriter(max_pending_bytes=1)
+    done = []
+
+    def fail():
+        raise OSError("disk full")
+
+    writer.submit(lambda: done.append(1), nbytes=10)
+    writer.submit(fail)
+    later = writer.submit(lambda: done.append(3))
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    with pytest.raises(RuntimeError, match="earlier background write failed"):
+        later.result()
+    assert done == [1]
+    writer.close()
+
+
+def test_spilled_batches_are_futures_until_written_then_memory_mapped(tmp_path):
+    store = HiddenStateStore(tmp_path, in_memory=False)
+    tensors = [torch.randn(2, 3, 4) for _ in range(3)]
+    handles = [store.write(1, 10 + b, t) for b, t in enumerate(tensors)]
+    fed = list(Placement.of("cpu").feed(handles))
+    assert all(torch.equal(a, b) for a, b in zip(fed, tensors))
+    store.flush()
+    assert sorted(p.name for p in (tmp_path / "hidden-00001").iterdir()) == ["000010.pt", "000011.pt", "000012.pt"]
+    back = store.read_batches(1, [11, 12], torch.device("cpu"))
+    assert torch.equal(back[0], tensors[1]) and torch.equal(back[1], tensors[2])
+    kept = HiddenStateStore(tmp_path, in_memory=True)
+    assert kept.write(2, 0, tensors[0]) is tensors[0]  # held in memory: the same tensor, written in the background
+    kept.flush()
+    assert torch.equal(kept.read(2, 0), tensors[0])
