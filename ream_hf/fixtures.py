@@ -85,8 +85,9 @@ def hub_style_config(folder: str | Path, renames: dict[str, str]) -> None:
 
 def build_tiny_qwen3_moe(folder: str | Path, *, seed: int = 0, num_experts: int = 16, num_layers: int = 2,
                          hidden_size: int = 128, moe_intermediate_size: int = 64, top_k: int = 4,
-                         initializer_range: float = 0.1) -> Path:
-    """A random Qwen3-MoE checkpoint + tokenizer, laid out like the Hub's (config key `num_experts`)."""
+                         initializer_range: float = 0.1, dtype=None) -> Path:
+    """A random Qwen3-MoE checkpoint + tokenizer, laid out like the Hub's (config key `num_experts`); float32, or
+    `dtype` (a torch dtype: bfloat16 like the Hub's checkpoints)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
@@ -100,7 +101,7 @@ def build_tiny_qwen3_moe(folder: str | Path, *, seed: int = 0, num_experts: int 
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
     model.save_pretrained(str(folder))
     hub_style_config(folder, {"num_local_experts": "num_experts"})
     return folder

@@ -13,6 +13,17 @@ from ream_hf.fixtures import build_tiny_qwen3_moe, write_demo_calibration
 TESTS = Path(__file__).resolve().parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: they run only when `-m` names them (`pytest -m gpu`), and are deselected
+    otherwise (CI, `./scripts/test.sh`, `-m "not vllm"`)."""
+    if "gpu" in (config.getoption("markexpr") or "").replace("not gpu", ""):
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 @pytest.fixture(autouse=True)
 def isolated_work_dir(tmp_path_factory, monkeypatch):
     """Each test streams through its own work root: no unfinished run of one test is found by another."""

@@ -2,6 +2,8 @@
 interruption (resume), written in the background, the next layer's weights read ahead. Each gives the bytes of
 the in-memory run, in every method, sequential or not."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -103,3 +105,32 @@ def test_spilled_batches_are_futures_until_written_then_memory_mapped(tmp_path):
     assert kept.write(2, 0, tensors[0]) is tensors[0]  # held in memory: the same tensor, written in the background
     kept.flush()
     assert torch.equal(kept.read(2, 0), tensors[0])
+
+
+def test_the_gpu_code_paths_run_on_the_cpu(calibration_txt, tmp_path, monkeypatch):
+    """What a GPU runs, forced on the CPU where torch has it: bfloat16 statistics GEMMs (bf16 results: float32
+    results need CUDA), saliency's grouped bf16 down projection, transformers' grouped_mm re-forward. The plan
+    matches the float32 run's on this model, saliency within bfloat16 rounding."""
+    import json
+
+    from ream_hf.fixtures import build_tiny_qwen3_moe
+    from ream_hf.method.stats import GemmPolicy
+    from ream_hf.pipeline import layer
+
+    source = build_tiny_qwen3_moe(tmp_path / "source", num_layers=3, dtype=torch.bfloat16)
+    run = config(calibration_txt, "ream", True)
+    exact = ReamCompressor(run)
+    exact.compress(str(source))
+    exact.save_pretrained(tmp_path / "exact")
+    monkeypatch.setattr(Placement, "gemm", lambda self, dtype: GemmPolicy(dtype, dtype, grouped=True))
+    monkeypatch.setattr(Placement, "experts_implementation", lambda self, dtype: "grouped_mm")
+    monkeypatch.setattr(layer, "routed_experts", lambda family, module, device: contextlib.nullcontext())
+    gpu_like = ReamCompressor(run)
+    gpu_like.compress(str(source))
+    gpu_like.save_pretrained(tmp_path / "gpu-like")
+    assert gpu_like.model.config._experts_implementation == "grouped_mm"
+    assert gpu_like.result.layers[0].gemm["saliency_down"] == "bfloat16 grouped_mm -> bfloat16"
+    manifests = [json.loads((tmp_path / name / "ream_manifest.json").read_text())["layers"] for name in ("exact", "gpu-like")]
+    for a, b in zip(*manifests):
+        assert [g["members"] for g in a["groups"]] == [g["members"] for g in b["groups"]]
+        assert torch.allclose(torch.tensor(a["saliency"]), torch.tensor(b["saliency"]), rtol=2e-2)

@@ -135,7 +135,7 @@ def alignment_cost(
         if centroid_feats is None or member_feats is None:
             raise ValueError(f"merge mode {mode!r} needs weight features; compute them with weight_features()")
         feature_cost = torch.cdist(centroid_feats.float(), member_feats.float())
-        cost = feature_cost if cost is None else cost + feature_cost
+        cost = feature_cost if cost is None else cost.to(feature_cost.device) + feature_cost  # Gram sums live on the host
     return cost
 
 

@@ -65,7 +65,7 @@ def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch's grouped GEMM runs here for `dtype` (CUDA sm80+/sm90 depending on torch, bfloat16)."""
     try:
         rows = torch.ones(32, 16, dtype=dtype, device=device)
-        weights = torch.ones(2, 16, 16, dtype=dtype, device=device)
+        weights = torch.ones(2, 16, 16, dtype=dtype, device=device).transpose(1, 2)  # (E, in, out) as used: column-major
         return grouped_mm(rows, weights, torch.tensor([16, 32], dtype=torch.int32, device=device)).shape == (32, 16)
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
         return False

@@ -151,7 +151,7 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
             key = f"{trunk_prefix}{index}"
             outputs = {key: result.outputs.pop(key)} if key in result.outputs else {}  # written: dropped after
             store.writer.submit(functools.partial(commit_layer, result, store, writer, groups[index], outputs, index + 1,
-                                                  list(result.layer_entries), ranks))
+                                                  list(result.layer_entries), ranks), output_bytes(outputs))
             loader.release(layer)
     if store is not None:
         waited = time.perf_counter()
@@ -159,6 +159,13 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
         result.write_wait_seconds += time.perf_counter() - waited
     if mtp_loader is not None:
         run_mtp(config, model, family, batches, target, mtp_loader, calls, hidden, result)
+
+
+def output_bytes(outputs: dict[str, LayerOutput]) -> int:
+    """Bytes a layer's compressed tensors hold until written (they count against the writer's bound)."""
+    tensors = [t for output in outputs.values()
+               for t in (*vars(output.experts).values(), *output.router.values()) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def commit_layer(result: CompressionResult, store: HiddenStateStore, writer: PartWriter, names: list[str],
