@@ -70,3 +70,17 @@ def test_plan_refuses_bad_targets(tmp_path, capsys, args, message, no_weight_rea
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
     assert main(["plan", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_plan_output_bytes_are_a_real_runs(qwen3_source, calibration_txt, tmp_path, capsys):
+    from ream_hf import ReamCompressor, ReamConfig
+
+    assert main(["plan", str(qwen3_source), "--target-experts", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    compressor = ReamCompressor(ReamConfig(target_experts=8, method="reap", calibration=[str(calibration_txt)],
+                                           calibration_ratios=None, num_calibration_sequences=4, sequence_length=32))
+    compressor.compress(str(qwen3_source))
+    compressor.save_pretrained(tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert plan["source_bytes_from"] == "safetensors headers"
+    assert plan["output_bytes"] == index["metadata"]["total_size"]

@@ -73,21 +73,36 @@ def test_weights_read_ahead_give_the_same_output(qwen3_source, calibration_txt, 
     assert "model.layers.1." in claimed
 
 
-def test_background_writer_stops_after_a_failure(tmp_path):
-    writer = BackgroundWriter(max_pending_bytes=1)
-    done = []
+def test_background_writer_commits_after_the_writes_and_never_after_a_failure(tmp_path):
+    import threading
+    import time
+
+    writer = BackgroundWriter(max_pending_bytes=1, workers=3)
+    done, release = [], threading.Event()
+
+    def slow():
+        release.wait(5)
+        done.append("slow write")
+
+    writer.submit(slow)
+    writer.submit(lambda: done.append("quick write"))
+    commit = writer.submit(lambda: done.append("commit"), after_all=True)
+    time.sleep(0.2)
+    assert done == ["quick write"] and not commit.done(), "the commit waits for every write before it"
+    release.set()
+    writer.flush()
+    assert done == ["quick write", "slow write", "commit"]
 
     def fail():
         raise OSError("disk full")
 
-    writer.submit(lambda: done.append(1), nbytes=10)
     writer.submit(fail)
-    later = writer.submit(lambda: done.append(3))
+    later = writer.submit(lambda: done.append("commit 2"), after_all=True)
     with pytest.raises(OSError, match="disk full"):
         writer.flush()
-    with pytest.raises(RuntimeError, match="earlier background write failed"):
+    with pytest.raises(OSError, match="disk full"):
         later.result()
-    assert done == [1]
+    assert done[-1] == "commit", "no commit after a failed write"
     writer.close()
 
 

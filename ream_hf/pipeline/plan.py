@@ -5,8 +5,8 @@ pipeline builds it: per decoder layer, the bytes of its parameters in the workin
 bytes one expert and one router row take. The arithmetic, with T = sequences x sequence length calibration
 tokens, H the hidden size, D the expert width, E experts, k kept experts, b bytes per element:
 
-- source_bytes: the index's `total_size` when there is an index (exact, MTP layers included), else the
-  parameters' bytes in the recorded dtype;
+- source_bytes: the index's `total_size` (exact, MTP layers included), else the shard headers' sizes when the
+  shards are local, else the parameters' bytes in the recorded dtype;
 - output_bytes: source_bytes minus, per compressed MoE layer, (E - k) x (3HD [+ biases] + router row) x b;
 - layer_bytes_max: the largest decoder layer's parameters in the working dtype;
 - hidden_states_bytes: one generation of calibration hidden states, T x H x b (sequences may be shorter);
@@ -60,7 +60,7 @@ class JobPlan:
     expert_intermediate_size: int
     calibration_tokens: int
     source_bytes: int
-    source_bytes_from: str  # "index", "safetensors header" or "config"
+    source_bytes_from: str  # "index" (its total_size), "safetensors headers" or "config"
     output_bytes: int
     layer_bytes_max: int
     hidden_states_bytes: int
@@ -135,17 +135,25 @@ def source_files(model_path: str | os.PathLike) -> Path:
     return config.parent
 
 
-def _index_total_size(folder: Path) -> tuple[int | None, list[str]]:
+def _stored_size(folder: Path) -> tuple[int | None, str, list[str]]:
+    """The weights' bytes on disk and tensor names, from the index (its total_size, else the shard headers when
+    the shards are here) or a single shard's header: never tensor data."""
     index = folder / st.INDEX_NAME
     if index.is_file():
         data = json.loads(index.read_text(encoding="utf-8"))
-        total = data.get("metadata", {}).get("total_size")
-        return (int(total) if total is not None else None), list(data.get("weight_map", {}))
+        weight_map = data.get("weight_map", {})
+        total = (data.get("metadata") or {}).get("total_size")
+        if total is not None:
+            return int(total), "index", list(weight_map)
+        if all((folder / shard).is_file() for shard in set(weight_map.values())):
+            infos = st.tensor_infos(folder, weight_map)
+            return sum(info.nbytes for info in infos.values()), "safetensors headers", list(weight_map)
+        return None, "config", list(weight_map)
     single = folder / st.SINGLE_NAME
-    if single.is_file():  # the header only: names, dtypes, shapes
+    if single.is_file():
         infos = st.read_header(single)
-        return sum(info.nbytes for info in infos.values()), list(infos)
-    return None, []
+        return sum(info.nbytes for info in infos.values()), "safetensors headers", list(infos)
+    return None, "config", []
 
 
 def _tensor_bytes(tensors, dtype: torch.dtype) -> int:
@@ -197,7 +205,7 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     hidden = int(text["hidden_size"])
     inner = int(experts_module.down_proj.shape[-1] if family.expert_layout != "gpt_oss" else experts_module.down_proj.shape[1])
 
-    total_size, names = _index_total_size(folder)
+    total_size, source_from, names = _stored_size(folder)
     mtp_moe = 0
     if names:
         mtp = config_mtp_prefixes(config_dict, names)
@@ -207,8 +215,6 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     if mtp_moe and config.mtp == "drop":
         notes.append("--mtp drop: the MTP layers' bytes are not subtracted from output_bytes")
     source_bytes = total_size if total_size is not None else model_bytes
-    source_from = ("index" if (folder / st.INDEX_NAME).is_file() else "safetensors header") \
-        if total_size is not None else "config"
     if total_size is None:
         notes.append("no weight index: source_bytes counts the model transformers builds (MTP layers, if any, excluded)")
     disk_size = torch.empty((), dtype=disk_dtype).element_size()

@@ -62,8 +62,8 @@ class CompressionResult:
     dropped_prefixes: tuple[str, ...] = ()
     layer_entries: list[dict[str, Any]] = field(default_factory=list)  # manifest entries, restored on resume
     work: WorkFolder | None = None
-    background_write_seconds: float = 0.0  # hidden-state barrier, shard parts and commits, in the writer thread
-    write_wait_seconds: float = 0.0  # the compute thread waiting for those writes at the end
+    background_write_seconds: float = 0.0  # hidden-state files, shard parts, commits: the writer threads' time
+    write_wait_seconds: float = 0.0  # the compute thread's time blocked on those writes
     dequantize_to: str | None = None  # a quantized source written dequantized to this dtype (None: its own format)
 
     @property
@@ -151,12 +151,13 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
             key = f"{trunk_prefix}{index}"
             outputs = {key: result.outputs.pop(key)} if key in result.outputs else {}  # written: dropped after
             store.writer.submit(functools.partial(commit_layer, result, store, writer, groups[index], outputs, index + 1,
-                                                  list(result.layer_entries), ranks), output_bytes(outputs))
+                                                  list(result.layer_entries), ranks), output_bytes(outputs),
+                                after_all=True)
             loader.release(layer)
     if store is not None:
-        waited = time.perf_counter()
         store.flush()  # every layer's files and commit on disk: save_pretrained reads the parts' list
-        result.write_wait_seconds += time.perf_counter() - waited
+        result.background_write_seconds += store.writer.busy_seconds
+        result.write_wait_seconds += store.writer.waited_seconds
     if mtp_loader is not None:
         run_mtp(config, model, family, batches, target, mtp_loader, calls, hidden, result)
 
@@ -170,15 +171,13 @@ def output_bytes(outputs: dict[str, LayerOutput]) -> int:
 
 def commit_layer(result: CompressionResult, store: HiddenStateStore, writer: PartWriter, names: list[str],
                  outputs: dict[str, LayerOutput], finished: int, entries: list[dict], ranks) -> None:
-    """In the writer thread, after this rank's hidden-state files of generation `finished` (queued before it):
-    once every rank is there, rank 0 writes the layer's shard part and records the layer as finished."""
-    started = time.perf_counter()
+    """In a writer thread, once this rank's hidden-state files of generation `finished` (submitted before it) are
+    written and every rank is there, rank 0 writes the layer's shard part and records the layer as finished."""
     distributed.io_barrier()
     if ranks.is_main:
         writer.write_group(group_tensors(result.source, result.family, names, outputs, result.dequantize_dtype))
         result.work.commit(finished, writer.parts, entries)
         store.drop_before(finished)
-    result.background_write_seconds += time.perf_counter() - started
 
 
 def run_mtp(config: ReamConfig, model, family: MoEFamily, batches: list[CalibrationBatch], target: int,

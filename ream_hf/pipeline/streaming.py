@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -267,30 +269,42 @@ def default_work_root() -> Path:
 
 
 class BackgroundWriter:
-    """One thread that runs file writes in submission order, so a GPU never waits for the disk. At most
-    `max_pending_bytes` of submitted data wait at once (a submit beyond that waits for the oldest). A failed
-    write is raised by the next `submit` or `flush`, and every write queued after it is skipped: nothing may be
-    recorded as done after something it depends on failed."""
+    """Threads that write files while the compute thread goes on, so a GPU never waits for the disk. Writes run
+    in parallel (`workers`), except those submitted with `after_all=True` (a commit), which start once everything
+    submitted before them is done. At most `max_pending_bytes` of submitted data wait at once (a submit beyond
+    that waits for the oldest). A failed write is raised by the next `submit` or `flush`, and no later commit
+    runs: nothing may be recorded as done after something it depends on failed."""
 
-    def __init__(self, max_pending_bytes: int = 2 * 2**30) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ream-writer")
+    def __init__(self, max_pending_bytes: int = 2 * 2**30, workers: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ream-writer")
         self._pending: collections.deque[tuple[Future, int]] = collections.deque()
         self._pending_bytes = 0
         self._failed = False
+        self._lock = threading.Lock()
         self.max_pending_bytes = max_pending_bytes
+        self.busy_seconds = 0.0  # the writes' own time, summed over threads
+        self.waited_seconds = 0.0  # the submitting thread's time blocked on the bound and in flush
 
-    def _run(self, task: Callable[[], Any]) -> Any:
-        if self._failed:
-            raise RuntimeError("skipped: an earlier background write failed")
+    def _run(self, task: Callable[[], Any], earlier: list[Future]) -> Any:
         try:
-            return task()
+            for future in earlier:  # submitted (so dequeued by a worker) before this one: no deadlock
+                future.result()
+            if self._failed:
+                raise RuntimeError("skipped: an earlier background write failed")
+            started = time.perf_counter()
+            try:
+                return task()
+            finally:
+                with self._lock:
+                    self.busy_seconds += time.perf_counter() - started
         except BaseException:
             self._failed = True
             raise
 
-    def submit(self, task: Callable[[], Any], nbytes: int = 0) -> Future:
+    def submit(self, task: Callable[[], Any], nbytes: int = 0, after_all: bool = False) -> Future:
         self._retire(lambda: self._pending and self._pending_bytes + nbytes > self.max_pending_bytes)
-        future = self._pool.submit(self._run, task)
+        earlier = [future for future, _ in self._pending] if after_all else []
+        future = self._pool.submit(self._run, task, earlier)
         self._pending.append((future, nbytes))
         self._pending_bytes += nbytes
         return future
@@ -300,10 +314,20 @@ class BackgroundWriter:
         self._retire(lambda: self._pending)
 
     def _retire(self, keep_waiting: Callable[[], Any]) -> None:
+        started = time.perf_counter()
+        try:
+            self._retire_pending(keep_waiting)
+        finally:
+            self.waited_seconds += time.perf_counter() - started
+
+    def _retire_pending(self, keep_waiting: Callable[[], Any]) -> None:
         while self._pending and (self._pending[0][0].done() or keep_waiting()):
-            future, nbytes = self._pending.popleft()
-            self._pending_bytes -= nbytes
-            future.result()
+            future, nbytes = self._pending[0]
+            try:
+                future.result()
+            finally:
+                self._pending.popleft()
+                self._pending_bytes -= nbytes
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
