@@ -84,3 +84,24 @@ def test_plan_output_bytes_are_a_real_runs(qwen3_source, calibration_txt, tmp_pa
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert plan["source_bytes_from"] == "safetensors headers"
     assert plan["output_bytes"] == index["metadata"]["total_size"]
+
+
+def test_plan_of_a_hub_id_downloads_config_and_index_only(tmp_path, capsys, monkeypatch, no_weight_reads):
+    import huggingface_hub
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        if filename != "config.json":
+            from huggingface_hub.errors import EntryNotFoundError
+
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("snapshot_download called"))
+    assert main(["plan", "Qwen/Qwen3-30B-A3B", "--target-experts", "96", "--json"]) == 0
+    assert asked == [("Qwen/Qwen3-30B-A3B", "config.json"), ("Qwen/Qwen3-30B-A3B", "model.safetensors.index.json")]
+    assert json.loads(capsys.readouterr().out)["output_bytes"] == 2 * (MODEL - REMOVED)
