@@ -1,7 +1,8 @@
 """`torchrun --nproc-per-node 2` on the CPU (gloo) writes the single process's output, byte for byte, and resumes
 after a rank is killed. The model has a dense first layer, grouped routing and an MTP layer (GLM-4.5 layout), so
 every kind of layer is split over the ranks; REAM merges, so the alignment sample is gathered and merging is
-shared out too. Both runs use one thread per process (torchrun's default), the GEMMs then add in one order."""
+shared out too. Both runs use one thread per process (torchrun's default; the single-process run sets it), so the
+GEMMs add in one order."""
 
 import json
 import os
@@ -11,7 +12,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
+from ream_hf.cli import main
 from tests.conftest import snapshot
 from tests.families import build_family_checkpoint
 from tests.test_mtp import add_mtp_layers
@@ -44,9 +47,12 @@ def job(tmp_path_factory, calibration_txt):
                 "--batch-size", "2", "--max-shard-size", "300000", "--output", str(output), "--work-dir", str(work),
                 *extra]
 
-    single = subprocess.run([sys.executable, "-m", "ream_hf.cli", *args(folder / "single", folder / "w1")],
-                            env=env, capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process: the GEMMs then add in the same order
+    try:
+        assert main(args(folder / "single", folder / "w1")) == 0
+    finally:
+        torch.set_num_threads(threads)
     return folder, env, args, killer
 
 
@@ -78,3 +84,37 @@ def test_two_ranks_resume_after_a_rank_is_killed(job):
     resumed = torchrun({**env, "KILL_AFTER_LAYERS": "-1"}, str(killer), args(folder / "resumed", folder / "w3", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert snapshot(folder / "resumed") == snapshot(folder / "single")
+
+
+def test_every_sum_the_accumulator_adds_to_is_reduced():
+    """A distributed run reduces exactly `running_sums()`: a statistic added to LayerStatsAccumulator without listing
+    its sums there would be silently wrong on several ranks. Every tensor that `add` changes must be listed."""
+    from torch import nn
+
+    from ream_hf.arch import ExpertWeights
+    from ream_hf.method.experts import Activation
+    from ream_hf.method.stats import LayerStatsAccumulator
+    from ream_hf.pipeline.distributed import OrderedReduction, Ranks
+
+    torch.manual_seed(0)
+    weights = ExpertWeights(torch.randn(6, 8, 16), torch.randn(6, 8, 16), torch.randn(6, 16, 8))
+    x, logits = torch.randn(40, 16), torch.randn(40, 6)
+    topk_w, topk_i = torch.softmax(logits, -1).topk(2, dim=-1)
+    for dense in (True, False):
+        acc = LayerStatsAccumulator(weights, Activation("glu", act_fn=nn.SiLU()), "softmax", dense=dense,
+                                    with_logit_gram=dense, sample_positions=torch.tensor([1, 30]))
+        before = {name: t.clone() for name, t in vars(acc).items() if isinstance(t, torch.Tensor)}
+        acc.add(x, logits, topk_w, topk_i)
+        changed = {name for name, t in vars(acc).items() if name in before and not torch.equal(before[name], t)}
+        assert changed and changed <= set(acc.running_sums()), changed - set(acc.running_sums())
+
+    # batch by batch, in order, the reduction adds what a plain accumulation adds (up to float association)
+    plain = LayerStatsAccumulator(weights, Activation("glu", act_fn=nn.SiLU()), "softmax", dense=True)
+    ordered = LayerStatsAccumulator(weights, Activation("glu", act_fn=nn.SiLU()), "softmax", dense=True)
+    reduction = OrderedReduction(ordered, [0, 25], 40, Ranks())
+    for batch, rows in enumerate((slice(0, 25), slice(25, 40))):
+        plain.add(x[rows], logits[rows], topk_w[rows], topk_i[rows])
+        reduction.add(batch, x[rows], logits[rows], topk_w[rows], topk_i[rows])
+    a, b = plain.finalize(), reduction.finalize()
+    assert torch.equal(a.frequency, b.frequency) and torch.allclose(a.saliency, b.saliency)
+    assert torch.allclose(a.output_signatures, b.output_signatures, rtol=1e-5, atol=1e-6)
