@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_compress import write_calibration
 
 # dense bf16 tensor-core peak by datasheet, TFLOP/s (no sparsity)
 DATASHEET_BF16 = (("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
@@ -90,14 +90,6 @@ def build_source(folder: Path, s: dict, layers: int, length: int, device: torch.
     del model
     hub_style_config(folder, {"num_local_experts": "num_experts"})
     return folder
-
-
-def write_calibration(path: Path, sequences: int, length: int, vocab: int) -> Path:
-    rng = random.Random(0)
-    with path.open("w") as handle:
-        for _ in range(sequences):
-            handle.write(json.dumps({"input_ids": [rng.randrange(3, vocab) for _ in range(length)]}) + "\n")
-    return path
 
 
 def main() -> int:

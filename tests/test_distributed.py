@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,20 +17,7 @@ from ream_hf.cli import main
 from tests.conftest import snapshot
 from tests.families import build_family_checkpoint
 from tests.test_mtp import add_mtp_layers
-
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import ream_hf.pipeline.streaming as streaming
-    original = streaming.WorkFolder.commit
-    def commit(self, finished_layers, parts, entries):
-        original(self, finished_layers, parts, entries)
-        if finished_layers == int(os.environ["KILL_AFTER_LAYERS"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-    streaming.WorkFolder.commit = commit
-    from ream_hf.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
+from tests.test_streaming import KILLER
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, calibration_txt):

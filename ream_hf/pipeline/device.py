@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from ..method.stats import CHUNK_BYTES_BUDGET, FLOAT32_GEMMS, ROUTED_BYTES_BUDGET, GemmPolicy, grouped_mm
+
+logger = logging.getLogger(__name__)
 
 # CUDA working sets: big enough that every GEMM runs at full rate (thousands of rows), small next to the layer
 CUDA_CHUNK_BYTES = 2 * 2**30  # the (rows, E*2D) float32 gate/up block of the statistics pass
@@ -69,6 +72,12 @@ def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
         return grouped_mm(rows, weights, torch.tensor([16, 32], dtype=torch.int32, device=device)).shape == (32, 16)
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
         return False
+
+
+@functools.cache
+def _warn_float32_gemms(device: torch.device, dtype: torch.dtype) -> None:
+    logger.warning("statistics GEMMs in float32 on %s: the weights are %s; a bfloat16 checkpoint (or --dtype "
+                   "bfloat16) runs them on tensor cores, about 15x faster", device, str(dtype).removeprefix("torch."))
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -130,7 +139,10 @@ class Placement:
         bfloat16/float16 checkpoint's own dtype: tensor-core GEMMs on the very values the checkpoint holds, with
         float32 results where torch offers them, and grouped GEMMs for saliency where they run. A float32
         checkpoint keeps float32 GEMMs everywhere (rounding its weights would change what is measured)."""
-        if not self.is_cuda or weight_dtype not in (torch.bfloat16, torch.float16):
+        if not self.is_cuda:
+            return FLOAT32_GEMMS
+        if weight_dtype not in (torch.bfloat16, torch.float16):
+            _warn_float32_gemms(self.device, weight_dtype)
             return FLOAT32_GEMMS
         result = torch.float32 if _mm_float32_results(self.device, weight_dtype) else weight_dtype
         return GemmPolicy(weight_dtype, result, grouped=_grouped_mm_runs(self.device, weight_dtype))
