@@ -138,11 +138,11 @@ def main() -> int:
     if args.workdir:
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)
-    else:
+    elif ranks.is_main:
         temp = tempfile.mkdtemp(prefix="ream-bench-gpu-")
         work = Path(temp)
     if ranks.distributed:  # every rank uses rank 0's folder
-        box = [str(work)]
+        box = [str(work) if ranks.is_main else None]
         torch.distributed.broadcast_object_list(box, src=0)
         work = Path(box[0])
     source, calibration = work / "source", work / "calibration.jsonl"
@@ -150,6 +150,9 @@ def main() -> int:
     if ranks.is_main:
         build_source(source, s, args.layers, args.length, device)
         write_calibration(calibration, args.sequences, args.length, 512)
+    else:  # the imports rank 0 paid while building, so no rank's timed run waits for another's imports
+        import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
+        import transformers.models.auto.tokenization_auto  # noqa: F401
     distributed.barrier(ranks)
     built = time.perf_counter() - started
     say(f"built {args.layers} layers of {s['experts']} experts (hidden {s['hidden']}, expert {s['inner']}, bf16) and "
