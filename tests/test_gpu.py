@@ -87,9 +87,10 @@ def check_cuda_pipeline(source: Path, calibration: Path, workdir: Path) -> None:
     report = plain.result.layers[0]
     print("GEMMs:", report.gemm)
     print("seconds per layer:", [{k: round(v, 3) for k, v in r.timings.items()} for r in plain.result.layers])
-    assert report.gemm["gate_up"] == "bfloat16 x bfloat16 -> float32", report.gemm
-    assert report.gemm["saliency_down"].startswith("bfloat16 grouped_mm"), report.gemm
-    assert plain.model.config._experts_implementation == "grouped_mm"
+    # bf16 operands on tensor cores (float32 results where torch >= 2.8 offers them); never float32 GEMMs
+    assert report.gemm["gate_up"].startswith("bfloat16 x bfloat16 -> "), report.gemm
+    assert report.gemm["saliency_down"].startswith("bfloat16 grouped_mm"), f"grouped GEMMs did not run: {report.gemm}"
+    assert plain.model.config._experts_implementation == "grouped_mm", "the re-forward is not on grouped_mm"
 
     interrupted_then_resumed(source, gpu_config(calibration, hidden_states_budget_gb=0.0), workdir / "w1",
                              workdir / "spilled")
