@@ -129,8 +129,8 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mtp", choices=MTP_MODES, default=DEFAULTS.mtp)
     parser.add_argument("--no-streaming", action="store_true")
     parser.add_argument("--hidden-states-budget-gb", type=float, default=DEFAULTS.hidden_states_budget_gb)
-    parser.add_argument("--tflops", type=float, help="throughput for the estimate (default: 400 on cuda, measured "
-                                                     "on one H100 by eval/bench_gpu.py; 0.15 on cpu)")
+    parser.add_argument("--tflops", type=float, help="throughput for the estimate (default: 400 on cuda, about half "
+                                                     "an H100's bf16 peak; 0.15 on cpu, 2 cores)")
     parser.add_argument("--disk-gbps", type=float, default=2.0, help="disk read speed for the estimate")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 

@@ -39,8 +39,8 @@ from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# throughput assumed by the estimate when none is given: the statistics GEMMs' rate measured by eval/bench_gpu.py
-# (bf16 on one H100: see the README) and by eval/bench_compress.py (float32, 2 CPU cores)
+# throughput assumed by the estimate when none is given: on CUDA about half an H100's dense bf16 peak (an assumption
+# until eval/bench_gpu.py's measured rate is in the README); on the CPU eval/bench_compress.py's float32 rate on 2 cores
 DEFAULT_TFLOPS = {"cuda": 400.0, "cpu": 0.15}
 DEFAULT_DISK_GBPS = 2.0
 WRITER_PENDING_BYTES = 2 * 2**30  # streaming.BackgroundWriter's bound on host copies waiting for the disk
