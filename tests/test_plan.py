@@ -105,3 +105,21 @@ def test_plan_of_a_hub_id_downloads_config_and_index_only(tmp_path, capsys, monk
     assert main(["plan", "Qwen/Qwen3-30B-A3B", "--target-experts", "96", "--json"]) == 0
     assert asked == [("Qwen/Qwen3-30B-A3B", "config.json"), ("Qwen/Qwen3-30B-A3B", "model.safetensors.index.json")]
     assert json.loads(capsys.readouterr().out)["output_bytes"] == 2 * (MODEL - REMOVED)
+
+
+def test_plan_output_bytes_of_an_fp8_source_are_a_real_runs(tmp_path, calibration_txt):
+    """An FP8 source's experts leave it as FP8 weights and their float32 block scales."""
+    from ream_hf import ReamCompressor, ReamConfig
+    from ream_hf.fixtures import fp8_block_checkpoint
+    from tests.families import build_family_checkpoint
+
+    source = fp8_block_checkpoint(build_family_checkpoint("deepseek_v3", tmp_path / "plain"), tmp_path / "fp8",
+                                  block=(16, 16))
+    config = ReamConfig(target_experts=8, method="reap", calibration=[str(calibration_txt)], calibration_ratios=None,
+                        num_calibration_sequences=4, sequence_length=32)
+    plan = plan_module.plan_job(source, config)
+    compressor = ReamCompressor(config)
+    compressor.compress(str(source))
+    compressor.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert abs(plan.output_bytes - written) <= 64  # the routers' float32 bias rows, counted in the config's bf16

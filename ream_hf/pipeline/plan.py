@@ -181,9 +181,9 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     disk_dtype = DTYPES.get(recorded, torch.bfloat16)
     working = disk_dtype if config.dtype == "auto" else DTYPES[config.dtype]
     notes: list[str] = []
-    if "quantization_config" in config_dict:
-        notes.append(f"the source is quantized ({config_dict['quantization_config'].get('quant_method', '?')}); "
-                     f"sizes use {recorded} for its weights")
+    quant_method = str((config_dict.get("quantization_config") or {}).get("quant_method", "")).lower()
+    if quant_method and quant_method != "fp8":
+        notes.append(f"the source is quantized ({quant_method}); output_bytes counts its experts in {recorded}")
 
     hf_config = source.transformers_config()
     with torch.device("meta"):
@@ -218,7 +218,13 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     if total_size is None:
         notes.append("no weight index: source_bytes counts the model transformers builds (MTP layers, if any, excluded)")
     disk_size = torch.empty((), dtype=disk_dtype).element_size()
-    output_bytes = source_bytes - compressed * (num_experts - target) * (expert_numel + router_numel) * disk_size
+    expert_disk_bytes = expert_numel * disk_size
+    if quant_method == "fp8":  # written back in FP8: a byte per weight and a float32 scale per block
+        block = (config_dict.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+        blocks = lambda rows, cols: -(-rows // block[0]) * -(-cols // block[1])  # noqa: E731
+        expert_disk_bytes = expert_numel + 4 * (2 * blocks(inner, hidden) + blocks(hidden, inner))
+    removed = compressed * (num_experts - target) * (expert_disk_bytes + router_numel * disk_size)
+    output_bytes = source_bytes - removed
 
     tokens = config.num_calibration_sequences * config.sequence_length
     size = torch.empty((), dtype=working).element_size()
