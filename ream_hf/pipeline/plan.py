@@ -39,9 +39,11 @@ from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# throughput assumed by the estimate when none is given: on CUDA about half an H100's dense bf16 peak (an assumption
-# until eval/bench_gpu.py's measured rate is in the README); on the CPU eval/bench_compress.py's float32 rate on 2 cores
-DEFAULT_TFLOPS = {"cuda": 400.0, "cpu": 0.15}
+# throughput assumed by the estimate when none is given, in executed FLOP per second of the whole layer (statistics,
+# merge, re-forward): on CUDA the rate eval/bench_gpu.py measured end to end on one H100 80GB HBM3 and on one H200
+# (Qwen3-30B-A3B's layer shape, 1.43 PFLOP executed in 7.9 s per layer: 180 TFLOP/s; README, 'Measured on a GPU');
+# on the CPU eval/bench_compress.py's float32 rate on 2 cores
+DEFAULT_TFLOPS = {"cuda": 180.0, "cpu": 0.15}
 DEFAULT_DISK_GBPS = 2.0
 WRITER_PENDING_BYTES = 2 * 2**30  # streaming.BackgroundWriter's bound on host copies waiting for the disk
 
