@@ -1,11 +1,13 @@
-"""`ream-hf` command line: `compress` a model, or run the offline `demo`.
+"""`ream-hf` command line: `compress` a model, `push` a compressed folder to the Hub, `serve` it, or run the `demo`.
 
-User errors print one line (`error: ...`) and exit with status 2, before any work starts.
+User errors print one line (`error: ...`) and exit with status 2, before any work starts; a failed write or upload
+prints one line and exits with status 1, saying how to continue.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import tempfile
@@ -80,23 +82,48 @@ def _config_from_args(args: argparse.Namespace) -> ReamConfig:
 
 def _compress(args: argparse.Namespace) -> int:
     from .compressor import ReamCompressor
-    from .io.writer import check_output_dir
+    from .io.folders import check_output_dir, check_paths, output_lock, recover_output
     from .pipeline import distributed
+    from .pipeline.streaming import WorkFolder
 
     config = _config_from_args(args)
-    check_output_dir(args.output, args.overwrite)
-    compressor = ReamCompressor(config)
     output_path = Path(args.output)
-    work_dir = args.work_dir or output_path.parent / f".{output_path.name}.ream-work"
+    work_dir = Path(args.work_dir) if args.work_dir else output_path.parent / f".{output_path.name}.ream-work"
+    check_paths(args.source, output=output_path, work=work_dir)
+    ranks = distributed.setup(config.device)
     try:
-        compressor.compress(args.source, resume=args.resume, work_dir=work_dir, trust_remote_code=args.trust_remote_code,
-                            revision=args.revision)
-        output = compressor.save_pretrained(args.output, overwrite=args.overwrite)
-        main_rank = distributed.current().is_main
+        with contextlib.ExitStack() as held:
+
+            def prepare() -> bool:
+                """On rank 0 (the one that writes): refuse an output or work folder it may not use, take the output's
+                lock for the whole run, finish what an interrupted run left; True if only its cleanup was left."""
+                WorkFolder.check(work_dir)
+                if not WorkFolder.saved_output(work_dir, output_path):
+                    check_output_dir(output_path, args.overwrite)  # before the lock: a refusal creates nothing
+                held.enter_context(output_lock(output_path))  # one run per output folder
+                recover_output(output_path)
+                if WorkFolder.saved_output(work_dir, output_path):
+                    if not args.resume:
+                        raise ValueError(f"{output_path} is complete, but the run that wrote it was stopped before "
+                                         f"removing its work folder {work_dir}; run the same command with --resume to "
+                                         "finish")
+                    WorkFolder.open_saved(work_dir).remove()
+                    print(f"{output_path} was already complete; removed the work folder {work_dir} the interrupted "
+                          "run left")
+                    return True
+                check_output_dir(output_path, args.overwrite)
+                return False
+
+            if distributed.on_main(ranks, prepare):  # every rank refuses, or goes on, as rank 0 decided
+                return 0
+            compressor = ReamCompressor(config)
+            compressor.compress(args.source, resume=args.resume, work_dir=work_dir,
+                                trust_remote_code=args.trust_remote_code, revision=args.revision)
+            output = compressor.save_pretrained(args.output, overwrite=args.overwrite)
     finally:
         distributed.shutdown()
     result = compressor.result
-    if main_rank:
+    if ranks.is_main:
         print(f"{result.source_name}: {result.experts_before} -> {result.experts_after} experts in "
               f"{len(result.layers)} MoE layers ({config.method}); wrote {output}")
     return 0
@@ -148,6 +175,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .release.hub import UploadError, push_folder
+
+    try:
+        url = push_folder(args.folder, args.repo_id, private=args.private)
+    except UploadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ream-hf", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="per-layer log lines")
@@ -159,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(commands.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server "
                                                           "(adds MTP speculative decoding when the checkpoint has it)"))
+    push = commands.add_parser("push", help="upload a compressed checkpoint folder to the Hub; run it again to retry "
+                                            "an interrupted upload (nothing is compressed again)")
+    push.add_argument("folder", help="the output folder of `ream-hf compress` (or of compress_and_push)")
+    push.add_argument("repo_id", help="owner/name of the model repo (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    # no --token: a token on the command line ends up in shell history and `ps`; HF_TOKEN or `hf auth login`
     demo = commands.add_parser("demo", help="build a tiny Qwen3-MoE, compress it and print before/after")
     demo.add_argument("--workdir", help="where to put the demo files (default: a new temporary folder)")
     demo.add_argument("--method", choices=METHODS, default="ream")
@@ -175,10 +220,23 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "push":
+            return _push(args)
         return _compress(args) if args.command == "compress" else _demo(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = "; run the same command with --resume to continue" if args.command == "compress" else ""
+        print(f"error: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as error:
+        from .io.folders import StorageError
+
+        if isinstance(error, StorageError):
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

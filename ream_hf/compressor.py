@@ -7,6 +7,7 @@ model or the calibration data is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from . import __version__
 from .arch import MoEFamily, decoder_layers, expert_count, family_for_config, parse_moe_name, set_expert_count, \
     text_config_dict
 from .config import CONFIG_KEY, ReamConfig
+from .io.folders import SpaceNeeded, atomic_output_dir, check_output_dir, check_paths, storage_errors
 from .io.quantization import check_loaded_model, plan_output
 from .io.source import SourceCheckpoint, open_source
 from .io.verify import verify_checkpoint
@@ -28,8 +30,6 @@ from .io.writer import (
     MANIFEST_NAME,
     WEIGHTS_PREFIX,
     PartWriter,
-    atomic_output_dir,
-    check_output_dir,
     copy_side_files,
     edit_config_json,
     finalize_parts,
@@ -66,6 +66,7 @@ class ReamCompressor(OptimumQuantizer):
         self._pending_source: Any = None  # set by from_pretrained, compressed by quantize
         self._pending_tokenizer: Any = None
         self._saved: Path | None = None  # where save_pretrained last wrote this run
+        self._space: SpaceNeeded | None = None  # what this run writes, for the message of a failed write
 
     # -- optimum's OptimumQuantizer interface ------------------------------------------------
     @classmethod
@@ -102,6 +103,8 @@ class ReamCompressor(OptimumQuantizer):
                 f"prefix '{WEIGHTS_PREFIX}' only; leave file_prefix out")
         if self._pending_source is None:
             raise ValueError("quantize() needs a source: create the compressor with ReamCompressor.from_pretrained(...)")
+        if isinstance(self._pending_source, (str, os.PathLike)):
+            check_paths(self._pending_source, output=save_dir)
         check_output_dir(save_dir, overwrite)
         self.compress(self._pending_source, tokenizer=self._pending_tokenizer, resume=resume, work_dir=work_dir,
                       trust_remote_code=trust_remote_code, revision=revision)
@@ -125,7 +128,9 @@ class ReamCompressor(OptimumQuantizer):
         config = self.config
         ranks = distributed.setup(config.device)
         device = resolve_device(config.device, ranks.local_rank)
+        self._space = None
         if isinstance(model_or_path, (str, os.PathLike)):
+            check_paths(model_or_path, work=work_dir)  # before a Hub download
             source = open_source(model_or_path, revision)
             config_dict, model, source_name = source.config, None, str(model_or_path)
             # a quantized source's format, first: unsupported ones are refused from config.json alone
@@ -140,6 +145,7 @@ class ReamCompressor(OptimumQuantizer):
         family_for_config(config_dict)  # an unsupported model is refused before transformers parses its config
         model_config = model.config if model is not None else source.transformers_config()
         family, num_experts, target = self.check_model(config_dict, model_config, allow_full_width=allow_full_width)
+        text_config = model_config.get_text_config()
         trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
         found = mtp_prefixes(family, source) if source is not None else ()
@@ -157,37 +163,63 @@ class ReamCompressor(OptimumQuantizer):
         if resume and not streaming:
             raise ValueError("resume needs streaming (the default) and a source folder or Hub id, not a loaded model")
         if source is not None and model is None:
-            check_fits(plan_job(source, config, device=str(device)))  # a layer the device cannot hold
+            plan = plan_job(source, config, device=str(device))
+            check_fits(plan)  # a layer the device cannot hold
+            # what the run writes, for the message of a failed write: the output, and two generations of hidden
+            # states beside it in the work folder
+            self._space = SpaceNeeded(plan.output_bytes, 2 * plan.hidden_states_bytes if streaming else 0)
         work = None
-        if streaming:
+        if streaming:  # opened (locked, identified) before any data is read: a second run is refused first
             dtype = self._source_dtype(source)
             job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width})
             folder = Path(work_dir) if work_dir else default_work_root() / job
-            work = distributed.on_main(ranks, lambda: WorkFolder.open(folder, job, resume))  # the others get a copy
+            check_paths(model_or_path, work=folder)
+
+            def open_work() -> WorkFolder:
+                with storage_errors(lambda: self._space, folder):
+                    return WorkFolder.open(folder, job, resume)
+
+            work = distributed.on_main(ranks, open_work)  # rank 0 locks and writes it; the others get a copy
 
         # everything refusable is refused above: from here on, the tokenizer, calibration data and weights are read
-        if source is not None:
-            source.fetch_weights()  # a Hub source's shards: a refused run downloads none
-        if tokenizer is None:
-            tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None),
-                                             trust_remote_code, source.transformers_config() if source else None)
-        sequences = load_calibration(config, tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        batches = make_batches(sequences, config.batch_size, pad_id)
-        loader = None
-        if streaming:
-            loader = LayerLoader(source, family, device, prefetch=Placement.of(device).prefetch_weights)
-            model = build_skeleton(source.transformers_config(), dtype, device, loader)
-        elif model is None:
-            model = self._load_model(source, device)
-        model.eval()
+        try:
+            with storage_errors(lambda: self._space, work.folder if work else Path.cwd(),
+                                f"finished layers are kept in {work.folder}" if work else None):
+                if source is not None:
+                    source.fetch_weights()  # a Hub source's shards: a refused run downloads none
+                if tokenizer is None:
+                    tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None),
+                                                     trust_remote_code, source.transformers_config() if source else None)
+                sequences = load_calibration(config, tokenizer, getattr(text_config, "vocab_size", None))
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+                batches = make_batches(sequences, config.batch_size, pad_id)
+                loader = None
+                if streaming:
+                    loader = LayerLoader(source, family, device, prefetch=Placement.of(device).prefetch_weights)
+                    model = build_skeleton(source.transformers_config(), dtype, device, loader)
+                elif model is None:
+                    model = self._load_model(source, device)
+                model.eval()
 
-        result = CompressionResult(family, num_experts, target, source, source_name, trunk_prefix=trunk_prefix,
-                                   calibration_sequences=len(sequences),
-                                   calibration_tokens=int(sum(int(s.numel()) for s in sequences)),
-                                   dropped_prefixes=drop, work=work, dequantize_to=dequantize_to)
-        mtp_loader = LayerLoader(source, family, device) if found and config.mtp == "compress" else None
-        run_layers(config, model, family, batches, target, device, result, loader, mtp_loader)
+                result = CompressionResult(family, num_experts, target, source, source_name, trunk_prefix=trunk_prefix,
+                                           calibration_sequences=len(sequences),
+                                           calibration_tokens=int(sum(int(s.numel()) for s in sequences)),
+                                           dropped_prefixes=drop, work=work, dequantize_to=dequantize_to)
+                mtp_loader = LayerLoader(source, family, device) if found and config.mtp == "compress" else None
+                run_layers(config, model, family, batches, target, device, result, loader, mtp_loader)
+        except ValueError as error:
+            if work is None or not ranks.is_main:  # the other ranks never write the work folder
+                raise
+            if work.finished_layers == 0:  # nothing worth keeping: leave no work folder behind a refusal
+                work.remove()
+                raise
+            work.release()
+            raise ValueError(f"{error} ({work.finished_layers} finished layers are kept in {work.folder}: once this "
+                             "is fixed, run the same command with --resume)") from None
+        except BaseException:
+            if work is not None and ranks.is_main:
+                work.release()  # the folder stays, resumable
+            raise
         set_expert_count(family, model.config, target)
         self.model, self.tokenizer, self.result, self._saved = model, tokenizer, result, None
         return model
@@ -281,21 +313,33 @@ class ReamCompressor(OptimumQuantizer):
 
     def _save_pretrained(self, output_dir: str | os.PathLike, overwrite: bool) -> Path:
         result, config = self.result, self.config
+        if result.source is not None:
+            check_paths(result.source.folder, output=output_dir, work=result.work.folder if result.work else None)
         if self._saved is not None and not result.outputs_complete:
             return self._save_copy(output_dir, overwrite)
-        with atomic_output_dir(output_dir, overwrite) as folder:
+        hint = f"finished layers are kept in {result.work.folder}" if result.work else None
+        with storage_errors(self._space_needed, Path(output_dir).absolute(), hint), \
+                atomic_output_dir(output_dir, overwrite) as folder:
             if result.source is not None:
                 self._write_from_source(folder)
             else:
                 self._save_in_memory(folder, config.max_shard_size)
             write_json(folder / MANIFEST_NAME, self.manifest())
             self._verify(folder)
+            if result.work is not None:  # a kill after the move below is then seen as complete (cli --resume)
+                result.work.mark_saved(Path(output_dir), hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest())
         if result.work is not None:
             result.work.remove()
             result.work = None
         self._saved = Path(output_dir).resolve()
         logger.info("wrote %s", output_dir)
         return Path(output_dir)
+
+    def _space_needed(self) -> SpaceNeeded:
+        """What the output needs: the plan's figures for a source (set in compress), else the model's tensors."""
+        if self._space is not None:
+            return self._space
+        return SpaceNeeded(sum(t.numel() * t.element_size() for t in self.model.state_dict().values()))
 
     def _write_from_source(self, folder: Path) -> None:
         """The source checkpoint's tensors, compressed layers replaced, in the source's names and shard order."""
@@ -327,7 +371,8 @@ class ReamCompressor(OptimumQuantizer):
                              "memory; call compress() again")
         if Path(output_dir).resolve() == previous:
             raise ValueError(f"{output_dir} is this run's saved output already")
-        with atomic_output_dir(output_dir, overwrite) as folder:
+        with storage_errors(self._space_needed, Path(output_dir).absolute()), \
+                atomic_output_dir(output_dir, overwrite) as folder:
             for item in sorted(previous.iterdir()):
                 if item.is_file():
                     shutil.copy2(item, folder / item.name)
@@ -377,3 +422,4 @@ class ReamCompressor(OptimumQuantizer):
             "mtp": {"mode": self.config.mtp, "dropped": list(result.dropped_prefixes)},
             "layers": result.layer_entries,
         }
+

@@ -9,11 +9,13 @@ vLLM expect a quantizer plug-in and refuse the checkpoint).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 PRUNING_METHODS = ("reap", "frequency")
@@ -159,6 +161,10 @@ class ReamConfig(QuantizationConfigMixin):
             raise ValueError(f"mtp must be one of {', '.join(MTP_MODES)}; got {self.mtp!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {self.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
         if self.output_dtype is not None and self.output_dtype not in OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}; got {self.output_dtype!r}")
         if not self.calibration:
@@ -171,6 +177,11 @@ class ReamConfig(QuantizationConfigMixin):
                 )
             if any(r < 0 for r in self.calibration_ratios) or sum(self.calibration_ratios) <= 0:
                 raise ValueError("calibration_ratios must be non-negative with a positive sum")
+            total = sum(self.calibration_ratios)
+            if not math.isclose(total, 1.0, abs_tol=1e-6):  # refused, not normalised: 0.5 + 0.7 is likely a typo
+                suggestion = " ".join(f"{r / total:.4g}" for r in self.calibration_ratios)
+                raise ValueError(f"calibration_ratios sum to {total:.6g}, not 1; give the share of each source "
+                                 f"(e.g. {suggestion})")
         for name in ("num_calibration_sequences", "sequence_length", "batch_size", "token_chunk_size", "pca_dim",
                      "activation_sample_tokens"):
             value = getattr(self, name)

@@ -15,7 +15,7 @@ def test_defaults_are_the_papers_full_ream():
 
 def test_round_trip_dict_json_and_file(tmp_path):
     config = ReamConfig(compression_ratio=0.25, method="reap", calibration=["a.txt", {"path": "x/y", "split": "test"}],
-                        calibration_ratios=[1, 3], group_size=32)
+                        calibration_ratios=[0.25, 0.75], group_size=32)
     again = ReamConfig.from_dict(json.loads(config.to_json_string()))
     assert again == config
     config.to_json_file(tmp_path / "c.json")

@@ -16,16 +16,14 @@ import torch
 from ream_hf.cli import main
 from tests.conftest import snapshot
 from tests.families import build_family_checkpoint
+from ream_hf.kill_points import ENV as KILL_ENV
 from tests.test_mtp import add_mtp_layers
-from tests.test_streaming import KILLER
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, calibration_txt):
     folder = tmp_path_factory.mktemp("distributed")
     source = add_mtp_layers(build_family_checkpoint("glm4_moe", folder / "source", num_hidden_layers=3))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    killer = folder / "killer.py"
-    killer.write_text(KILLER)
 
     def args(output, work, *extra):
         return ["compress", str(source), "--target-experts", "8", "--method", "ream", "--group-size", "4",
@@ -39,17 +37,16 @@ def job(tmp_path_factory, calibration_txt):
         assert main(args(folder / "single", folder / "w1")) == 0
     finally:
         torch.set_num_threads(threads)
-    return folder, env, args, killer
+    return folder, env, args
 
 
-def torchrun(env, script_or_module, arguments, **kw):
-    target = ["-m", script_or_module] if not script_or_module.endswith(".py") else [script_or_module]
+def torchrun(env, module, arguments, **kw):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *target, *arguments], env=env, capture_output=True, text=True, timeout=600, **kw)
+                           "-m", module, *arguments], env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
 def test_two_ranks_write_the_single_process_output(job):
-    folder, env, args, _ = job
+    folder, env, args = job
     run = torchrun(env, "ream_hf.cli", args(folder / "two", folder / "w2"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote") == 1, "rank 0 alone reports (and writes)"
@@ -59,15 +56,16 @@ def test_two_ranks_write_the_single_process_output(job):
 
 
 def test_two_ranks_resume_after_a_rank_is_killed(job):
-    folder, env, args, killer = job
-    killed = torchrun({**env, "KILL_AFTER_LAYERS": "2"}, str(killer), args(folder / "resumed", folder / "w3"))
+    folder, env, args = job
+    # rank 0 (the one that writes) kills itself between the third layer's shard part and its commit
+    killed = torchrun({**env, KILL_ENV: "layer-written:3"}, "ream_hf.cli", args(folder / "resumed", folder / "w3"))
     assert killed.returncode != 0 and not (folder / "resumed").exists()  # rank 0 SIGKILLed, torchrun stopped rank 1
     assert f"exitcode  : {-signal.SIGKILL}" in killed.stderr or "Signal 9" in killed.stderr, killed.stderr[-2000:]
     state = json.loads((folder / "w3" / "state.json").read_text())
     assert state["finished_layers"] == 2
     assert sorted(p.name for p in (folder / "w3" / "hidden-00002").iterdir()) == [f"{b:06d}.pt" for b in range(5)], \
         "both ranks wrote their batches' inputs of layer 2"
-    resumed = torchrun({**env, "KILL_AFTER_LAYERS": "-1"}, str(killer), args(folder / "resumed", folder / "w3", "--resume"))
+    resumed = torchrun(env, "ream_hf.cli", args(folder / "resumed", folder / "w3", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert snapshot(folder / "resumed") == snapshot(folder / "single")
 

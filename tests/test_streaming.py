@@ -1,15 +1,16 @@
-"""Layer streaming: byte-identical to the in-memory path, resumable after SIGKILL, spills hidden states."""
+"""Layer streaming: byte-identical to the in-memory path, resumable after SIGKILL at any moment, spills hidden
+states."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
-
 import pytest
 
 from ream_hf import ReamCompressor, ReamConfig
+from ream_hf.cli import main
+from ream_hf.kill_points import ENV as KILL_ENV
 from tests.conftest import snapshot
 from tests.families import build_family_checkpoint
 
@@ -55,53 +56,97 @@ def test_spilled_hidden_states_give_the_same_output(qwen3_source, calibration_tx
     assert same_output(tmp_path / "memory", tmp_path / "spilled")
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import ream_hf.pipeline.streaming as streaming
-    original = streaming.WorkFolder.commit
-    def commit(self, finished_layers, parts, entries):
-        original(self, finished_layers, parts, entries)
-        if finished_layers == int(os.environ["KILL_AFTER_LAYERS"]):
-            os.kill(os.getpid(), signal.SIGKILL)
-    streaming.WorkFolder.commit = commit
-    from ream_hf.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-def cli_args(source, calibration, output, work):
+def cli_args(source, calibration, output, work, *extra):
     return ["compress", str(source), "--target-experts", "8", "--method", "ream", "--group-size", "4",
-            "--calibration", str(calibration), "--num-sequences", "12", "--sequence-length", "48", "--batch-size", "4",
-            "--max-shard-size", "300000", "--output", str(output), "--work-dir", str(work)]
+            "--calibration", str(calibration), "--num-sequences", "8", "--sequence-length", "32", "--batch-size", "4",
+            "--max-shard-size", "300000", "--output", str(output), "--work-dir", str(work), *extra]
 
 
-def test_resume_after_sigkill_is_byte_identical(calibration_txt, tmp_path):
-    source = build_family_checkpoint("glm4_moe", tmp_path / "source", num_hidden_layers=4)
-    env = {**os.environ, "KILL_AFTER_LAYERS": "2"}
-    killed = subprocess.run([sys.executable, "-c", KILLER, *cli_args(source, calibration_txt, tmp_path / "out",
-                                                                      tmp_path / "work")], env=env, capture_output=True)
-    assert killed.returncode == -signal.SIGKILL
-    assert not (tmp_path / "out").exists(), "a killed run leaves no output folder"
-    state = json.loads((tmp_path / "work" / "state.json").read_text())
-    assert state["finished_layers"] == 2 and len(state["layers"]) == 1  # layer 0 is dense
+@pytest.fixture(scope="module")
+def mtp_source(tmp_path_factory):
+    """GLM-4.5 with two MoE layers (the first layer is MoE: its statistics are the first work of the run) and an
+    MTP layer in a second shard, as on the Hub."""
+    from tests.test_mtp import add_mtp_layers
 
-    again = subprocess.run([sys.executable, "-c", KILLER, *cli_args(source, calibration_txt, tmp_path / "out",
-                                                                     tmp_path / "work")],
-                           env={**env, "KILL_AFTER_LAYERS": "-1"}, capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stderr, "an unfinished run is not silently restarted"
-    resumed = subprocess.run([sys.executable, "-c", KILLER, *cli_args(source, calibration_txt, tmp_path / "out",
-                                                                       tmp_path / "work"), "--resume"],
-                             env={**env, "KILL_AFTER_LAYERS": "-1"}, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    folder = build_family_checkpoint("glm4_moe", tmp_path_factory.mktemp("glm") / "source", num_hidden_layers=2,
+                                     first_k_dense_replace=0)
+    return add_mtp_layers(folder)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mtp_source, calibration_txt, tmp_path_factory):
+    """The uninterrupted run's output for each set of extra arguments."""
+    outputs = {}
+
+    def output(extra: tuple[str, ...]):
+        if extra not in outputs:
+            folder = tmp_path_factory.mktemp("plain") / "out"
+            assert main(cli_args(mtp_source, calibration_txt, folder, folder.parent / "work", *extra)) == 0
+            outputs[extra] = snapshot(folder)
+        return outputs[extra]
+
+    return output
+
+
+# (where the run kills itself (ream_hf.kill_points), extra arguments, layers its work folder has committed then)
+KILLS = [
+    ("work-opened", (), 0),
+    ("calibration-embedded", (), 0),
+    ("layer-statistics", (), 0),  # the first layer's statistics, after one batch
+    ("hidden-written:1", (), 0),  # the first layer's outputs: one batch of two written
+    ("layer-written:1", (), 0),  # the first layer's shard part written, its commit not made
+    ("layer-written:2", (), 1),
+    ("mtp-layer", (), 2),
+    ("output-verified", (), 2),  # the output written and verified in its temporary folder
+    ("output-verified", ("--mtp", "drop"), 2),  # no MTP layer: the last layer's outputs were never stored
+    ("output-renamed", (), 2),  # the output in place, the work folder not yet removed
+]
+
+
+@pytest.mark.parametrize("point, extra, committed", KILLS, ids=[f"{p}{' '.join(e)}" for p, e, _ in KILLS])
+def test_killed_at_any_moment_resumes_byte_identical(point, extra, committed, mtp_source, calibration_txt, tmp_path,
+                                                      uninterrupted, capsys):
+    """SIGKILL at each stage of a run (REAM_HF_TEST_KILL_AT), then --resume: the files equal an uninterrupted run's,
+    and the work folder and every temporary folder are gone."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = cli_args(mtp_source, calibration_txt, out, work, *extra)
+    killed = subprocess.run([sys.executable, "-m", "ream_hf.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, KILL_ENV: point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert out.exists() == (point == "output-renamed"), "the output appears whole, only in its final step"
+    state = json.loads((work / "state.json").read_text())
+    assert state["finished_layers"] == committed, "progress is recorded by commits only"
+
+    capsys.readouterr()
+    assert main(args) == 2, "an unfinished run is not silently restarted"
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert snapshot(out) == uninterrupted(extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no work folder, lock or temporary folder left"
+    if point == "layer-written:2":
+        manifest = json.loads((out / "ream_manifest.json").read_text())
+        assert [entry["index"] for entry in manifest["layers"]] == [0, 1, 2]  # the trunk's two, then the MTP layer
+
+
+def test_resume_discards_what_no_commit_names(qwen3_source, calibration_txt, tmp_path):
+    """Parts and hidden states written after the last commit, and temporary files, are removed on resume."""
+    from ream_hf.pipeline.streaming import WorkFolder
+
+    work = WorkFolder.open(tmp_path / "work", "job", resume=False)
+    (work.folder / "part-00000.safetensors").write_bytes(b"committed")
+    (work.folder / "hidden-00001").mkdir()
+    work.commit(1, ["part-00000.safetensors"], [])
+    for name in ("part-00001.safetensors", "part-00001.safetensors.tmp", "state.json.tmp"):
+        (work.folder / name).write_bytes(b"after the commit")
+    (work.folder / "hidden-00002").mkdir()
+    (work.folder / "hidden-00002" / "000000.pt").write_bytes(b"partial")
+    work.release()
+    again = WorkFolder.open(tmp_path / "work", "job", resume=True)
+    assert sorted(p.name for p in again.folder.iterdir()) == ["hidden-00001", "part-00000.safetensors", "run.lock",
+                                                             "state.json"]
+    assert again.finished_layers == 1
+    again.remove()
     assert not (tmp_path / "work").exists()
-
-    plain = subprocess.run([sys.executable, "-m", "ream_hf.cli", *cli_args(source, calibration_txt, tmp_path / "plain",
-                                                                           tmp_path / "work2")],
-                           capture_output=True, text=True)
-    assert plain.returncode == 0, plain.stderr[-2000:]
-    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "plain")
-    manifest = json.loads((tmp_path / "out" / "ream_manifest.json").read_text())
-    assert [entry["index"] for entry in manifest["layers"]] == [1, 2, 3]
 
 
 def test_work_folder_of_another_job_is_refused(qwen3_source, calibration_txt, tmp_path):

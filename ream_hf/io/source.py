@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken")
 
 
+def looks_like_hub_id(model_path: str | os.PathLike) -> bool:
+    """Whether a source that is not a local path reads as a Hub repo id (owner/name)."""
+    text = str(model_path)
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
 def open_source(model_path: str | os.PathLike, revision: str | None = None) -> SourceCheckpoint:
     """A local checkpoint folder as it is, or a Hub repo id at `revision` (branch, tag or commit; default the main
     branch): its config, index and side files downloaded now, its weight shards by `SourceCheckpoint.fetch_weights`
@@ -39,7 +45,7 @@ def open_source(model_path: str | os.PathLike, revision: str | None = None) -> S
         if revision is not None:
             raise ValueError(f"revision {revision!r} applies to Hub repo ids; {model_path} is a local folder")
         return SourceCheckpoint(path)
-    if str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") != 1:
+    if not looks_like_hub_id(model_path):
         raise ValueError(f"source {model_path} is neither a local folder nor a Hub repo id (owner/name)")
     from huggingface_hub import constants, snapshot_download
 

@@ -10,10 +10,10 @@ stored bytes and scales, merged ones quantized afresh; or dequantized to a chose
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..arch import (ExpertWeights, MoEFamily, MoETensorName, disk_expert_name, disk_expert_names, disk_expert_tensors,
@@ -77,9 +78,22 @@ class PartWriter:
     def _flush(self, tensors: dict[str, torch.Tensor]) -> None:
         name = f"part-{len(self.parts):05d}.safetensors"
         temp = self.folder / (name + ".tmp")
-        save_file(tensors, str(temp), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(temp), metadata={"format": "pt"})
+        except SafetensorError as error:
+            raise as_os_error(error, temp) from None
         os.replace(temp, self.folder / name)
         self.parts.append(name)
+
+
+def as_os_error(error: Exception, path: Path) -> Exception:
+    """safetensors' writer reports a failed write as SafetensorError("... (os error 28) ..."): the OSError it was,
+    naming `path`, so callers handle a full disk the same way whichever library wrote."""
+    found = re.search(r"os error (\d+)", str(error))
+    if found is None:
+        return error
+    code = int(found[1])
+    return OSError(code, os.strerror(code), str(path))
 
 
 def finalize_parts(parts_folder: Path, parts: list[str], output: Path) -> dict[str, str]:
@@ -257,35 +271,3 @@ def copy_side_files(source_folder: Path, output: Path) -> list[str]:
             shutil.copy2(item, output / item.name)
             copied.append(item.name)
     return copied
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    output = Path(output_dir)
-    if output.exists() and not overwrite:
-        raise ValueError(f"output folder {output} already exists; choose another or pass --overwrite")
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output path {output} exists and is not a folder")
-    return output
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling folder renamed into place only if the block finishes: a crash leaves no output."""
-    output = check_output_dir(output_dir, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.parent / f".{output.name}.ream-tmp-{os.getpid()}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir()
-    try:
-        yield temp
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    if output.exists():
-        trash = output.parent / f".{output.name}.ream-old-{os.getpid()}"
-        os.replace(output, trash)
-        os.replace(temp, output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(temp, output)

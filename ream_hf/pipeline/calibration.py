@@ -63,15 +63,19 @@ def _passes_filter(row: dict, filters: dict[str, list[str]] | None) -> bool:
     return not filters or all(row.get(key) in allowed for key, allowed in filters.items())
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of each non-blank line."""
     rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number} is not a JSON object (give rows like {{\"text\": ...}})")
+                rows.append((number, row))
     return rows
 
 
@@ -83,57 +87,81 @@ def _hub_rows(source: CalibrationSource, seed: int) -> Iterable[dict]:
     return dataset.shuffle(seed=seed, buffer_size=10_000)
 
 
+def _pretokenised(row: dict, where: str, vocab_size: int | None) -> list[int]:
+    """A pre-tokenised row's ids, refused unless they are integers the model's embedding has rows for (an id beyond
+    the vocabulary would otherwise end the run in an IndexError inside the embedding)."""
+    ids = row["input_ids"]
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"{where}: input_ids must be a list of integer token ids")
+    if ids and vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(t for t in ids if t < 0 or t >= vocab_size)
+        raise ValueError(f"{where}: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); "
+                         "pre-tokenised rows must come from this model's tokenizer")
+    return ids
+
+
 def _source_sequences(
-    source: CalibrationSource, tokenizer, count: int, length: int, min_tokens: int, seed: int
-) -> list[torch.Tensor]:
+    source: CalibrationSource, tokenizer, count: int, length: int, min_tokens: int, seed: int,
+    vocab_size: int | None = None,
+) -> tuple[list[torch.Tensor], int]:
+    """Up to `count` sequences of one source, and how many rows were skipped as shorter than `min_tokens`."""
     if count <= 0:
-        return []
+        return [], 0
     path = Path(source.path).expanduser()
     if looks_local(source.path) and path.suffix.lower() == ".txt":
         ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         pieces = [ids[i : i + length] for i in range(0, len(ids), length)]
-        pieces = [p for p in pieces if len(p) >= min_tokens]
-        return [torch.tensor(p, dtype=torch.long) for p in pieces[:count]]
+        kept = [p for p in pieces if len(p) >= min_tokens]
+        return [torch.tensor(p, dtype=torch.long) for p in kept[:count]], len(pieces) - len(kept)
 
     if looks_local(source.path) and path.is_file():
-        rows: Iterable[dict] = _read_jsonl(path)
+        rows: Iterable[tuple[str, dict]] = [(f"{source.path}:{line}", row) for line, row in _read_jsonl(path)]
         rows = list(rows)
-        random.Random(seed).shuffle(rows)
+        random.Random(seed).shuffle(rows)  # the same permutation as of the bare rows: it depends on the count only
     else:
-        rows = _hub_rows(source, seed)
+        rows = ((f"{source.path} row {number}", row) for number, row in enumerate(_hub_rows(source, seed)))
 
     sequences: list[torch.Tensor] = []
-    for row in rows:
+    short = 0
+    for where, row in rows:
         if len(sequences) >= count:
             break
         if not _passes_filter(row, source.filter):
             continue
         if "input_ids" in row and source.text_field == "text" and "text" not in row:
-            ids = [int(t) for t in row["input_ids"]]  # pre-tokenised: used as is
+            ids = _pretokenised(row, where, vocab_size)  # used as is
             if ids:
                 sequences.append(torch.tensor(ids, dtype=torch.long))
             continue
         ids = tokenizer(_row_text(row, source.text_field), add_special_tokens=False)["input_ids"][:length]
         if len(ids) >= min_tokens:
             sequences.append(torch.tensor(ids, dtype=torch.long))
-    return sequences
+        else:
+            short += 1
+    return sequences, short
 
 
-def load_calibration(config: ReamConfig, tokenizer) -> list[torch.Tensor]:
-    """Token sequences of the configured mix; raises if nothing usable comes out."""
+def load_calibration(config: ReamConfig, tokenizer, vocab_size: int | None = None) -> list[torch.Tensor]:
+    """Token sequences of the configured mix; raises if nothing usable comes out, or (given the model's
+    `vocab_size`) if a token id has no embedding row."""
     check_sources(config.calibration)
     length = config.sequence_length
     min_tokens = max(1, int(length * config.min_sequence_fraction))
     counts = rows_per_source(config.num_calibration_sequences, config.calibration_ratios, len(config.calibration))
     sequences: list[torch.Tensor] = []
     for source, count in zip(config.calibration, counts):
-        got = _source_sequences(source, tokenizer, count, length, min_tokens, config.seed)
+        got, short = _source_sequences(source, tokenizer, count, length, min_tokens, config.seed, vocab_size)
         if count and len(got) < count:
             logger.warning(
-                "calibration source %s gave %d of %d requested sequences (rows shorter than %d tokens are skipped)",
-                source.path, len(got), count, min_tokens,
+                "calibration source %s gave %d of %d requested sequences (rows shorter than %d tokens are skipped; "
+                "%d were)", source.path, len(got), count, min_tokens, short,
             )
         sequences.extend(got)
+    if vocab_size is not None:  # tokenizer output too: a tokenizer with more tokens than the embedding has rows
+        for sequence in sequences:
+            if sequence.numel() and (int(sequence.min()) < 0 or int(sequence.max()) >= vocab_size):
+                raise ValueError(f"the tokenizer produced token id {int(sequence.max())}, outside the model's "
+                                 f"vocabulary (0..{vocab_size - 1}); the tokenizer does not match the model")
     if not sequences:
         raise ValueError(
             f"calibration data is empty: no sequence of at least {min_tokens} tokens in "

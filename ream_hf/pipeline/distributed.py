@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..io.folders import StorageError
+
 TIMEOUT = datetime.timedelta(hours=2)  # rank 0 writing a large model's last shards while the others wait
 GATHER_BYTES = 64 * 2**20  # float64 partial sums moved per collective
 _io_group = None  # a gloo group for the background writer thread's barrier (the main thread's is NCCL's)
@@ -103,19 +105,27 @@ def io_barrier() -> None:
 
 
 def on_main(ranks: Ranks, task: Callable[[], Any]) -> Any:
-    """Run `task` on rank 0 only and hand its result to every rank; a ValueError there (a refused work folder)
-    is raised on every rank with the same message, so no rank waits forever for one that gave up."""
+    """Run `task` on rank 0 only and hand its result to every rank. Whatever it raises there is raised on every
+    rank, so no rank waits forever for one that gave up: rank 0 its own exception, the others one with the same
+    message, of the same type for a refusal (ValueError) or a failed write (StorageError), so that each ends
+    with the same one-line error and exit status."""
     if not ranks.distributed:
         return task()
     box: list[Any] = [None, None]
+    failure: BaseException | None = None
     if ranks.is_main:
         try:
             box[0] = task()
-        except ValueError as error:
-            box[1] = str(error)
+        except Exception as error:  # handed to the other ranks, then raised here as it is
+            failure = error
+            kind = next((k for k in (ValueError, StorageError) if isinstance(error, k)), RuntimeError)
+            box = [None, (kind.__name__, str(error) if kind is not RuntimeError else f"rank 0: {error!r}")]
     dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
     if box[1] is not None:
-        raise ValueError(box[1])
+        kind, message = box[1]
+        raise {"ValueError": ValueError, "StorageError": StorageError}.get(kind, RuntimeError)(message)
     return box[0]
 
 

@@ -14,6 +14,7 @@ import torch
 from ..arch import ExpertWeights, MoEFamily, experts, moe_block, read_expert_weights, router
 from ..config import ReamConfig
 from ..io.writer import LayerOutput
+from ..kill_points import kill_point
 from ..method.experts import Activation, activation_for, expert_hidden, routed_forward
 from ..method.merging import ActivationGram, keeps_centroid, merge_expert_group, weight_features
 from ..method.planning import LayerPlan, plan_layer
@@ -134,6 +135,7 @@ def layer_statistics(config: ReamConfig, family: MoEFamily, layer, block, hidden
     def consume(x: torch.Tensor) -> None:
         logits, topk_weights, topk_index = router_module(x)
         reduction.add(next(numbers), x, logits, topk_weights, topk_index)
+        kill_point("layer-statistics")
 
     feed_block_inputs(layer, block, hidden, calls, batches, consume, placement=placement)
     return reduction.finalize()

