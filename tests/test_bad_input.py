@@ -152,6 +152,13 @@ def locked_output(ctx: Ctx) -> Case:
     return Case(target("--output", ctx.out), f"in use by another ream-hf run (pid {holder.pid} on host")
 
 
+def locked_work_folder(ctx: Ctx) -> Case:
+    (ctx.tmp / ".out.ream-work").mkdir()
+    holder = ctx.holder = held_elsewhere(ctx, ctx.tmp / ".out.ream-work" / "run.lock")
+    return Case(target("--output", ctx.out), f"work folder {ctx.tmp / '.out.ream-work'} is in use by another ream-hf "
+                f"run (pid {holder.pid} on host", keeps_work=True)
+
+
 def out_of_vocabulary(ids: list) -> Callable[[Ctx], Case]:
     def make(ctx: Ctx) -> Case:
         rows = [{"input_ids": list(range(3, 40))} for _ in range(7)] + [{"input_ids": ids}]
@@ -261,6 +268,7 @@ ROWS: dict[str, Callable[[Ctx], Case]] = {
     "output under a file": lambda c: Case(target("--output", c.write("f", "x") / "out"), "is a file, not a folder"),
     # one run per output and work folder (#13.2, #14)
     "output folder in use by another run": locked_output,
+    "work folder in use by another run": locked_work_folder,
     "unfinished run of this job without --resume": unfinished_run,
     "work folder of another job": work_folder_of_another_job,
     "--resume without streaming": simple(lambda c: target("--output", c.out, "--resume", "--no-streaming"),
@@ -269,6 +277,9 @@ ROWS: dict[str, Callable[[Ctx], Case]] = {
     "NaN in an expert weight": lambda c: Case(target("--output", c.out), "model.layers.0.mlp.experts.3.gate_proj.weight",
                                               reads=True, source=corrupt(c, "model.layers.0.mlp.experts.3.gate_proj.weight",
                                                                          float("nan"))),
+    "NaN in an expert weight (--no-streaming)": lambda c: Case(
+        target("--output", c.out, "--no-streaming"), "model.layers.0.mlp.experts.gate_up_proj (as loaded) has 1 NaN",
+        reads=True, source=corrupt(c, "model.layers.0.mlp.experts.5.up_proj.weight", float("nan"))),
     "infinity in a later layer's attention": lambda c: Case(
         target("--output", c.out), "model.layers.1.self_attn.q_proj.weight (model.safetensors) has 1 NaN or infinite",
         reads=True, keeps_work=True, source=corrupt(c, "model.layers.1.self_attn.q_proj.weight", float("-inf"))),

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -189,6 +190,7 @@ class FakeHub:
         self.repos: dict[str, tuple[dict[str, str], dict[str, dict[str, bytes]]]] = {}  # id -> (refs, commits)
         self.cut_after: dict[str, int] = {}  # file -> bytes sent before its next GET's connection drops
         self.fail_next: set[str] = set()  # files whose next GET answers 500
+        self.fail_commits = False  # answer commits with a server error (an interrupted upload)
 
     def add_repo(self, repo_id: str, commits: dict[str, dict[str, bytes]], refs: dict[str, str]) -> None:
         """`commits`: commit hash -> its files; `refs`: branch or tag -> commit hash."""
@@ -252,6 +254,8 @@ class FakeHub:
         if request.method == "POST" and path == "/api/validate-yaml":
             return http.Response(200, json={"errors": [], "warnings": []})
         if request.method == "POST" and re.fullmatch(r"/api/models/[^/]+/[^/]+/commit/[^/]+", path):
+            if self.fail_commits:
+                return http.Response(503, json={"error": "Service Unavailable"})
             for line in body.decode().splitlines():
                 item = json.loads(line)
                 if item["key"] == "header":
@@ -505,3 +509,57 @@ def test_a_single_file_checkpoint_comes_with_its_side_files(fake_hub, hub_cache,
     count = len(fake_hub.requests)
     source.fetch_weights()
     assert len(fake_hub.requests) == count
+
+
+def test_failed_upload_is_retried_without_compressing_and_the_token_is_written_nowhere(
+        fake_hub, qwen3_source, calibration_txt, tmp_path, monkeypatch, caplog, capsys, request):
+    """compress_and_push with its default temporary folder: the upload fails, the folder is kept and the error says
+    how to retry; `ream-hf push` (token from HF_TOKEN) uploads it without reading a weight or a calibration text.
+    No file written (checkpoint, card, manifest, work folder) and no log line holds the token."""
+    import tempfile
+
+    from ream_hf.cli import main
+    from ream_hf.release.hub import UploadError
+
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="huggingface_hub")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    fake_hub.fail_commits = True
+    with pytest.raises(UploadError) as failed:
+        compress_and_push(ReamCompressor(tiny_config(calibration_txt)), str(qwen3_source), "me/tiny-reap",
+                          token=TOKEN, base_model=BASE)
+    message = str(failed.value)
+    kept = next((tmp_path / "tmp").glob("ream-hf-push-*/tiny-reap"))
+    assert f"retry with `ream-hf push {kept} me/tiny-reap`" in message and "\n" not in message
+    assert TOKEN not in message
+    assert {"README.md", "ream_manifest.json", "config.json"} <= {p.name for p in kept.iterdir()}
+    assert fake_hub.files == {}
+
+    fake_hub.fail_commits = False
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    request.getfixturevalue("no_work_started")  # the retry compresses nothing
+    capsys.readouterr()
+    assert main(["push", str(kept), "me/tiny-reap"]) == 0
+    out = capsys.readouterr()
+    assert "https://huggingface.co/me/tiny-reap" in out.out
+    assert set(fake_hub.files) == {str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()}
+
+    work_root = Path(os.environ["REAM_HF_WORK_DIR"])  # the run's work folders (removed once the output was saved)
+    written = [p for root in (tmp_path, work_root) for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "ream_manifest.json" for p in written) and any(p.name == "README.md" for p in written)
+    for path in written:
+        assert TOKEN.encode() not in path.read_bytes(), f"the token is in {path}"
+    assert caplog.records and TOKEN not in caplog.text
+    assert TOKEN not in out.out + out.err
+
+
+def test_push_failure_is_one_line(fake_hub, compressed, tmp_path, monkeypatch, capsys):
+    from ream_hf.cli import main
+
+    fake_hub.fail_commits = True
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    capsys.readouterr()
+    assert main(["push", str(compressed), "me/tiny-reap"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: upload of") and "\n" not in err and "503" in err and TOKEN not in err
