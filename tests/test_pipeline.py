@@ -122,7 +122,10 @@ def test_existing_output_is_refused_unless_overwrite(qwen3_source, calibration_t
     compressor.compress(str(qwen3_source))
     with pytest.raises(ValueError, match="already exists"):
         compressor.save_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="ream-hf did not write"):  # --overwrite replaces only our own outputs
+        compressor.save_pretrained(tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "ream_manifest.json").write_text("{}")  # now it is an earlier ream-hf output
     compressor.save_pretrained(tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
