@@ -327,7 +327,8 @@ class ReamCompressor(OptimumQuantizer):
             write_json(folder / MANIFEST_NAME, self.manifest())
             self._verify(folder)
             if result.work is not None:  # a kill after the move below is then seen as complete (cli --resume)
-                result.work.mark_saved(Path(output_dir), hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest())
+                digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+                result.work.mark_saved(Path(output_dir), digest)
         if result.work is not None:
             result.work.remove()
             result.work = None
