@@ -190,7 +190,7 @@ class FakeHub:
         self.repos: dict[str, tuple[dict[str, str], dict[str, dict[str, bytes]]]] = {}  # id -> (refs, commits)
         self.cut_after: dict[str, int] = {}  # file -> bytes sent before its next GET's connection drops
         self.fail_next: set[str] = set()  # files whose next GET answers 500
-        self.fail_commits = False  # answer commits with a server error (an interrupted upload)
+        self.fail_commits = False  # answer commits with a server error (an interrupted upload; see fail_uploads)
 
     def add_repo(self, repo_id: str, commits: dict[str, dict[str, bytes]], refs: dict[str, str]) -> None:
         """`commits`: commit hash -> its files; `refs`: branch or tag -> commit hash."""
@@ -511,6 +511,14 @@ def test_a_single_file_checkpoint_comes_with_its_side_files(fake_hub, hub_cache,
     assert len(fake_hub.requests) == count
 
 
+def fail_uploads(hub: FakeHub, monkeypatch) -> None:
+    """Commits answer 503 (huggingface_hub retries them 5 times with backoff: its sleeps are skipped)."""
+    from huggingface_hub.utils import _http
+
+    hub.fail_commits = True
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
+
+
 def test_failed_upload_is_retried_without_compressing_and_the_token_is_written_nowhere(
         fake_hub, qwen3_source, calibration_txt, tmp_path, monkeypatch, caplog, capsys, request):
     """compress_and_push with its default temporary folder: the upload fails, the folder is kept and the error says
@@ -525,7 +533,7 @@ def test_failed_upload_is_retried_without_compressing_and_the_token_is_written_n
     caplog.set_level(logging.DEBUG, logger="huggingface_hub")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    fake_hub.fail_commits = True
+    fail_uploads(fake_hub, monkeypatch)
     with pytest.raises(UploadError) as failed:
         compress_and_push(ReamCompressor(tiny_config(calibration_txt)), str(qwen3_source), "me/tiny-reap",
                           token=TOKEN, base_model=BASE)
@@ -557,7 +565,7 @@ def test_failed_upload_is_retried_without_compressing_and_the_token_is_written_n
 def test_push_failure_is_one_line(fake_hub, compressed, tmp_path, monkeypatch, capsys):
     from ream_hf.cli import main
 
-    fake_hub.fail_commits = True
+    fail_uploads(fake_hub, monkeypatch)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     capsys.readouterr()
     assert main(["push", str(compressed), "me/tiny-reap"]) == 1
