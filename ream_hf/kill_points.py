@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 ENV = "REAM_HF_TEST_KILL_AT"
 
-# every point a run passes, in order (tests parametrize over these names)
+# every point a run passes, in order (tests/test_streaming.py checks that each is passed and killed at)
 POINTS = (
     "work-opened",  # the work folder exists with its state file (0 finished layers)
     "calibration-embedded",  # calibration tokens embedded, no layer run yet
     "layer-statistics",  # a token batch of an MoE layer's statistics accumulated
-    "hidden-written",  # one batch of a layer's outputs (the next layer's inputs) written to the work folder
-    "layer-written",  # a layer's shard part written, its commit not yet made
+    "hidden-written",  # one batch of a layer's outputs (the next layer's inputs) written to the work folder (by a
+    #                    background writer thread, as is the next point)
+    "layer-written",  # a layer's shard part written, its commit not yet made (rank 0 under torchrun)
     "mtp-layer",  # an MTP layer loaded and fed, not yet compressed
     "output-verified",  # the new output folder written and verified, not yet moved into place
     "overwrite-moved-aside",  # --overwrite without an atomic exchange: the old output renamed aside, new not in place
@@ -30,6 +32,7 @@ POINTS = (
 )
 
 _reached: dict[str, int] = {}
+_lock = threading.Lock()  # points are also passed in the background writer's threads
 
 
 def kill_point(name: str) -> None:
@@ -40,6 +43,7 @@ def kill_point(name: str) -> None:
     point, _, nth = wanted.partition(":")
     if point != name:
         return
-    _reached[name] = _reached.get(name, 0) + 1
-    if _reached[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    with _lock:
+        _reached[name] = _reached.get(name, 0) + 1
+        if _reached[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)

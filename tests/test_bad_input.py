@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ream_hf.cli import main
 from ream_hf.kill_points import ENV as KILL_ENV
+from ream_hf.pipeline import plan as plan_module
 from tests.conftest import snapshot
 
 
@@ -323,6 +324,9 @@ ROWS: dict[str, Callable[[Ctx], Case]] = {
     "zero shard size": simple(lambda c: target("--max-shard-size", "0", "--output", c.out), "max_shard_size"),
     "negative hidden-state budget": simple(lambda c: target("--hidden-states-budget-gb", "-1", "--output", c.out),
                                            "hidden_states_budget_gb"),
+    "a layer larger than the device (the plan's fit check)": lambda c: Case(
+        target("--output", c.out), "cannot fit cpu (0.00 GB): its largest layer is",
+        patches=[(plan_module, "memory_bytes", lambda device: 1_000_000)]),  # a 1 MB device
     "unknown device": simple(lambda c: target("--device", "abacus", "--output", c.out), "not a torch device"),
     "missing GPU": simple(lambda c: target("--device", "cuda:99", "--output", c.out), "cuda:99"),
     # the source

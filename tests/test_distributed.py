@@ -40,9 +40,9 @@ def job(tmp_path_factory, calibration_txt):
     return folder, env, args
 
 
-def torchrun(env, module, arguments, **kw):
+def torchrun(env, module, arguments, timeout=600):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", module, *arguments], env=env, capture_output=True, text=True, timeout=600, **kw)
+                           "-m", module, *arguments], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_ranks_write_the_single_process_output(job):
@@ -68,6 +68,18 @@ def test_two_ranks_resume_after_a_rank_is_killed(job):
     resumed = torchrun(env, "ream_hf.cli", args(folder / "resumed", folder / "w3", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert snapshot(folder / "resumed") == snapshot(folder / "single")
+
+
+def test_a_refusal_ends_every_rank(job):
+    """Rank 0 alone looks at the folders (the output exists, no --overwrite): every rank ends with the same one-line
+    error and exit status, none waits for the others, nothing is created."""
+    folder, env, args = job
+    before = sorted(p.name for p in folder.iterdir())
+    run = torchrun(env, "ream_hf.cli", args(folder / "single", folder / "w4"), timeout=300)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: output folder {folder / 'single'} already exists; choose another or pass --overwrite"] * 2
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_every_sum_the_accumulator_adds_to_is_reduced():

@@ -8,6 +8,7 @@ import builtins
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,6 +116,7 @@ def test_space_needed_is_the_plans(qwen3_source, calibration_txt, tmp_path, monk
     from ream_hf.pipeline.plan import plan_job
 
     config = ReamConfig(target_experts=8, method="ream", group_size=4, calibration=[str(calibration_txt)],
+                        calibration_ratios=None,
                         num_calibration_sequences=8, sequence_length=32, batch_size=4, max_shard_size=200000)
     plan = plan_job(str(qwen3_source), config)
     inject("side files", monkeypatch)
@@ -124,6 +126,34 @@ def test_space_needed_is_the_plans(qwen3_source, calibration_txt, tmp_path, monk
     total = plan.output_bytes + 2 * plan.hidden_states_bytes
     assert f"the run needs about {short_bytes(total)} ({short_bytes(plan.output_bytes)} for the compressed checkpoint, " \
            f"{short_bytes(2 * plan.hidden_states_bytes)} for calibration hidden states" in line, line
+
+
+def test_the_first_failed_write_is_what_surfaces(tmp_path):
+    """Background writes fail in any order: a commit skipped because a later-submitted write failed is not what the
+    run reports (a RuntimeError would end in a traceback); the full disk is. `drain` waits without raising."""
+    import threading
+
+    writer = streaming.BackgroundWriter(workers=3)
+    release = threading.Event()
+    writer.submit(lambda: release.wait(5))  # a slow write
+    skipped = writer.submit(lambda: None, after_all=True)  # a commit, waiting for the slow write
+
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "hidden-00002" / "000001.tmp"))
+
+    failed = writer.submit(full)
+    with pytest.raises(OSError):
+        failed.result(5)
+    release.set()
+    with pytest.raises(RuntimeError, match="skipped"):
+        skipped.result(5)
+    with pytest.raises(OSError) as raised:
+        writer.flush()
+    assert raised.value.errno == errno.ENOSPC and "000001.tmp" in raised.value.filename
+
+    writer.drain()  # the run ends on that error: wait for what is left, raise nothing more
+    writer.flush()
+    writer.close()
 
 
 # -- locks ------------------------------------------------------------------------------------------------------
@@ -212,6 +242,43 @@ def test_check_finite(dtype):
     fp8[0, 0] = float("nan")
     with pytest.raises(ValueError, match="w8"):
         streaming.check_finite("w8", fp8, "shard")
+
+
+def test_a_nan_read_ahead_is_refused_when_its_layer_is_filled(qwen3_source, calibration_txt, tmp_path, monkeypatch,
+                                                              capsys):
+    """The GPU path reads the next layer's weights in a background thread while this one computes: they are checked
+    there, as they are read, and the bad tensor is named when the layer it belongs to is filled, before its
+    statistics; the finished layer before it is kept for --resume."""
+    import threading
+
+    from safetensors.torch import load_file, save_file
+
+    from ream_hf.pipeline.device import Placement
+
+    source = tmp_path / "source"
+    shutil.copytree(qwen3_source, source)
+    tensors = load_file(source / "model.safetensors")
+    bad = "model.layers.1.mlp.experts.2.down_proj.weight"
+    tensors[bad].view(-1)[5] = float("nan")
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(Placement, "prefetch_weights", property(lambda self: True))
+    checked_in = {}
+    check = streaming.check_finite
+
+    def spy(name, tensor, where):
+        checked_in[name] = threading.current_thread().name
+        check(name, tensor, where)
+
+    monkeypatch.setattr(streaming, "check_finite", spy)
+    capsys.readouterr()
+    assert main(cli_args(source, calibration_txt, tmp_path / "out")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: source tensor {bad} (model.safetensors) has 1 NaN or infinite value(s)"), line
+    assert "(1 finished layers are kept in" in line and "--resume" in line
+    assert checked_in[bad].startswith("ream-prefetch"), "checked in the reading thread"
+    assert checked_in["model.layers.0.mlp.experts.2.down_proj.weight"] == threading.current_thread().name
+    assert not (tmp_path / "out").exists()
+    assert json.loads((tmp_path / ".out.ream-work" / "state.json").read_text())["finished_layers"] == 1
 
 
 def test_hub_source_cache_folder_is_protected(tmp_path, monkeypatch):

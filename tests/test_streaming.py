@@ -128,6 +128,21 @@ def test_killed_at_any_moment_resumes_byte_identical(point, extra, committed, mt
         assert [entry["index"] for entry in manifest["layers"]] == [0, 1, 2]  # the trunk's two, then the MTP layer
 
 
+def test_every_kill_point_is_passed_and_killed_at():
+    """Each name in kill_points.POINTS is a real point of the code and a stage the tests kill a run at (here, or for
+    the --overwrite steps in test_bad_input.test_overwrite_killed_leaves_a_complete_output)."""
+    import re
+    from pathlib import Path
+
+    import ream_hf
+    from ream_hf.kill_points import POINTS
+
+    package = Path(ream_hf.__file__).parent
+    passed = {name for path in package.rglob("*.py") for name in re.findall(r'kill_point\("([a-z-]+)"\)', path.read_text())}
+    assert passed == set(POINTS)
+    assert {point.partition(":")[0] for point, _, _ in KILLS} | {"overwrite-moved-aside"} == set(POINTS)
+
+
 def test_resume_discards_what_no_commit_names(qwen3_source, calibration_txt, tmp_path):
     """Parts and hidden states written after the last commit, and temporary files, are removed on resume."""
     from ream_hf.pipeline.streaming import WorkFolder
