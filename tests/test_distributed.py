@@ -77,8 +77,8 @@ def test_a_refusal_ends_every_rank(job):
     before = sorted(p.name for p in folder.iterdir())
     run = torchrun(env, "ream_hf.cli", args(folder / "single", folder / "w4"), timeout=300)
     assert run.returncode != 0
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: output folder {folder / 'single'} already exists; choose another or pass --overwrite"] * 2
+    message = f"error: output folder {folder / 'single'} already exists; choose another or pass --overwrite"
+    assert run.stderr.count(message) == 2, run.stderr[-3000:]  # one per rank (their lines may interleave)
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
