@@ -72,7 +72,15 @@ def inject(where: str, monkeypatch) -> str:
                 raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(file))
             return builtins.open(file, mode, *args, **kwargs)
 
+        real_save = torch.save
+
+        def torch_save(obj, file, *args, **kwargs):  # torch's writer on a full quota: a RuntimeError without errno
+            if isinstance(file, (str, os.PathLike)) and "hidden-" in str(file):
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 0 vs 64")
+            return real_save(obj, file, *args, **kwargs)
+
         monkeypatch.setattr(streaming, "open", opener, raising=False)
+        monkeypatch.setattr(torch, "save", torch_save)
         return "hidden-00001"
     if where == "commit":  # the third state write: the second layer's commit
         real = streaming.WorkFolder._write_state
