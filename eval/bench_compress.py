@@ -51,7 +51,7 @@ def run_job(args: argparse.Namespace) -> dict:
     config = ReamConfig(
         target_experts=args.target, method=args.method, calibration=[str(calibration)], calibration_ratios=None,
         num_calibration_sequences=args.job_sequences, sequence_length=args.length, batch_size=args.batch_size,
-        group_size=args.group_size, dtype="float32",
+        group_size=args.group_size, dtype="float32", **({} if args.refit is None else {"refit": args.refit}),
     )
     compressor = ReamCompressor(config)
     started = time.perf_counter()
@@ -59,6 +59,10 @@ def run_job(args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - started
     layers = compressor.result.layers
     stats_seconds = sum(r.stats_seconds for r in layers)
+    stages: dict[str, float] = {}
+    for report in layers:
+        for stage, seconds in report.timings.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
     tokens = compressor.result.calibration_tokens
     flops = 0.0
     if config.is_merging:  # every expert on every token: 3 matmuls of 2*H*D flops each
@@ -66,7 +70,7 @@ def run_job(args: argparse.Namespace) -> dict:
     return {
         "method": args.method, "sequences": args.job_sequences, "tokens": tokens, "wall_s": wall,
         "stats_s": stats_seconds, "gflops": flops / stats_seconds / 1e9 if flops else None,
-        "peak_rss_gb": peak_rss_gb(),
+        "peak_rss_gb": peak_rss_gb(), "stages": stages,
     }
 
 
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--method", default="ream")
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--refit", help="ReamConfig.refit for this job (default: the library's default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (peak RSS varies by ~0.1 GB)")
     parser.add_argument("--workdir")
@@ -116,6 +121,9 @@ def main() -> None:
         peak = f"{high:.2f}" if args.repeat == 1 else f"{low:.2f} - {high:.2f}"
         print(f"| {r['method']} | {r['sequences']} x {args.length} | {r['tokens']} | {r['wall_s']:.1f} | "
               f"{r['stats_s']:.1f} | {gflops} | {peak} |")
+    print("\nseconds per stage, all layers: " + "; ".join(
+        f"{r['sequences']} x {args.length}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.get("stages", {}).items())
+        for r in rows))
     print("\nreference (paper's code, same job, 2 cores): 72 s wall, 4.2 GB peak RSS")
 
 

@@ -15,6 +15,7 @@ calibration saw:
     python eval/bench_quality.py --methods reap "ream:group_size=8,merge=none" "ream:mix=0:1:0"
     python eval/bench_quality.py --ablation                       # REAM ablation grid, both ratios (~45 min)
     python eval/bench_quality.py --redundant-control --ratios 0.5 # experts made redundant: can merging win?
+    python eval/bench_quality.py --methods ream reap redundant:ream redundant:reap   # both models in one table
     python eval/bench_quality.py --model-dir ~/.cache/ream-hf/tiny-moe-v1-upcycled   # after
         python eval/train_tiny_moe.py --expert-init upcycled --output ~/.cache/ream-hf/tiny-moe-v1-upcycled
 
@@ -23,8 +24,17 @@ threads wait on each other when either is descheduled).
 
 A method may carry overrides after a colon, comma separated: any ReamConfig field (group_size, merge,
 use_router_logits, gated_similarity, sequential, ...), `mix=P:C:M`, the calibration ratios of
-prose:code:math for that run, or the diagnostic `merge_weights=uniform|frequency|centroid:W` (replaces
-the saliency merge weights after planning; not a ream_hf option).
+prose:code:math for that run, or the diagnostics `merge_weights=uniform|frequency|centroid:W` (replaces
+the saliency merge weights after planning) and `alignment_sample=per_expert` (the reference code's alignment
+activations: each expert on its own tokens); neither is a ream_hf option.
+
+`reference:ream` / `reference:reap` rows (overrides: group_size, mix) run the paper's reference code
+(SamsungSAILMontreal/ream, checked out outside this repository, in its own environment with transformers
+4.57.6) through `reference_ream.py`, on the same calibration token sequences ream_hf loads, and score its
+checkpoint with the same code:
+
+    python eval/bench_quality.py --reference-repo /path/to/ream --reference-python /path/to/venv/bin/python \
+        --methods reap ream reference:reap reference:ream
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import gc
 import json
 import math
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_tiny_moe as tiny  # noqa: E402
 
 DEFAULT_METHODS = ("ream", "reap", "frequency", "hc_smoe", "m_smoe")
+REFERENCE = "reference:"  # method prefix: the paper's reference code, run by reference_ream.py
+REDUNDANT = "redundant:"  # method prefix: run on the redundant-expert control model (build_redundant_model)
 ABLATION = (
     "reap",
     "frequency",
@@ -87,11 +100,20 @@ def parse_value(text: str):
     return text
 
 
-def parse_variant(spec: str) -> tuple[str, dict, list[float] | None, str | None]:
-    """'ream:group_size=8,merge=none' -> ('ream', {'group_size': 8, 'merge': 'none'}, mix, merge-weight rule)."""
+def parse_variant(spec: str) -> tuple[str, dict, list[float] | None, dict]:
+    """'ream:group_size=8,merge=none' -> ('ream', {'group_size': 8, 'merge': 'none'}, mix, diagnostics), where
+    diagnostics holds the bench-only rules merge_weights= and alignment_sample=. A `redundant:` prefix (which
+    model the row runs on) is not part of the variant."""
+    spec = spec.removeprefix(REDUNDANT)
+    if spec.startswith(REFERENCE):
+        method, overrides, mix, rule = parse_variant(spec[len(REFERENCE):])
+        if method not in ("ream", "reap") or set(overrides) - {"group_size"} or rule:
+            raise SystemExit(f"{spec!r}: reference rows are reference:ream or reference:reap, overrides group_size/mix")
+        return REFERENCE + method, overrides, mix, rule
     method, _, rest = spec.partition(":")
     overrides: dict = {}
-    mix = rule = None
+    mix = None
+    rule: dict = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
@@ -103,10 +125,50 @@ def parse_variant(spec: str) -> tuple[str, dict, list[float] | None, str | None]
         elif key == "merge_weights":
             if value not in ("saliency", "uniform", "frequency") and not re.fullmatch(r"centroid:[0-9.]+", value):
                 raise SystemExit(f"merge_weights must be saliency, uniform, frequency or centroid:W, got {value!r}")
-            rule = value
+            rule[key] = value
+        elif key == "alignment_sample":
+            if value not in ("shared", "per_expert"):
+                raise SystemExit(f"alignment_sample must be shared or per_expert, got {value!r}")
+            rule[key] = value
         else:
             overrides[key] = parse_value(value)
     return method, overrides, mix, rule
+
+
+@contextlib.contextmanager
+def alignment_sample_rule(rule: str | None):
+    """Diagnostic only: `per_expert` reproduces the reference code's alignment activations, a separate random
+    token sample per expert, so the Hungarian cost compares centroid and member neurons on different tokens.
+    Here each member sees its own random order of the shared sample (same tokens, different pairing). ream_hf
+    itself uses one sample shared by every expert (METHOD.md, deviations)."""
+    if rule in (None, "shared"):
+        yield
+        return
+    import torch
+
+    import ream_hf.pipeline.layer as pipeline
+    from ream_hf.method.experts import expert_hidden
+    from ream_hf.method.merging import ActivationGram
+
+    original = pipeline.group_activation_gram
+
+    def group_activation_gram(group, activation, sample_inputs):
+        group = group.to(torch.float32)
+        count, inner, _ = group.gate.shape
+        generator = torch.Generator().manual_seed(0)
+        orders = [torch.randperm(sample_inputs.shape[0], generator=generator) for _ in range(count)]
+        gram = ActivationGram(count, inner)
+        for start in range(0, sample_inputs.shape[0], 1024):
+            gram.add(torch.stack([
+                expert_hidden(group.select([m]), activation, sample_inputs[orders[m][start : start + 1024]].float())[0]
+                for m in range(count)]))
+        return gram
+
+    pipeline.group_activation_gram = group_activation_gram
+    try:
+        yield
+    finally:
+        pipeline.group_activation_gram = original
 
 
 @contextlib.contextmanager
@@ -269,7 +331,7 @@ def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_
     with tempfile.TemporaryDirectory(prefix="ream-quality-") as temp:
         # a private work folder: no stale run under ~/.cache blocks a rerun, nothing is left behind
         started = time.perf_counter()
-        with merge_weight_rule(rule):
+        with merge_weight_rule(rule.get("merge_weights")), alignment_sample_rule(rule.get("alignment_sample")):
             compressor.compress(str(paths["model"]), work_dir=Path(temp) / "work")
         seconds = time.perf_counter() - started
         # score the checkpoint as users get it: written, verified and reloaded
@@ -286,6 +348,81 @@ def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_
     del model, compressor
     gc.collect()
     torch.set_num_threads(args.threads)
+    return row
+
+
+def check_reloaded(model, folder: Path) -> None:
+    """The reference checkpoint (transformers 4 per-expert keys) reloaded by transformers 5 holds exactly its
+    tensors: no key dropped or renamed on the way (a silently re-initialised tensor would still score)."""
+    import torch
+    from safetensors.torch import load_file
+
+    params = model.state_dict()
+    for name, tensor in load_file(str(folder / "model.safetensors")).items():
+        match = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", name)
+        if match is None:
+            loaded = params[name]
+        elif match[3] == "down":
+            loaded = params[f"{match[1]}.down_proj"][int(match[2])]
+        else:
+            gate_up = params[f"{match[1]}.gate_up_proj"][int(match[2])]
+            half = gate_up.shape[0] // 2
+            loaded = gate_up[:half] if match[3] == "gate" else gate_up[half:]
+        if not torch.equal(loaded, tensor):
+            raise SystemExit(f"{folder}: {name} differs after reloading with transformers 5")
+
+
+def run_reference(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_experts: int) -> dict:
+    """A reference-code row: ream_hf's calibration sequences for this run, written in the reference's batch-file
+    format, compressed by reference_ream.py in the reference environment, scored like every other row."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ream_hf import ReamConfig
+    from ream_hf.pipeline.calibration import load_calibration
+
+    method, overrides, mix, _ = parse_variant(spec)
+    method = method[len(REFERENCE):]
+    target = round(num_experts * (1 - ratio))
+    ratios = mix if mix is not None else args.calibration_ratios
+    config = ReamConfig(  # the calibration fields run_variant gives ream_hf
+        target_experts=target, method=method, group_size=overrides.get("group_size", args.group_size),
+        calibration=[str(paths["calibration"][d]) for d in tiny.DOMAINS], calibration_ratios=ratios,
+        num_calibration_sequences=args.calibration_sequences, sequence_length=args.sequence_length, seed=42,
+    )
+    group_size = config.resolve_group_size(num_experts, target)  # ream_hf's rule when not given
+    tokenizer = AutoTokenizer.from_pretrained(str(paths["model"]))
+    sequences = load_calibration(config, tokenizer)
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)], mask[row, : len(seq)] = seq, 1
+    with tempfile.TemporaryDirectory(prefix="ream-reference-") as temp:
+        calibration, output, report = Path(temp) / "calibration.pt", Path(temp) / "compressed", Path(temp) / "report.json"
+        torch.save({"input_ids": ids, "attention_mask": mask}, calibration)
+        command = [args.reference_python, str(Path(__file__).resolve().parent / "reference_ream.py"),
+                   "--reference-repo", args.reference_repo, "--model", str(paths["model"]),
+                   "--calibration", str(calibration), "--target-experts", str(target), "--method", method,
+                   "--group-size", str(group_size), "--batch-size", "8", "--seed", "42",
+                   "--threads", str(args.threads), "--output", str(output), "--report", str(report)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode:
+            raise SystemExit(f"reference run failed ({' '.join(command)}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        model = tiny.load_model(output)
+        check_reloaded(model, output)
+        scores = scorer.score(model)
+        groups = json.loads(report.read_text())
+    row = {
+        "method": spec, "ratio": ratio, "experts": target, "compress_seconds": seconds, "save_seconds": None,
+        "calibration_ratios": ratios, "calibration_sequences": len(sequences),
+        "calibration_tokens": int(mask.sum()), **scores,
+        **{k: groups[k] for k in ("max_group", "merged_experts", "centroids")},
+    }
+    del model
+    gc.collect()
     return row
 
 
@@ -320,8 +457,8 @@ def main() -> None:
                         help="methods, each optionally with overrides: ream:group_size=8,merge=none")
     parser.add_argument("--ablation", action="store_true", help="run the REAM ablation grid instead of --methods")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5], help="fractions of experts removed")
-    parser.add_argument("--group-size", type=int, default=4,
-                        help="REAM group size C (default 4 = E/8, the paper's 16 for 128 experts scaled to 32)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="REAM group size C (default: ream_hf's rule, E/8 = 4 for 32 experts; the paper's 16 for 128)")
     parser.add_argument("--calibration-sequences", type=int, default=192)
     parser.add_argument("--calibration-ratios", nargs=3, type=float, default=[1.0, 1.0, 1.0],
                         metavar=("PROSE", "CODE", "MATH"), help="calibration mix (default equal thirds)")
@@ -333,6 +470,8 @@ def main() -> None:
                         help="positive control: run on a copy whose experts are duplicated pairs (built beside "
                              "--model-dir as <model-dir>-redundant)")
     parser.add_argument("--json", help="write every row (per-domain KL, groups, centroids) to this file")
+    parser.add_argument("--reference-repo", help="checkout of SamsungSAILMontreal/ream, for reference:* rows")
+    parser.add_argument("--reference-python", help="python of the reference's own environment (transformers 4.57.6)")
     args = parser.parse_args()
 
     import torch
@@ -343,33 +482,48 @@ def main() -> None:
     if args.redundant_control:
         args.model_dir = str(build_redundant_model(Path(args.model_dir), Path(str(Path(args.model_dir).expanduser()) + "-redundant")))
         print(f"redundant-expert control model: {args.model_dir}", flush=True)
-    paths = tiny.paths(Path(args.model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(paths["model"]))
-    heldout = {d: tiny.text_sequences(tokenizer, paths["heldout"][d], args.sequence_length, args.heldout_sequences)
-               for d in tiny.DOMAINS}
-    original = tiny.load_model(paths["model"])
-    num_experts = int(original.config.num_experts)
-    scorer = Scorer(original, heldout, args.eval_batch_size)
-    base = scorer.score(original)
-    del original
-    gc.collect()
-    rows = [{"method": "original", "ratio": 0.0, "experts": num_experts, "compress_seconds": None, **base}]
     methods = list(ABLATION) if args.ablation else args.methods
     for method in methods:
         parse_variant(method)  # refuse typos before hours of work
+        if method.startswith(REFERENCE) and not (args.reference_repo and args.reference_python):
+            raise SystemExit(f"{method!r} needs --reference-repo and --reference-python")
+        if method.startswith(REDUNDANT) and (args.redundant_control or method.startswith(REDUNDANT + REFERENCE)):
+            raise SystemExit(f"{method!r}: redundant: rows are ream_hf rows, without --redundant-control")
+    rows: list[dict] = []
+    models = {}  # "" (--model-dir) or REDUNDANT -> (paths, scorer, experts), each with its original's row
+    for kind in dict.fromkeys(REDUNDANT if m.startswith(REDUNDANT) else "" for m in methods):
+        folder = Path(args.model_dir)
+        if kind:
+            folder = build_redundant_model(folder, Path(str(folder.expanduser()) + "-redundant"))
+            print(f"redundant-expert control model: {folder}", flush=True)
+        paths = tiny.paths(folder)
+        tokenizer = AutoTokenizer.from_pretrained(str(paths["model"]))
+        heldout = {d: tiny.text_sequences(tokenizer, paths["heldout"][d], args.sequence_length, args.heldout_sequences)
+                   for d in tiny.DOMAINS}
+        original = tiny.load_model(paths["model"])
+        num_experts = int(original.config.num_experts)
+        scorer = Scorer(original, heldout, args.eval_batch_size)
+        rows.append({"method": kind + "original", "ratio": 0.0, "experts": num_experts, "compress_seconds": None,
+                     **scorer.score(original)})
+        del original
+        gc.collect()
+        models[kind] = (paths, scorer, num_experts)
     started = time.perf_counter()
     for ratio in args.ratios:
         for method in methods:
-            row = run_variant(method, ratio, args, paths, scorer, num_experts)
+            run = run_reference if method.startswith(REFERENCE) else run_variant
+            row = run(method, ratio, args, *models[REDUNDANT if method.startswith(REDUNDANT) else ""])
             rows.append(row)
             print(fmt_row(row) + f"   [{time.perf_counter() - started:.0f}s]", flush=True)
     mix = ":".join(f"{r:g}" for r in args.calibration_ratios)
     header = (
         ("REDUNDANT-EXPERT CONTROL (16 experts x 2 near-copies), " if args.redundant_control else "") +
-        f"bench_quality: tiny Qwen3-MoE ({summary['settings']['num_layers']} layers, {num_experts} experts, "
+        ("redundant: rows run on the redundant-expert control (16 experts x 2 near-copies), scored against its own "
+         "original; " if REDUNDANT in models else "") +
+        f"bench_quality: tiny Qwen3-MoE ({summary['settings']['num_layers']} layers, {rows[0]['experts']} experts, "
         f"top-{summary['settings']['top_k']}, trained {summary['settings']['steps']} steps); calibration "
         f"{args.calibration_sequences} x {args.sequence_length} tokens, prose:code:math = {mix} unless a row says "
-        f"mix=; REAM group size {args.group_size} unless a row says group_size=; held-out "
+        f"mix=; REAM group size {args.group_size or 'E/8'} unless a row says group_size=; held-out "
         f"{args.heldout_sequences} x {args.sequence_length} tokens per domain; total {time.perf_counter() - started:.0f}s"
     )
     print_tables(rows, header)

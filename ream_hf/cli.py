@@ -13,7 +13,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import DTYPES, MERGE_MODE_ALIASES, MERGE_MODES, METHODS, MTP_MODES, OUTPUT_DTYPES, ReamConfig
+from .config import (
+    DEFAULT_REFIT,
+    DEFAULT_SALIENCY,
+    DTYPES,
+    MERGE_MODE_ALIASES,
+    MERGE_MODES,
+    METHODS,
+    MTP_MODES,
+    OUTPUT_DTYPES,
+    REFIT_MODES,
+    REFIT_TARGETS,
+    SALIENCY,
+    SALIENCY_MEANS,
+    WEIGHT_FEATURES,
+    ReamConfig,
+)
 
 DEFAULTS = ReamConfig  # the dataclass's field defaults (class attributes): one source for CLI and Python
 
@@ -40,7 +55,32 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
     parser.add_argument("--output-dtype", choices=OUTPUT_DTYPES, help="write a quantized (FP8 block, MXFP4) source "
                         "dequantized to this dtype, without quantization_config (default: FP8 in its own format)")
-    parser.add_argument("--group-size", type=int, default=DEFAULTS.group_size, help="REAM group size C (0 = M-SMoE rule)")
+    parser.add_argument("--group-size", type=int, default=DEFAULTS.group_size,
+                        help="REAM group size C (0 = M-SMoE rule; default E/8, at least ceil(E/target))")
+    defaults = ", ".join(f"{m}: {s}/{a}" for m, (s, a) in DEFAULT_SALIENCY.items())
+    parser.add_argument("--saliency", choices=SALIENCY,
+                        help="expert score for centroids, pruning and merge weights: the routing weight, the router "
+                             "probability over all experts, its square (the reference code's), or routed-token "
+                             f"counts; with --saliency-mean (default per method: {defaults})")
+    parser.add_argument("--saliency-mean", choices=SALIENCY_MEANS,
+                        help="mean over routed tokens, or per calibration batch then over batches (the reference's)")
+    parser.add_argument("--weight-features", choices=WEIGHT_FEATURES, default=DEFAULTS.weight_features,
+                        help="alignment weight features: PCA projection scaled by the singular values with unit rows "
+                             "(the reference's) or the plain centred projection")
+    refits = ", ".join(f"{m}: {r}" for m, r in DEFAULT_REFIT.items())
+    parser.add_argument("--refit", choices=REFIT_MODES,
+                        help="closed-form least-squares corrections after merging/pruning, on a token sample of each "
+                             "layer: the output experts' down projections, the kept router rows, both, or none "
+                             f"(default per method: {refits})")
+    parser.add_argument("--refit-target", choices=REFIT_TARGETS, default=DEFAULTS.refit_target,
+                        help="what the down-projection refit matches: the layer's output error shared by the routed "
+                             "experts (residual) or each group's original gated outputs (group)")
+    parser.add_argument("--refit-ridge", type=float, default=DEFAULTS.refit_ridge,
+                        help="ridge towards the compressed weights, relative to the mean Gram diagonal")
+    parser.add_argument("--refit-steps", type=int, default=DEFAULTS.refit_steps,
+                        help="residual refit: rounds of recomputing the layer's error and sharing it again")
+    parser.add_argument("--refit-tokens", type=int, default=DEFAULTS.refit_tokens,
+                        help="tokens per layer the refit fits on (a fixed-size random sample of the calibration)")
     parser.add_argument("--merge", choices=(*MERGE_MODES, *MERGE_MODE_ALIASES), default=DEFAULTS.merge,
                         metavar="{" + ",".join(MERGE_MODES) + "}",
                         help="how a group's members are aligned before the weighted sum: by their hidden activations "
@@ -58,6 +98,11 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", help="work folder for streaming and resume (default: .OUTPUT.ream-work beside "
                                            "the output folder)")
     parser.add_argument("--no-streaming", action="store_true", help="load the whole model into memory instead")
+    parser.add_argument("--save-statistics", metavar="DIR",
+                        help="write each layer's statistics (safetensors) to this new folder, for re-planning")
+    parser.add_argument("--statistics", metavar="DIR",
+                        help="plan every layer from the statistics a --no-sequential --save-statistics run wrote "
+                             "(same source and calibration; needs --no-sequential): no calibration data is run")
     parser.add_argument("--hidden-states-budget-gb", type=float, default=DEFAULTS.hidden_states_budget_gb,
                         help="calibration hidden states beyond this spill to memory-mapped files")
 
@@ -67,7 +112,10 @@ def _config_from_args(args: argparse.Namespace) -> ReamConfig:
         target_experts=args.target_experts, compression_ratio=args.compression_ratio, method=args.method,
         num_calibration_sequences=args.num_sequences, sequence_length=args.sequence_length, seed=args.seed,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, group_size=args.group_size,
-        merge=args.merge, pca_dim=args.pca_dim, sequential=not args.no_sequential,
+        merge=args.merge, pca_dim=args.pca_dim, sequential=not args.no_sequential, saliency=args.saliency,
+        saliency_mean=args.saliency_mean, weight_features=args.weight_features, refit=args.refit,
+        refit_target=args.refit_target, refit_ridge=args.refit_ridge, refit_steps=args.refit_steps,
+        refit_tokens=args.refit_tokens,
         gated_similarity=not args.no_gated_similarity, use_router_logits=not args.no_router_logits, mtp=args.mtp,
         max_shard_size=args.max_shard_size, streaming=not args.no_streaming,
         hidden_states_budget_gb=args.hidden_states_budget_gb, output_dtype=args.output_dtype,
@@ -118,7 +166,8 @@ def _compress(args: argparse.Namespace) -> int:
                 return 0
             compressor = ReamCompressor(config)
             compressor.compress(args.source, resume=args.resume, work_dir=work_dir,
-                                trust_remote_code=args.trust_remote_code, revision=args.revision)
+                                trust_remote_code=args.trust_remote_code, revision=args.revision,
+                                save_statistics=args.save_statistics, statistics=args.statistics)
             output = compressor.save_pretrained(args.output, overwrite=args.overwrite)
     finally:
         distributed.shutdown()

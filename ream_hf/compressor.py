@@ -45,6 +45,7 @@ from .pipeline.device import Placement, resolve_device
 from .pipeline.mtp import check_mtp_layers, mtp_prefixes
 from .pipeline.plan import check_fits, plan_job
 from .pipeline.sequential import CompressionResult, run_layers
+from .pipeline.statistics import StatisticsReader, StatisticsWriter
 from .pipeline.streaming import LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ class ReamCompressor(OptimumQuantizer):
     # -- the pipeline ------------------------------------------------------------------------
     def compress(self, model_or_path: Any, *, tokenizer: Any = None, allow_full_width: bool = False,
                  resume: bool = False, work_dir: str | os.PathLike | None = None, trust_remote_code: bool = False,
-                 revision: str | None = None):
+                 revision: str | None = None, save_statistics: str | os.PathLike | None = None,
+                 statistics: str | os.PathLike | None = None):
         """Compress and return the model (a meta-device skeleton when streaming).
 
         A folder or Hub id is streamed layer by layer (`ReamConfig.streaming`, the default) through a work
@@ -122,6 +124,8 @@ class ReamCompressor(OptimumQuantizer):
         (a no-op that exercises the whole pipeline; used to prove it lossless). `trust_remote_code` lets a source's
         custom tokenizer code run (Kimi-K2's); the model itself always runs on transformers' own classes. `revision`
         picks the branch, tag or commit of a Hub repo id (recorded in the manifest, part of the work folder's key).
+        `save_statistics` writes each layer's statistics to a new folder; `statistics` plans every layer from such a
+        folder (a non-sequential run's, same source and calibration) without running the model.
 
         Under torchrun (WORLD_SIZE > 1) the processes share the work (pipeline/distributed.py); each must call
         this with the same arguments, and rank 0 writes the work folder and, in `save_pretrained`, the output."""
@@ -154,7 +158,18 @@ class ReamCompressor(OptimumQuantizer):
                 check_mtp_layers(family, source)
             if config.mtp == "drop":
                 drop = found
-        check_sources(config.calibration)
+        if save_statistics is not None and source is None:
+            raise ValueError("save_statistics needs the source as a folder or Hub id, not a loaded model")
+        reader = StatisticsReader(statistics, source, config) if statistics is not None else None
+        if reader is not None and found and config.mtp == "compress":
+            raise ValueError("saved statistics cover the trunk only: with MTP layers use mtp='keep' or 'drop' "
+                             "(--mtp keep|drop), or run without --statistics")
+        writers: list[StatisticsWriter] = []  # rank 0 alone writes; a taken folder is refused on every rank
+        if save_statistics is not None:
+            distributed.on_main(ranks, lambda: writers.append(StatisticsWriter(save_statistics, source, config)))
+        writer = writers[0] if writers else None
+        if reader is None:
+            check_sources(config.calibration)
         custom_tokenizer = source.remote_code_tokenizer() if source is not None and tokenizer is None else None
         if custom_tokenizer and not trust_remote_code:
             raise ValueError(f"the tokenizer of {source_name} is custom code ({custom_tokenizer}); pass "
@@ -171,7 +186,8 @@ class ReamCompressor(OptimumQuantizer):
         work = None
         if streaming:  # opened (locked, identified) before any data is read: a second run is refused first
             dtype = self._source_dtype(source)
-            job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width})
+            job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width,
+                                       "statistics": None if statistics is None else str(statistics)})
             folder = Path(work_dir) if work_dir else default_work_root() / job
             check_paths(model_or_path, work=folder)
 
@@ -187,10 +203,13 @@ class ReamCompressor(OptimumQuantizer):
                                 f"finished layers are kept in {work.folder}" if work else None):
                 if source is not None:
                     source.fetch_weights()  # a Hub source's shards: a refused run downloads none
+                if reader is not None:
+                    reader.check_source(source)  # saved statistics of these very weights (the shards' bytes)
                 if tokenizer is None:
                     tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None),
                                                      trust_remote_code, source.transformers_config() if source else None)
-                sequences = load_calibration(config, tokenizer, getattr(text_config, "vocab_size", None))
+                sequences = [] if reader is not None else \
+                    load_calibration(config, tokenizer, getattr(text_config, "vocab_size", None))
                 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
                 batches = make_batches(sequences, config.batch_size, pad_id)
                 loader = None
@@ -205,8 +224,13 @@ class ReamCompressor(OptimumQuantizer):
                                            calibration_sequences=len(sequences),
                                            calibration_tokens=int(sum(int(s.numel()) for s in sequences)),
                                            dropped_prefixes=drop, work=work, dequantize_to=dequantize_to)
+                if reader is not None:
+                    result.calibration_sequences = reader.calibration_sequences
+                    result.calibration_tokens = reader.calibration_tokens
                 mtp_loader = LayerLoader(source, family, device) if found and config.mtp == "compress" else None
-                run_layers(config, model, family, batches, target, device, result, loader, mtp_loader)
+                run_layers(config, model, family, batches, target, device, result, loader, mtp_loader, reader, writer)
+                if writer is not None:
+                    writer.finish(result.calibration_sequences, result.calibration_tokens)
         except ValueError as error:
             if work is None or not ranks.is_main:  # the other ranks never write the work folder
                 raise

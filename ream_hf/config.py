@@ -25,6 +25,22 @@ MERGE_MODES = ("activations+weights", "weights", "activations", "avg", "none")
 # earlier names of the merge modes, still accepted: "logits" meant the experts' hidden activations
 MERGE_MODE_ALIASES = {"logits+weights": "activations+weights", "logits": "activations"}
 MTP_MODES = ("compress", "keep", "drop")
+# saliency: the factor times ||f_i(x)|| on routed tokens (ream_hf/method/stats.py), or routed-token counts
+SALIENCY = ("weight", "probability", "probability_squared", "frequency")
+SALIENCY_MEANS = ("tokens", "batches")
+# defaults chosen by measurement (README "Quality"): method -> (saliency, saliency_mean)
+DEFAULT_SALIENCY = {
+    "ream": ("probability_squared", "tokens"), "hc_smoe": ("probability_squared", "tokens"),
+    "m_smoe": ("probability_squared", "tokens"), "reap": ("probability_squared", "tokens"),
+    "frequency": ("frequency", "tokens"),
+}
+WEIGHT_FEATURES = ("scaled", "plain")
+REFIT_MODES = ("none", "down", "router", "router+down")  # closed-form corrections after merging/pruning
+# on by default only where it won at 25 % and 50 % on the bench and on the redundant-expert control (README
+# "Quality"); methods not measured on both keep "none"
+DEFAULT_REFIT = {"ream": "down", "reap": "down", "hc_smoe": "none", "m_smoe": "none", "frequency": "none"}
+REFIT_TARGETS = ("residual", "group")
+GROUP_SIZE_DIVISOR = 8  # default REAM group size C = E / 8: the paper's 16 for 128 experts, 32 for 256
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")  # a quantized source written dequantized
 CONFIG_KEY = "ream_config"
@@ -110,7 +126,19 @@ class ReamConfig(QuantizationConfigMixin):
     min_sequence_fraction: float = 0.9
     seed: int = 42
     # REAM and its ablations
-    group_size: int = 16
+    group_size: int | None = None  # None: E / 8 (at least ceil(E / target) so every expert fits a group)
+    saliency: str | None = None  # None: the method's default (DEFAULT_SALIENCY)
+    saliency_mean: str | None = None
+    weight_features: str = "scaled"
+    # beyond the paper: least-squares corrections of the compressed layer (ream_hf/method/refit.py)
+    refit: str | None = None  # None: the method's default (DEFAULT_REFIT)
+    refit_target: str = "residual"
+    refit_ridge: float = 0.01
+    refit_tokens: int = 8192  # tokens per layer the refit fits on (a random sample of the calibration tokens)
+    refit_steps: int = 3  # residual refit: how often the layer's error is recomputed and shared again
+    prune_fallback: bool = False  # merging: a group whose merge fits its calibration outputs worse than its centroid
+    # alone (cross-validated least squares on the refit sample) is pruned instead
+    prune_fallback_margin: float = 0.0  # ... unless the merge's held-out error is lower by more than this fraction
     gated_similarity: bool = True
     use_router_logits: bool = True
     merge: str = "activations+weights"
@@ -135,6 +163,11 @@ class ReamConfig(QuantizationConfigMixin):
     def __post_init__(self) -> None:
         self.calibration = [CalibrationSource.parse(s) for s in self.calibration]
         self.merge = MERGE_MODE_ALIASES.get(self.merge, self.merge)
+        if self.method in DEFAULT_SALIENCY:  # an unknown method is refused by validate()
+            default_saliency, default_mean = DEFAULT_SALIENCY[self.method]
+            self.saliency = default_saliency if self.saliency is None else self.saliency
+            self.saliency_mean = default_mean if self.saliency_mean is None else self.saliency_mean
+            self.refit = DEFAULT_REFIT[self.method] if self.refit is None else self.refit
         self.validate()
 
     # -- validation -------------------------------------------------------------------------
@@ -183,7 +216,7 @@ class ReamConfig(QuantizationConfigMixin):
                 raise ValueError(f"calibration_ratios sum to {total:.6g}, not 1; give the share of each source "
                                  f"(e.g. {suggestion})")
         for name in ("num_calibration_sequences", "sequence_length", "batch_size", "token_chunk_size", "pca_dim",
-                     "activation_sample_tokens"):
+                     "activation_sample_tokens", "refit_tokens", "refit_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -191,8 +224,27 @@ class ReamConfig(QuantizationConfigMixin):
             raise ValueError(f"max_shard_size must be a positive number of bytes, got {self.max_shard_size!r}")
         if self.hidden_states_budget_gb < 0:
             raise ValueError(f"hidden_states_budget_gb must be >= 0, got {self.hidden_states_budget_gb}")
-        if self.group_size < 0:
-            raise ValueError(f"group_size must be >= 0 (0 = M-SMoE rule), got {self.group_size}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                                            or self.group_size < 0):
+            raise ValueError(f"group_size must be an integer >= 0 (0 = M-SMoE rule) or None (E / "
+                             f"{GROUP_SIZE_DIVISOR}), got {self.group_size!r}")
+        if self.saliency not in SALIENCY:
+            raise ValueError(f"saliency must be one of {', '.join(SALIENCY)}; got {self.saliency!r}")
+        if self.saliency_mean not in SALIENCY_MEANS:
+            raise ValueError(f"saliency_mean must be one of {', '.join(SALIENCY_MEANS)}; got {self.saliency_mean!r}")
+        if self.method == "frequency" and self.saliency != "frequency":
+            raise ValueError(f"method 'frequency' ranks experts by routed-token counts; saliency={self.saliency!r} "
+                             "contradicts it: use method='reap' with that saliency, or leave saliency unset")
+        if self.refit not in REFIT_MODES:
+            raise ValueError(f"refit must be one of {', '.join(REFIT_MODES)}; got {self.refit!r}")
+        if self.refit_target not in REFIT_TARGETS:
+            raise ValueError(f"refit_target must be one of {', '.join(REFIT_TARGETS)}; got {self.refit_target!r}")
+        if not isinstance(self.refit_ridge, (int, float)) or isinstance(self.refit_ridge, bool) or not self.refit_ridge > 0:
+            raise ValueError(f"refit_ridge must be a number > 0 (relative to the mean Gram diagonal), got {self.refit_ridge!r}")
+        if not 0.0 <= self.prune_fallback_margin < 1.0:
+            raise ValueError(f"prune_fallback_margin must be in [0, 1), got {self.prune_fallback_margin!r}")
+        if self.weight_features not in WEIGHT_FEATURES:
+            raise ValueError(f"weight_features must be one of {', '.join(WEIGHT_FEATURES)}; got {self.weight_features!r}")
         if not (0.0 < self.min_sequence_fraction <= 1.0):
             raise ValueError(f"min_sequence_fraction must be in (0, 1], got {self.min_sequence_fraction}")
 
@@ -213,6 +265,14 @@ class ReamConfig(QuantizationConfigMixin):
             )
         return target
 
+    def resolve_group_size(self, num_experts: int, target: int) -> int:
+        """REAM's group size C for a layer of `num_experts` kept to `target`: the given value, or E / 8 raised to
+        ceil(E / target) so that `target` groups hold every expert. Whether an explicit C can hold them is
+        `method.planning.check_plan`'s one rule, checked before any work starts."""
+        if self.group_size is None:
+            return max(num_experts // GROUP_SIZE_DIVISOR, -(-num_experts // target), 1)
+        return self.group_size
+
     @property
     def is_merging(self) -> bool:
         return self.method in MERGING_METHODS
@@ -221,6 +281,12 @@ class ReamConfig(QuantizationConfigMixin):
     def aligns_activations(self) -> bool:
         """Whether merging aligns neurons by their hidden activations (and so needs a token sample of them)."""
         return self.is_merging and self.merge in ("activations+weights", "activations")
+
+    @property
+    def sample_tokens(self) -> int:
+        """Size of each layer's token sample: what alignment and the refit need (0: no sample)."""
+        return max(self.activation_sample_tokens if self.aligns_activations else 0,
+                   self.refit_tokens if self.refit != "none" or (self.is_merging and self.prune_fallback) else 0)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

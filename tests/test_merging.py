@@ -130,18 +130,30 @@ def test_weight_features_full_dim_preserves_distances_and_low_dim_matches_exact_
     gate, up, down = random_experts(3, seed=9)
     rows = torch.cat([gate, up, down.transpose(1, 2)], dim=2).reshape(-1, 3 * HIDDEN)
     rows = rows / rows.norm(dim=1, keepdim=True)
-    full = weight_features(gate, up, down).reshape(-1, 3 * HIDDEN)
+    full = weight_features(gate, up, down, kind="plain").reshape(-1, 3 * HIDDEN)
     assert torch.allclose(exact_cdist(full, full), exact_cdist(rows, rows), atol=1e-5)
     # low-rank data: the top-3 subspace must match an exact SVD's
     generator = torch.Generator().manual_seed(10)
     basis = torch.randn(3, 3 * HIDDEN, generator=generator)
     rows = torch.randn(3 * INNER, 3, generator=generator) @ basis + 1e-4 * torch.randn(3 * INNER, 3 * HIDDEN, generator=generator)
     gate, up, down_t = rows.reshape(3, INNER, 3 * HIDDEN).split(HIDDEN, dim=2)
-    feats = weight_features(gate, up, down_t.transpose(1, 2), dim=3).reshape(-1, 3)
+    feats = weight_features(gate, up, down_t.transpose(1, 2), dim=3, kind="plain").reshape(-1, 3)
     unit = rows / rows.norm(dim=1, keepdim=True)
     centred = unit - unit.mean(0)
-    exact = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[:3].T
+    svd = torch.linalg.svd(centred, full_matrices=False)
+    exact = centred @ svd.Vh[:3].T
     assert torch.allclose(exact_cdist(feats, feats), exact_cdist(exact, exact), atol=1e-4)
+    # "scaled" (the reference's): the projection times the singular values, rows back to unit length
+    scaled = weight_features(gate, up, down_t.transpose(1, 2), dim=3).reshape(-1, 3)
+    exact_scaled = exact * svd.S[:3]
+    exact_scaled = exact_scaled / exact_scaled.norm(dim=1, keepdim=True)
+    assert torch.allclose(scaled.norm(dim=1), torch.ones(scaled.shape[0]), atol=1e-5)
+    assert torch.allclose(exact_cdist(scaled, scaled), exact_cdist(exact_scaled, exact_scaled), atol=1e-4)
+
+
+def test_weight_feature_kind_is_checked():
+    with pytest.raises(ValueError, match="weight feature kind"):
+        weight_features(*random_experts(2), kind="fancy")
 
 
 def test_alignment_cost_checks_mode_and_inputs():
@@ -178,9 +190,9 @@ def test_weight_features_built_a_few_experts_at_a_time_match_one_block(monkeypat
     from ream_hf.method import merging
 
     gate, up, down = random_experts(5, seed=12)
-    whole = weight_features(gate, up, down, dim=6)
+    whole = weight_features(gate, up, down, dim=6, kind="plain")
     monkeypatch.setattr(merging, "FEATURE_CHUNK_BYTES", 1)  # one expert's neurons per block
-    chunked = weight_features(gate, up, down, dim=6)
+    chunked = weight_features(gate, up, down, dim=6, kind="plain")
     assert chunked.shape == whole.shape == (5, INNER, 6)
     # the same PCA up to rounding: directions may flip sign, distances between neurons may not change
     flat_whole, flat_chunked = whole.reshape(-1, 6).double(), chunked.reshape(-1, 6).double()

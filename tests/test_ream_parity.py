@@ -49,13 +49,12 @@ def slow_ream_groups(block, tokens):
         exps = [math.exp(v - top) for v in logits]
         probs = [v / sum(exps) for v in exps]
         chosen = sorted(range(num), key=lambda e: -probs[e])[:TOP_K]
-        total = sum(probs[e] for e in chosen)
         for e in range(num):
             out = down[e] @ (F.silu(gate_up[e, :inner] @ x) * (gate_up[e, inner:] @ x))
             signature[e] += probs[e] * out
             logit_columns[e].append(logits[e])
             if e in chosen:
-                saliency_sum[e] += probs[e] / total * float(out.norm())
+                saliency_sum[e] += probs[e] ** 2 * float(out.norm())  # the default saliency: p^2 ||f||, token mean
                 count[e] += 1
     saliency = [s / c if c else 0.0 for s, c in zip(saliency_sum, count)]
 

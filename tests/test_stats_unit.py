@@ -7,10 +7,12 @@ from torch import nn
 from ream_hf.arch import ExpertWeights
 from ream_hf.method.experts import Activation
 from ream_hf.method import stats as stats_module
-from ream_hf.method.stats import LayerStatsAccumulator, gate_scores
+from ream_hf.method.stats import SALIENCY_VARIANTS, LayerStatsAccumulator, gate_scores
 
 
-def naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated=True):
+def naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated=True, batches=None):
+    """Frequency, every saliency variant (dict) and the gated signature, by loops over tokens; `batches` lists the
+    (start, stop) token ranges the accumulator was given one call each (the "batches" mean)."""
     num = weights.gate.shape[0]
     outs = []
     for e in range(num):
@@ -20,14 +22,33 @@ def naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated=True):
     out = torch.stack(outs)  # (E, T, H)
     gates = gate_scores(logits, scoring) if gated else torch.ones_like(logits)
     gated_mean = (gates.T.unsqueeze(-1) * out).mean(dim=1)
+    probs = gate_scores(logits, scoring)
+    batches = batches or [(0, x.shape[0])]
     freq = torch.zeros(num, dtype=torch.long)
-    sal = torch.zeros(num, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for slot in range(topk_i.shape[1]):
-            e = int(topk_i[t, slot])
-            freq[e] += 1
-            sal[e] += float(topk_w[t, slot]) * float(out[e, t].norm())
-    return freq, sal / freq.clamp(min=1), gated_mean
+    sums = {name: torch.zeros(num, dtype=torch.float64) for name in SALIENCY_VARIANTS}
+    for start, stop in batches:
+        batch_freq = torch.zeros(num, dtype=torch.long)
+        batch_sum = {factor: torch.zeros(num, dtype=torch.float64) for factor in ("weight", "probability", "probability_squared")}
+        for t in range(start, stop):
+            for slot in range(topk_i.shape[1]):
+                e = int(topk_i[t, slot])
+                batch_freq[e] += 1
+                norm, p = float(out[e, t].norm()), float(probs[t, e])
+                batch_sum["weight"][e] += float(topk_w[t, slot]) * norm
+                batch_sum["probability"][e] += p * norm
+                batch_sum["probability_squared"][e] += p * p * norm
+        freq += batch_freq
+        for factor, value in batch_sum.items():
+            sums[f"{factor}/tokens"] += value
+            sums[f"{factor}/batches"] += value / batch_freq.clamp(min=1) / len(batches)
+    sal = {name: (value / freq.clamp(min=1) if name.endswith("/tokens") else value) for name, value in sums.items()}
+    return freq, sal, gated_mean
+
+
+def same_saliency(got, expected, **tolerance):
+    assert set(got) == set(SALIENCY_VARIANTS)
+    for name in SALIENCY_VARIANTS:
+        assert torch.allclose(got[name], expected[name], **tolerance), name
 
 
 @pytest.mark.parametrize("kind", ["glu", "glu_gelu", "gpt_oss"])
@@ -53,9 +74,9 @@ def test_dense_accumulator_matches_naive(kind, scoring, gated, saliency_window, 
     acc.add(x[:30], logits[:30], topk_w[:30], topk_i[:30])  # two calls and several chunks
     acc.add(x[30:], logits[30:], topk_w[30:], topk_i[30:])
     stats = acc.finalize()
-    freq, sal, gated_mean = naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated)
+    freq, sal, gated_mean = naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated, [(0, 30), (30, 50)])
     assert torch.equal(stats.frequency, freq)
-    assert torch.allclose(stats.saliency, sal, rtol=1e-5, atol=1e-6)
+    same_saliency(stats.saliency, sal, rtol=1e-5, atol=1e-6)
     assert torch.allclose(stats.output_signatures, gated_mean, rtol=1e-4, atol=1e-5)
     assert torch.equal(stats.sample_inputs, x[[3, 17, 40]])
     assert torch.allclose(stats.router_logit_gram, logits.double().T @ logits.double(), rtol=1e-12)
@@ -76,7 +97,7 @@ def test_bfloat16_weights_give_the_statistics_of_their_float32_values(dense):
         acc.add(x, logits, topk_w, topk_i)
         results.append(acc.finalize())
     assert rounded.gate.dtype == torch.bfloat16  # the accumulator converts what it needs, not the caller
-    assert torch.allclose(results[0].saliency, results[1].saliency, rtol=1e-6)
+    same_saliency(results[0].saliency, results[1].saliency, rtol=1e-6)
     if dense:
         assert torch.allclose(results[0].output_signatures, results[1].output_signatures, rtol=1e-5, atol=1e-6)
 
@@ -94,4 +115,29 @@ def test_sparse_accumulator_matches_naive_and_unrouted_expert_has_zero_saliency(
     stats = acc.finalize()
     freq, sal, _ = naive(weights, activation, x, logits, topk_w, topk_i, "softmax")
     assert torch.equal(stats.frequency, freq) and stats.frequency[4] == 0
-    assert torch.allclose(stats.saliency, sal, rtol=1e-5) and stats.saliency[4] == 0
+    same_saliency(stats.saliency, sal, rtol=1e-5)
+    assert all(stats.saliency[name][4] == 0 for name in SALIENCY_VARIANTS)
+
+
+def test_statistics_memory_does_not_grow_with_calibration_tokens():
+    """Every running sum has a fixed size: 40 or 4000 tokens leave the same bytes in the accumulator (the token
+    sample is capped by its positions), and the finalized statistics are the same size too."""
+    torch.manual_seed(4)
+    num, inner, hidden, k = 6, 5, 7, 2
+    weights = ExpertWeights(torch.randn(num, inner, hidden), torch.randn(num, inner, hidden), torch.randn(num, hidden, inner))
+    activation = Activation("glu", act_fn=nn.SiLU())
+
+    def held_bytes(tokens):
+        acc = LayerStatsAccumulator(weights, activation, "softmax", dense=True, with_logit_gram=True, chunk_size=16,
+                                    sample_positions=torch.tensor([1, 5, 9]))
+        for _ in range(tokens // 40):
+            x, logits = torch.randn(40, hidden), torch.randn(40, num)
+            topk_w, topk_i = torch.softmax(logits, -1).topk(k, dim=-1)
+            acc.add(x, logits, topk_w, topk_i)
+        state = [v for v in vars(acc).values() if isinstance(v, torch.Tensor)] + acc.sample_chunks
+        stats = acc.finalize()
+        final = [stats.frequency, stats.output_signatures, stats.router_logit_gram, stats.sample_inputs,
+                 *stats.saliency.values()]
+        return sum(t.numel() * t.element_size() for t in state), sum(t.numel() * t.element_size() for t in final)
+
+    assert held_bytes(40) == held_bytes(4000)

@@ -40,8 +40,9 @@ def _neuron_row_chunks(gate: Tensor, up: Tensor, down: Tensor) -> Iterator[Tenso
 
 
 def _principal_directions(row_chunks: Callable[[], Iterator[Tensor]], dim: int, iterations: int = 4,
-                          oversample: int = 10) -> tuple[Tensor, Tensor]:
-    """Top-`dim` principal directions (C, dim) of the centred rows (N, C), and the row mean (1, C), by
+                          oversample: int = 10) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`dim` principal directions (C, dim) of the centred rows (N, C), their singular values (dim,) and
+    the row mean (1, C), by
     randomized subspace iteration with a fixed seed: deterministic, and exact whenever dim + oversample covers
     all C columns. Rows come from `row_chunks()` (called once per pass), so the (N, C) matrix never exists."""
     total, count = None, 0
@@ -65,18 +66,32 @@ def _principal_directions(row_chunks: Callable[[], Iterator[Tensor]], dim: int, 
             back += rows.T @ image[start : start + rows.shape[0]]
             start += rows.shape[0]
         basis = torch.linalg.qr(back).Q
-    _, _, right = torch.linalg.svd(centred_image(basis), full_matrices=False)
-    return basis @ right[:dim].T, mean
+    _, singular, right = torch.linalg.svd(centred_image(basis), full_matrices=False)
+    return basis @ right[:dim].T, singular[:dim], mean
 
 
-def weight_features(gate: Tensor, up: Tensor, down: Tensor, dim: int = 64) -> Tensor:
+FEATURE_KINDS = ("scaled", "plain")
+
+
+def weight_features(gate: Tensor, up: Tensor, down: Tensor, dim: int = 64, kind: str = "scaled") -> Tensor:
     """Per-neuron weight signature for alignment: concat(gate row, up row, down column), unit-normalised,
-    then PCA over all neurons of all experts of the layer so every expert shares one basis. (E, D, p)."""
+    then PCA over all neurons of all experts of the layer so every expert shares one basis. (E, D, p).
+
+    kind "plain": the centred projection onto the principal directions. Its rows are short (most of a unit row's
+    length lies outside 64 of 3H dimensions), so next to the unit-column activation distances the weight term
+    barely counts. kind "scaled" (the reference code's): the projection scaled by the singular values, each row
+    then re-normalised to unit length, so the weight distance spans [0, 2] like the activation one."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"weight feature kind must be one of {', '.join(FEATURE_KINDS)}; got {kind!r}")
     num_experts, inner, hidden = gate.shape
     dims = min(dim, 3 * hidden, num_experts * inner)
     row_chunks = lambda: _neuron_row_chunks(gate, up, down)  # noqa: E731
-    directions, mean = _principal_directions(row_chunks, dims)
+    directions, singular, mean = _principal_directions(row_chunks, dims)
+    if kind == "scaled":
+        directions = directions * singular
     projected = torch.cat([rows @ directions for rows in row_chunks()]) - mean @ directions
+    if kind == "scaled":
+        projected = _unit_rows(projected)
     return projected.reshape(num_experts, inner, dims)
 
 

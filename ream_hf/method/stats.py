@@ -1,9 +1,20 @@
 """Per-layer expert statistics, accumulated in one streaming pass over token chunks.
 
 Memory never holds (experts x tokens x hidden) for more than one chunk: running sums are kept for
-frequency, REAP saliency, the gated output signature and the router-logit columns' dot products (all gate
-similarity needs); only the fixed-size activation sample is kept as rows, so a layer's statistics take the
+frequency, every saliency variant, the gated output signature and the router-logit columns' dot products (all
+gate similarity needs); only the fixed-size activation sample is kept as rows, so a layer's statistics take the
 same memory whatever the number of calibration tokens.
+
+Saliency variants (all accumulated in the same pass, so saved statistics can be re-planned with any of them):
+each scores expert i by a factor times ||f_i(x)|| on the tokens that route to i, where the factor is
+  "weight"               g_i(x), the model's own routing weight (renormalised top-k, scaled, ...): REAP's paper
+  "probability"          p_i(x), the router's score of i over all experts (softmax over all E, no top-k
+                         renormalisation; the sigmoid score for sigmoid routers, without the selection bias)
+  "probability_squared"  p_i(x)^2: what the reference REAM code computes (it multiplies the expert outputs by
+                         p before its REAP function multiplies by p again)
+and the mean is taken either over all routed tokens ("tokens"), or per calibration batch and then averaged
+over batches, a batch where i is not routed counting 0 ("batches", as the reference code does it: rarely
+routed experts score lower).
 """
 
 from __future__ import annotations
@@ -24,6 +35,17 @@ from .similarity import logit_gram
 CHUNK_BYTES_BUDGET = 24 * 2**20
 MIN_CHUNK_ROWS = 16
 ROUTED_BYTES_BUDGET = 16 * 2**20  # hidden rows of routed pairs gathered for one saliency window
+
+
+SALIENCY_FACTORS = ("weight", "probability", "probability_squared")
+SALIENCY_MEANS = ("tokens", "batches")
+
+
+def saliency_name(factor: str, mean: str) -> str:
+    return f"{factor}/{mean}"
+
+
+SALIENCY_VARIANTS = tuple(saliency_name(f, m) for m in SALIENCY_MEANS for f in SALIENCY_FACTORS)
 
 
 @dataclass(frozen=True)
@@ -60,10 +82,25 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor)
     return function(rows, weights, offs=offsets)
 
 
+def token_sample(total_tokens: int, size: int, seed: int) -> torch.Tensor:
+    """Sorted positions of the layer's token sample: `size` of `total_tokens` tokens drawn with `seed`. A smaller
+    sample with the same seed is a subset of a larger one (the first `size` of one permutation), so statistics
+    saved with a larger sample serve a run that needs a smaller one (`sub_sample`)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total_tokens, generator=generator)[: min(size, total_tokens)].sort().values
+
+
+def sub_sample(rows: torch.Tensor, total_tokens: int, size: int, seed: int) -> torch.Tensor:
+    """The rows of the `size`-token sample, from `rows` (T_s, H), those of a larger sample of the same seed."""
+    held = token_sample(total_tokens, rows.shape[0], seed)
+    wanted = token_sample(total_tokens, size, seed)
+    return rows[torch.searchsorted(held, wanted)]
+
+
 @dataclass
 class LayerStatistics:
     frequency: torch.Tensor  # (E,) int64: tokens that selected each expert
-    saliency: torch.Tensor | None  # (E,) float64: REAP, mean over selecting tokens of g_i(x) * ||f_i(x)||
+    saliency: dict[str, torch.Tensor] | None  # variant name (SALIENCY_VARIANTS) -> (E,) float64; 0 if never routed
     output_signatures: torch.Tensor | None  # (E, H) float32: mean over all tokens of g_i(x) * f_i(x) (or f_i(x) ungated)
     router_logit_gram: torch.Tensor | None  # (E, E) float64: dot products of the router-logit columns over tokens
     sample_inputs: torch.Tensor | None  # (T_s, H) block inputs of one token sample shared by every expert
@@ -127,8 +164,11 @@ class LayerStatsAccumulator:
         self.chunk_size = chunk_rows(num_experts, inner, chunk_size, chunk_bytes)
         self.routed_bytes = ROUTED_BYTES_BUDGET if routed_bytes is None else routed_bytes
         self.frequency = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        factors = len(SALIENCY_FACTORS)
         # on the host on every device: index_add_ there adds in a fixed order (CUDA's adds floats atomically)
-        self.saliency_sum = torch.zeros(num_experts, dtype=torch.float64)
+        self.saliency_sum = torch.zeros(factors, num_experts, dtype=torch.float64)  # over routed tokens
+        self.batch_mean_sum = torch.zeros(factors, num_experts, dtype=torch.float64)  # of each batch's mean
+        self.batches = torch.zeros((), dtype=torch.int64)  # add() calls: calibration batches
         self.sample_positions = sample_positions  # sorted global token positions
         self.sample_chunks: list[torch.Tensor] = []
         self.seen_tokens = 0
@@ -148,7 +188,8 @@ class LayerStatsAccumulator:
     def running_sums(self) -> dict[str, torch.Tensor]:
         """Every running sum `add` accumulates into, by attribute name: what a distributed run reduces over its
         ranks (`ream_hf.pipeline.distributed`). A statistic added to this class must list its sums here."""
-        names = ("frequency", "saliency_sum", "logit_gram", "weighted_hidden_sum", "gate_sum")
+        names = ("frequency", "saliency_sum", "batch_mean_sum", "batches", "logit_gram", "weighted_hidden_sum",
+                 "gate_sum")
         return {name: value for name in names if isinstance(value := getattr(self, name, None), torch.Tensor)}
 
     @torch.no_grad()
@@ -159,7 +200,10 @@ class LayerStatsAccumulator:
         x, logits = x.to(self.device), logits.to(self.device, torch.float32)
         topk_weights, topk_index = topk_weights.to(self.device, torch.float32), topk_index.to(self.device)
         first_token = self.seen_tokens if position is None else position
-        self.frequency += torch.bincount(topk_index.reshape(-1), minlength=self.num_experts)
+        counts = torch.bincount(topk_index.reshape(-1), minlength=self.num_experts)
+        self.frequency += counts
+        batch_sum = torch.zeros_like(self.saliency_sum)  # this call's saliency sums: its batch mean below
+        factors = self._pair_factors(logits, topk_weights, topk_index) if self.with_saliency else None
         if self.logit_gram is not None:
             self.logit_gram += logit_gram(logits)
         if self.sample_positions is not None:
@@ -179,13 +223,23 @@ class LayerStatsAccumulator:
                     self._add_dense(x[start:stop], logits[start:stop], topk_index[start:stop],
                                     routed_hidden[:, start - first : stop - first])
                 if self.gemm.grouped:
-                    self._add_grouped_saliency(topk_weights[first:last], topk_index[first:last], routed_hidden)
+                    self._add_grouped_saliency(factors[:, first:last], topk_index[first:last], routed_hidden,
+                                               batch_sum)
                 else:
-                    self._add_saliency(topk_weights[first:last], topk_index[first:last],
-                                       self._down_projection(routed_hidden.view(-1, self.inner)))
+                    self._add_saliency(factors[:, first:last], topk_index[first:last],
+                                       self._down_projection(routed_hidden.view(-1, self.inner)), batch_sum)
         elif self.with_saliency:
-            self._add_saliency(topk_weights, topk_index, self._full_expert(x.float()))
+            self._add_saliency(factors, topk_index, self._full_expert(x.float()), batch_sum)
+        if self.with_saliency:
+            self.saliency_sum += batch_sum
+            self.batch_mean_sum += batch_sum / counts.cpu().clamp(min=1).double()
+        self.batches += 1
         self.seen_tokens += x.shape[0]
+
+    def _pair_factors(self, logits: torch.Tensor, topk_weights: torch.Tensor, topk_index: torch.Tensor) -> torch.Tensor:
+        """(factors, T, k) saliency factors of the routed (token, slot) pairs, in SALIENCY_FACTORS order."""
+        probability = gate_scores(logits, self.scoring).gather(1, topk_index)
+        return torch.stack([topk_weights, probability, probability * probability])
 
     def _add_dense(self, x, logits, topk_index, routed_hidden) -> None:
         """Gated signature sums for one chunk; copies the routed (token, expert) hidden rows into
@@ -219,8 +273,8 @@ class LayerStatsAccumulator:
             return torch.mm(x.float(), self.gate_up_matrix, out=self.gate_up_buffer[:rows])
         return self.gate_up_buffer[:rows].copy_(torch.mm(x.to(self.gemm.operands), self.gate_up_matrix))
 
-    def _add_grouped_saliency(self, topk_weights: torch.Tensor, topk_index: torch.Tensor,
-                              routed_hidden: torch.Tensor) -> None:
+    def _add_grouped_saliency(self, factors: torch.Tensor, topk_index: torch.Tensor, routed_hidden: torch.Tensor,
+                              into: torch.Tensor) -> None:
         """Saliency of a window's routed pairs with one grouped GEMM for every expert's down projection: no
         per-expert loop, no host synchronisation. `routed_hidden` (k, c, D) as `_add_dense` fills it."""
         flat = topk_index.T.reshape(-1)
@@ -230,24 +284,26 @@ class LayerStatsAccumulator:
         out = grouped_mm(routed_hidden.reshape(-1, self.inner)[order].to(self.gemm.operands), down, offsets).float()
         if self.weights.down_bias is not None:
             out += self.weights.down_bias.float()[flat[order]]
-        self._add_pair_saliency(topk_weights, topk_index, order, torch.linalg.vector_norm(out, dim=-1))
+        self._add_pair_saliency(factors, topk_index, order, torch.linalg.vector_norm(out, dim=-1), into)
 
-    def _add_saliency(self, topk_weights: torch.Tensor, topk_index: torch.Tensor,
-                      expert_output: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
-        """g_i(x) * ||f_i(x)|| on routed (token, expert) pairs only. `expert_output(i, pairs)` gives expert i's
+    def _add_saliency(self, factors: torch.Tensor, topk_index: torch.Tensor,
+                      expert_output: Callable[[int, torch.Tensor], torch.Tensor], into: torch.Tensor) -> None:
+        """factor * ||f_i(x)|| on routed (token, expert) pairs only, summed per expert into `into` (factors, E);
+        `factors` (factors, T, k) as `_pair_factors` gives them. `expert_output(i, pairs)` gives expert i's
         outputs for the given pair numbers (slot-major, as `pairs_by_expert` numbers them); pairs are grouped by
         expert, so each call is one expert's contiguous batch."""
         order, slices = pairs_by_expert(topk_index, self.num_experts)
         norms = torch.empty(order.shape[0], dtype=torch.float32, device=self.device)
         for expert, part in slices:
             norms[part] = torch.linalg.vector_norm(expert_output(expert, order[part]), dim=-1)
-        self._add_pair_saliency(topk_weights, topk_index, order, norms)
+        self._add_pair_saliency(factors, topk_index, order, norms, into)
 
-    def _add_pair_saliency(self, topk_weights: torch.Tensor, topk_index: torch.Tensor, order: torch.Tensor,
-                           norms: torch.Tensor) -> None:
-        """Adds g_i(x) * ||f_i(x)|| of the routed pairs to their experts' sums; `norms` in `order` (by expert)."""
-        pair_saliency = topk_weights.T.reshape(-1)[order].double() * norms.double()
-        self.saliency_sum.index_add_(0, topk_index.T.reshape(-1)[order].cpu(), pair_saliency.cpu())
+    def _add_pair_saliency(self, factors: torch.Tensor, topk_index: torch.Tensor, order: torch.Tensor,
+                           norms: torch.Tensor, into: torch.Tensor) -> None:
+        """Adds factor * ||f_i(x)|| of the routed pairs to their experts' sums in `into` (factors, E), on the
+        host; `norms` in `order` (by expert), `factors` (factors, T, k) as `_pair_factors` gives them."""
+        pair_saliency = factors.transpose(1, 2).reshape(factors.shape[0], -1)[:, order].double() * norms.double()
+        into.index_add_(1, topk_index.T.reshape(-1)[order].cpu(), pair_saliency.cpu())
 
     def _down_projection(self, routed_hidden: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """Expert outputs from the routed pairs' hidden rows (dense path): just the down projection."""
@@ -267,6 +323,13 @@ class LayerStatsAccumulator:
 
         return output
 
+    def _saliency(self, count: torch.Tensor) -> dict[str, torch.Tensor]:
+        by_tokens = self.saliency_sum / count
+        by_batches = self.batch_mean_sum / max(int(self.batches), 1)
+        out = {saliency_name(f, "tokens"): by_tokens[i] for i, f in enumerate(SALIENCY_FACTORS)}
+        out.update({saliency_name(f, "batches"): by_batches[i] for i, f in enumerate(SALIENCY_FACTORS)})
+        return out
+
     def finalize(self) -> LayerStatistics:
         count = self.frequency.clamp(min=1).double()
         output_signatures = None
@@ -279,7 +342,7 @@ class LayerStatsAccumulator:
             output_signatures = output_signatures.cpu()
         return LayerStatistics(
             frequency=self.frequency.cpu(),
-            saliency=self.saliency_sum / count.cpu() if self.with_saliency else None,
+            saliency=self._saliency(count.cpu()) if self.with_saliency else None,
             output_signatures=output_signatures,
             router_logit_gram=None if self.logit_gram is None else self.logit_gram.cpu(),
             sample_inputs=torch.cat(self.sample_chunks) if self.sample_chunks else None,

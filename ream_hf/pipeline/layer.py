@@ -4,6 +4,7 @@ merge -> surgery, and the re-forward that feeds what follows it."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,19 +12,22 @@ from typing import Any
 
 import torch
 
-from ..arch import ExpertWeights, MoEFamily, experts, moe_block, read_expert_weights, router
+from ..arch import ExpertWeights, MoEFamily, experts, moe_block, read_expert_weights, router, write_expert_weights
 from ..config import ReamConfig
 from ..io.writer import LayerOutput
 from ..kill_points import kill_point
 from ..method.experts import Activation, activation_for, expert_hidden, routed_forward
 from ..method.merging import ActivationGram, keeps_centroid, merge_expert_group, weight_features
 from ..method.planning import LayerPlan, plan_layer
-from ..method.stats import LayerStatistics, LayerStatsAccumulator
+from ..method.grouping import ExpertGroup
+from ..method.refit import LeastSquaresSums, Routing, group_logit_targets, merges_worth_keeping, refit_down_projections
+from ..method.stats import LayerStatistics, LayerStatsAccumulator, token_sample
 from ..method.surgery import apply_layer_plan
 from . import distributed
 from .device import Placement
 from .distributed import BatchShare
 from .runner import feed_block_inputs, run_layer
+from .statistics import StatisticsReader, StatisticsWriter
 from .streaming import HiddenStateStore
 
 
@@ -84,10 +88,9 @@ def forward_in_place(family: MoEFamily, layer, hidden: list[torch.Tensor], calls
 
 
 def sample_positions(config: ReamConfig, total_tokens: int) -> torch.Tensor:
-    """One token sample per layer, shared by every expert, so alignment compares the same tokens."""
-    size = min(config.activation_sample_tokens, total_tokens)
-    generator = torch.Generator().manual_seed(config.seed)
-    return torch.randperm(total_tokens, generator=generator)[:size].sort().values
+    """One token sample per layer, shared by every expert, so alignment compares the same tokens (the refit takes
+    its tokens from it too)."""
+    return token_sample(total_tokens, config.sample_tokens, config.seed)
 
 
 def group_activation_gram(group: ExpertWeights, activation: Activation, sample_inputs: torch.Tensor) -> ActivationGram:
@@ -116,10 +119,10 @@ def layer_statistics(config: ReamConfig, family: MoEFamily, layer, block, hidden
         activation_for(family, experts_module),
         family.scoring,
         dense=config.is_merging,
-        with_saliency=config.method != "frequency",
+        with_saliency=config.saliency != "frequency",
         with_logit_gram=config.is_merging and config.use_router_logits,
         gated=config.gated_similarity,
-        sample_positions=sample if config.aligns_activations else None,
+        sample_positions=sample if config.sample_tokens else None,
         chunk_size=config.token_chunk_size,
         gemm=policy,
         chunk_bytes=placement.chunk_bytes,
@@ -148,11 +151,11 @@ def merge_layer(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, s
     mode = config.merge
     features = None
     if mode in ("activations+weights", "weights"):
-        features = weight_features(weights.gate, weights.up, weights.down, config.pca_dim)  # float32 per block
+        features = weight_features(weights.gate, weights.up, weights.down, config.pca_dim, config.weight_features)
     def merge(group, group_weights):
         index = list(group.members)
         part = weights.select(index)
-        needs_activations = stats.sample_inputs is not None and len(index) > 1  # a singleton is kept as it is
+        needs_activations = config.aligns_activations and len(index) > 1  # a singleton is kept as it is
         return merge_expert_group(
             part.gate, part.up, part.down, torch.tensor(group_weights, dtype=torch.float64), mode,
             feats=None if features is None else features[index],
@@ -183,13 +186,121 @@ def merge_layer(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, s
     return ExpertWeights(**stacked)
 
 
+@dataclass
+class OriginalModules:
+    """The block's experts and router modules as they were before surgery. Deep copies that share the parameter
+    tensors (surgery replaces the live modules' parameters, so these keep the originals without a copy)."""
+
+    experts: torch.nn.Module
+    router: torch.nn.Module
+
+    @classmethod
+    def capture(cls, family: MoEFamily, block) -> OriginalModules:
+        def sharing_copy(module):
+            memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+            return copy.deepcopy(module, memo)
+
+        return cls(sharing_copy(experts(family, block)), sharing_copy(router(family, block)))
+
+
+def refit_sample(config: ReamConfig, stats: LayerStatistics) -> torch.Tensor:
+    """The refit's tokens: `refit_tokens` rows of the layer's token sample (a random subset when the sample is
+    larger because alignment needs more), fixed size whatever the calibration."""
+    inputs = stats.sample_inputs
+    if inputs.shape[0] <= config.refit_tokens:
+        return inputs
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    return inputs[torch.randperm(inputs.shape[0], generator=generator)[: config.refit_tokens].sort().values]
+
+
+def routing(router_module, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, Routing]:
+    """Logits (T, E) and the top-k choice of `router_module` on tokens x, `rows` at a time."""
+    parts = [router_module(x[start : start + rows]) for start in range(0, x.shape[0], rows)]
+    return torch.cat([p[0] for p in parts]), Routing(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
+
+
+def refit_router(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
+                 x: torch.Tensor) -> None:
+    """Kept router rows refit to their groups' target logits (method/refit.py) on the sample tokens x."""
+    router_module = router(family, block)
+    weight = router_module.weight
+    has_bias = getattr(router_module, "bias", None) is not None and "bias" in family.router_tensors
+    output_of = torch.full((original.router.weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+    for j, group in enumerate(plan.groups):
+        output_of[list(group.members)] = j
+    sums = LeastSquaresSums(len(plan.groups), weight.shape[1] + int(has_bias), device=weight.device)
+    for start in range(0, x.shape[0], config.token_chunk_size):
+        chunk = x[start : start + config.token_chunk_size].to(weight.device)
+        logits = original.router(chunk.to(weight.dtype))[0]
+        inputs = chunk.float()
+        if has_bias:
+            inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
+        sums.add(inputs, group_logit_targets(logits, output_of, len(plan.groups), family.scoring))
+    prior = weight.detach().double()
+    if has_bias:
+        prior = torch.cat([prior, router_module.bias.detach().double().unsqueeze(1)], dim=1)
+    solved = sums.solve(prior.unsqueeze(1), config.refit_ridge).squeeze(1)
+    with torch.no_grad():
+        weight.copy_(solved[:, : weight.shape[1]].to(weight.dtype))
+        if has_bias:
+            router_module.bias.copy_(solved[:, -1].to(router_module.bias.dtype))
+
+
+def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
+               x: torch.Tensor) -> None:
+    """Each output expert's down projection (and bias) refit on the sample tokens x (method/refit.py)."""
+    experts_module = experts(family, block)
+    merged = read_expert_weights(family, experts_module)
+    x = x.to(merged.down.device)
+    rows = config.token_chunk_size
+    _, before = routing(original.router, x.to(merged.down.dtype), rows)
+    _, after = routing(router(family, block), x.to(merged.down.dtype), rows)
+    down, bias = refit_down_projections(
+        read_expert_weights(family, original.experts), merged, activation_for(family, experts_module), x, before,
+        after, [list(g.members) for g in plan.groups], config.refit_target, config.refit_ridge, config.refit_steps)
+    write_expert_weights(family, experts_module, ExpertWeights(merged.gate, merged.up, down, merged.gate_bias,
+                                                               merged.up_bias, bias))
+
+
+def prune_bad_merges(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
+                     x: torch.Tensor) -> None:
+    """Groups whose merged expert reproduces the group's calibration outputs worse than its centroid alone
+    (method/refit.py `merges_worth_keeping`) get the centroid back, unmerged; the plan records them as pruned."""
+    experts_module = experts(family, block)
+    merged = read_expert_weights(family, experts_module)
+    source = read_expert_weights(family, original.experts)
+    x = x.to(merged.down.device)
+    rows = config.token_chunk_size
+    _, before = routing(original.router, x.to(merged.down.dtype), rows)
+    _, after = routing(router(family, block), x.to(merged.down.dtype), rows)
+    keep = merges_worth_keeping(source, merged, activation_for(family, experts_module), x, before, after,
+                                [list(g.members) for g in plan.groups], config.refit_ridge,
+                                config.prune_fallback_margin)
+    if all(keep):
+        return
+    fields = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+    tensors = {name: None if getattr(merged, name) is None else getattr(merged, name).detach().clone()
+               for name in fields}
+    for j, kept in enumerate(keep):
+        if not kept:
+            centroid = plan.groups[j].centroid
+            for name, tensor in tensors.items():
+                if tensor is not None:
+                    tensor[j] = getattr(source, name)[centroid]
+            plan.groups[j] = ExpertGroup(centroid, (centroid,))
+            plan.weights[j] = [1.0]
+    write_expert_weights(family, experts_module, ExpertWeights(**tensors))
+
+
 def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key: str, index: int, hidden, calls,
                        batches, sample: torch.Tensor | None, target: int, groups_per_layer: int, started: float,
-                       forward: Callable[[], None] | None = None,
-                       share: BatchShare | None = None) -> tuple[LayerReport, LayerOutput]:
+                       forward: Callable[[], None] | None = None, share: BatchShare | None = None,
+                       statistics: StatisticsReader | None = None,
+                       save_statistics: StatisticsWriter | None = None) -> tuple[LayerReport, LayerOutput]:
     """Statistics, plan, merge and surgery of one MoE layer. `forward` re-runs the layer on the calibration data
     for what follows it: after the surgery (the paper's sequential mode) or, for the non-sequential ablation,
-    with the original experts. Returns the report and the tensors that replace the layer's on disk."""
+    with the original experts. Statistics come from `statistics` (saved by an earlier run) when given, and are
+    written to `save_statistics` when given. Returns the report and the tensors that replace the layer's on disk."""
     placement = Placement.of(read_expert_weights(family, experts(family, block)).gate.device)
     timings: dict[str, float] = {}
     gemm: dict[str, str] = {}
@@ -200,18 +311,35 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         timings[name] = timings.get(name, 0.0) + now - since
         return now
 
-    stats = layer_statistics(config, family, layer, block, hidden, calls, batches, sample, share, gemm)
+    if statistics is not None:
+        stats = statistics.read(key)
+    else:
+        stats = layer_statistics(config, family, layer, block, hidden, calls, batches, sample, share, gemm)
+    if save_statistics is not None:
+        save_statistics.write(key, stats)
     clock = stage("statistics", started)
     stats_seconds = clock - started
     plan = plan_layer(config, stats, target, groups_per_layer)
     clock = stage("plan", clock)
+    refit = config.refit != "none"
+    fallback = config.is_merging and config.prune_fallback
     if forward is not None and not config.sequential:
         forward()
         clock = stage("forward", clock)
     merged = merge_layer(config, family, block, plan, stats) if config.is_merging else None
     before = experts(family, block).num_experts
+    original = OriginalModules.capture(family, block) if refit or fallback else None
     apply_layer_plan(family, block, plan.centroids, merged)
     clock = stage("merge", clock)
+    if refit or fallback:
+        x = refit_sample(config, stats)
+        if fallback:
+            prune_bad_merges(config, family, block, plan, original, x)
+        if "router" in config.refit:
+            refit_router(config, family, block, plan, original, x)
+        if "down" in config.refit:
+            refit_down(config, family, block, plan, original, x)
+        clock = stage("refit", clock)
     if forward is not None and config.sequential:
         forward()
         clock = stage("forward", clock)
@@ -221,11 +349,13 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         router={name: getattr(router_module, name) for name in family.router_tensors
                 if getattr(router_module, name, None) is not None},
         centroids=plan.centroids,
-        unchanged=[merged is None or keeps_centroid(config.merge, len(g.members)) for g in plan.groups],
+        # a refit down projection is new even where the group is one expert
+        unchanged=["down" not in config.refit and (merged is None or keeps_centroid(config.merge, len(g.members)))
+                   for g in plan.groups],
     )
     report = LayerReport(
         key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
-        None if stats.saliency is None else [round(float(s), 8) for s in stats.saliency],
+        None if config.saliency == "frequency" else [round(float(s), 8) for s in plan.scores],
         time.perf_counter() - started, stats_seconds, timings, gemm,
     )
     return report, output

@@ -28,6 +28,7 @@ from .distributed import BatchShare
 from .layer import LayerReport, compress_moe_layer, forward_in_place, sample_positions
 from .mtp import run_mtp_layers, shifted_batch
 from .runner import capture_layer_inputs
+from .statistics import StatisticsReader, StatisticsWriter
 from .streaming import HiddenStateStore, LayerLoader, WorkFolder, check_finite
 
 logger = logging.getLogger(__name__)
@@ -86,10 +87,13 @@ class CompressionResult:
 @torch.no_grad()
 def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[CalibrationBatch], target: int,
                device: torch.device, result: CompressionResult, loader: LayerLoader | None = None,
-               mtp_loader: LayerLoader | None = None) -> None:
+               mtp_loader: LayerLoader | None = None, statistics: StatisticsReader | None = None,
+               save_statistics: StatisticsWriter | None = None) -> None:
     """The trunk layer by layer, then (`mtp_loader` given) the MTP layers, fed the last trunk layer's outputs.
     `loader` fills each trunk layer from the source when the model is a streaming skeleton. `batches` are all
-    calibration batches; under torch.distributed each rank runs its share (pipeline/distributed.py).
+    calibration batches; under torch.distributed each rank runs its share (pipeline/distributed.py). With
+    `statistics` (saved by an earlier non-sequential run) no calibration data is run: each layer is planned from
+    its file.
 
     With a work folder, each layer's hidden-state files, shard part and commit are written by a background
     thread while the next layer computes; a layer counts as finished (and resumable) once its commit is on disk."""
@@ -100,10 +104,13 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
     share = BatchShare.of([int(b.attention_mask.sum()) for b in batches], ranks)
     own = [batches[b] for b in share.numbers]
     numbers = list(share.numbers)
-    embedding = tqdm(own, desc="Embedding calibration", leave=False, disable=not ranks.is_main)
-    hidden, calls = capture_layer_inputs(model, layers, embedding, device)
-    kill_point("calibration-embedded")
-    sample = sample_positions(config, share.total_tokens) if config.is_merging else None
+    if statistics is None:
+        embedding = tqdm(own, desc="Embedding calibration", leave=False, disable=not ranks.is_main)
+        hidden, calls = capture_layer_inputs(model, layers, embedding, device)
+        kill_point("calibration-embedded")
+    else:
+        hidden, calls = [], [[] for _ in layers]  # per layer: no calibration batches to run
+    sample = sample_positions(config, share.total_tokens) if config.sample_tokens and statistics is None else None
     groups_per_layer = routing_groups(family, model.config.get_text_config())
     last = len(layers) - 1
     store = writer = groups = None
@@ -135,9 +142,10 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
                     check_finite(f"{trunk_prefix}{index}.{name}", tensor, "as loaded")
             placement.synchronize()
             load_seconds = time.perf_counter() - started
-            layer_calls = [per_batch[index] for per_batch in calls]
+            layer_calls = [per_batch[index] for per_batch in calls] if statistics is None else []
             block = moe_block(family, layer)
-            feeds_next = index < last or mtp_loader is not None  # its outputs are some layer's inputs
+            # its outputs are some layer's inputs (not when every layer is planned from saved statistics)
+            feeds_next = (index < last or mtp_loader is not None) and statistics is None
 
             def forward(layer=layer, layer_calls=layer_calls, generation=index + 1) -> None:
                 forward_in_place(family, layer, hidden, layer_calls, store, generation, device, numbers)
@@ -148,7 +156,8 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
             else:
                 report, output = compress_moe_layer(config, family, layer, block, f"{trunk_prefix}{index}", index,
                                                     hidden, layer_calls, own, sample, target, groups_per_layer,
-                                                    started, forward if feeds_next else None, share)
+                                                    started, forward if feeds_next else None, share, statistics,
+                                                    save_statistics)
                 report.timings["load"] = load_seconds
                 result.record(report, output)
                 logger.info("layer %d: %d -> %d experts, %.2f s (%s), peak RSS %.2f GB", index, report.experts_before,
@@ -170,7 +179,7 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
             store.writer.drain()
         raise
     if mtp_loader is not None:
-        run_mtp(config, model, family, batches, target, mtp_loader, calls, hidden, result)
+        run_mtp(config, model, family, batches, target, mtp_loader, calls, hidden, result, save_statistics)
 
 
 def output_bytes(outputs: dict[str, LayerOutput]) -> int:
@@ -193,7 +202,8 @@ def commit_layer(result: CompressionResult, store: HiddenStateStore, writer: Par
 
 
 def run_mtp(config: ReamConfig, model, family: MoEFamily, batches: list[CalibrationBatch], target: int,
-            loader: LayerLoader, calls, trunk_out: list[torch.Tensor], result: CompressionResult) -> None:
+            loader: LayerLoader, calls, trunk_out: list[torch.Tensor], result: CompressionResult,
+            save_statistics: StatisticsWriter | None = None) -> None:
     """MTP layers (mtp="compress"), METHOD.md §6: each is one more MoE layer after the trunk, fed as vLLM feeds
     its drafter (pipeline/mtp.py) from the last trunk layer's outputs `trunk_out` (this rank's batches),
     compressed with the same method and target, written under its own names."""
@@ -209,10 +219,10 @@ def run_mtp(config: ReamConfig, model, family: MoEFamily, batches: list[Calibrat
         kill_point("mtp-layer")
         shift = item.index - num_hidden_layers + 1  # position t is fed token t + shift
         share = BatchShare.of([int(shifted_batch(b, shift).attention_mask.sum()) for b in batches], ranks)
-        sample = sample_positions(config, share.total_tokens) if config.is_merging else None
+        sample = sample_positions(config, share.total_tokens) if config.sample_tokens else None
         report, output = compress_moe_layer(config, family, item.layer, block, item.key, item.index, item.hidden,
                                             item.calls, item.batches, sample, target, groups_per_layer, started,
-                                            share=share)
+                                            share=share, save_statistics=save_statistics)
         result.record(report, output)
         logger.info("MTP layer %s: %d -> %d experts, %.2f s", item.key, report.experts_before,
                     report.experts_after, report.seconds)

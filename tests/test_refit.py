@@ -1,0 +1,230 @@
+"""The closed-form corrections of method/refit.py on hand-made tensors whose answers are known."""
+
+import pytest
+import torch
+
+from torch import nn
+
+from ream_hf.arch import ExpertWeights
+from ream_hf.method.experts import Activation
+from ream_hf.method.refit import (
+    LeastSquaresSums,
+    Routing,
+    group_logit_targets,
+    merges_worth_keeping,
+    refit_down_projections,
+    ridge_solve,
+)
+
+
+def direct_ridge(u, t, prior, ridge):
+    """The normal equations written out for one output: (T^T U + lam P)(U^T U + lam I)^-1."""
+    gram = u.T @ u
+    lam = ridge * torch.diagonal(gram).mean()
+    return (t.T @ u + lam * prior) @ torch.linalg.inv(gram + lam * torch.eye(u.shape[1], dtype=u.dtype))
+
+
+def test_ridge_recovers_the_exact_weights_and_falls_back_to_the_prior():
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(200, 6, generator=generator, dtype=torch.float64)
+    exact = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    prior = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    t = u @ exact.T  # noiseless targets: the least squares answer is `exact`
+    gram, cross = (u.T @ u)[None], (t.T @ u)[None]
+    assert torch.allclose(ridge_solve(gram, cross, prior[None], 1e-12)[0], exact, atol=1e-8)
+    assert torch.allclose(ridge_solve(gram, cross, prior[None], 1e9)[0], prior, atol=1e-6)
+    noisy = t + 0.3 * torch.randn(t.shape, generator=generator, dtype=torch.float64)
+    solved = ridge_solve(gram, (noisy.T @ u)[None], prior[None], 0.5)[0]
+    assert torch.allclose(solved, direct_ridge(u, noisy, prior, 0.5), atol=1e-10)
+
+
+def test_ridge_with_no_rows_keeps_the_prior():
+    prior = torch.randn(3, 2, 5, dtype=torch.float64)
+    gram = torch.zeros(3, 5, 5, dtype=torch.float64)
+    gram[1] = torch.eye(5)
+    cross = torch.zeros(3, 2, 5, dtype=torch.float64)
+    solved = ridge_solve(gram, cross, prior, 0.1)
+    assert torch.equal(solved[0], prior[0]) and torch.equal(solved[2], prior[2])
+    assert torch.allclose(solved[1], prior[1] * 0.1 / 1.1)  # pulled towards the zero targets
+
+
+def test_shared_gram_equals_one_regression_per_output():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(120, 6, generator=generator)
+    targets = torch.randn(120, 3, generator=generator)
+    prior = torch.randn(3, 1, 6, generator=generator, dtype=torch.float64)
+    shared = LeastSquaresSums(3, 6)
+    shared.add(x[:50], targets[:50])  # two chunks
+    shared.add(x[50:], targets[50:])
+    solved = shared.solve(prior, 0.05)
+    for j in range(3):
+        expected = direct_ridge(x.double(), targets[:, j : j + 1].double(), prior[j], 0.05)
+        assert torch.allclose(solved[j], expected, atol=1e-8)
+
+
+def test_router_sums_memory_does_not_grow_with_tokens():
+    sums = LeastSquaresSums(4, 5)
+    sizes = [t.numel() for t in (sums.gram, sums.cross)]
+    for _ in range(20):
+        sums.add(torch.randn(500, 5), torch.randn(500, 4))
+    assert [t.numel() for t in (sums.gram, sums.cross)] == sizes
+
+
+def test_softmax_group_targets_give_each_output_its_groups_mass():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(10, 6, generator=generator, dtype=torch.float64) * 3
+    output_of = torch.tensor([0, 1, 0, 2, 1, 1])  # groups {0, 2}, {1, 4, 5}, {3}
+    targets = group_logit_targets(logits, output_of, 3, "softmax")
+    probs = torch.softmax(logits, dim=1)
+    mass = torch.stack([probs[:, [0, 2]].sum(1), probs[:, [1, 4, 5]].sum(1), probs[:, 3]], dim=1)
+    assert torch.allclose(torch.softmax(targets, dim=1), mass, atol=1e-12)
+    assert torch.allclose(targets[:, 2], logits[:, 3])  # a singleton keeps its own logit
+    pruned = group_logit_targets(logits, torch.tensor([0, -1, 1, -1, -1, 2]), 3, "softmax")
+    assert torch.allclose(pruned, logits[:, [0, 2, 5]])  # no groups: the kept logits themselves
+
+
+def test_sigmoid_group_targets_score_the_groups_summed_scores():
+    logits = torch.tensor([[-2.0, -1.0, 0.5, -3.0]], dtype=torch.float64)
+    targets = group_logit_targets(logits, torch.tensor([0, 0, 1, 1]), 2, "sigmoid")
+    scores = torch.sigmoid(logits)
+    assert torch.allclose(torch.sigmoid(targets), torch.stack([scores[0, :2].sum(), scores[0, 2:].sum()])[None])
+    saturated = group_logit_targets(torch.tensor([[5.0, 5.0]]), torch.tensor([0, 0]), 1, "sigmoid")
+    assert torch.isfinite(saturated).all()  # a sum above 1 is clamped, not NaN
+
+
+@pytest.mark.parametrize("ridge", [1e-9, 0.3])
+def test_refit_lowers_the_least_squares_objective(ridge):
+    """On any data the solution is no worse than the prior for the ridge objective it minimises."""
+    generator = torch.Generator().manual_seed(4)
+    u = torch.randn(80, 4, generator=generator, dtype=torch.float64)
+    t = torch.randn(80, 3, generator=generator, dtype=torch.float64)
+    prior = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    solved = ridge_solve((u.T @ u)[None], (t.T @ u)[None], prior[None], ridge)[0]
+    lam = ridge * torch.diagonal(u.T @ u).mean()
+
+    def objective(w):
+        return ((u @ w.T - t) ** 2).sum() + lam * ((w - prior) ** 2).sum()
+
+    assert objective(solved) <= objective(prior)
+
+
+SILU = Activation("glu", act_fn=nn.SiLU())
+
+
+def experts(count, inner=5, hidden=6, seed=5, biased=False):
+    generator = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(count, inner, hidden, generator=generator), torch.randn(count, inner, hidden, generator=generator),
+             torch.randn(count, hidden, inner, generator=generator)]
+    if biased:
+        parts += [torch.randn(count, inner, generator=generator), torch.randn(count, inner, generator=generator),
+                  torch.randn(count, hidden, generator=generator)]
+    return ExpertWeights(*parts)
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_residual_refit_restores_a_damaged_down_projection_exactly(biased):
+    """Top-1 routing, same routing before and after: the layer's error on a token is all the routed expert's,
+    so the residual target is the source expert's output and the least squares gives its weights back."""
+    source = experts(3, biased=biased)
+    damaged = ExpertWeights(source.gate, source.up, 0.5 * source.down + 0.1, source.gate_bias, source.up_bias,
+                            None if source.down_bias is None else source.down_bias - 1.0)
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(6))
+    routing = Routing(torch.rand(300, 1, generator=torch.Generator().manual_seed(7)) + 0.5,
+                      torch.arange(300).remainder(3).unsqueeze(1))
+    down, bias = refit_down_projections(source, damaged, SILU, x, routing, routing, [[0], [1], [2]], "residual", 1e-10)
+    assert torch.allclose(down, source.down, atol=1e-4)
+    assert (bias is None) == (not biased) and (bias is None or torch.allclose(bias, source.down_bias, atol=1e-4))
+
+
+def test_residual_steps_converge_to_the_joint_least_squares_with_top2_routing():
+    """Top-2: one step shares each token's error between its two experts (it cannot know which one erred); more
+    steps recompute the error and converge to the source experts, the exact joint answer."""
+    source = experts(4, seed=9)
+    damaged = ExpertWeights(source.gate, source.up, source.down * torch.tensor([0.5, 1.0, 1.5, 1.0])[:, None, None])
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(600, 6, generator=generator)
+    index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(600)])
+    routing = Routing(torch.rand(600, 2, generator=generator) + 0.2, index)
+    errors = []
+    for steps in (1, 3, 30):
+        down, _ = refit_down_projections(source, damaged, SILU, x, routing, routing, [[0], [1], [2], [3]], "residual",
+                                         1e-9, steps)
+        errors.append(float((down - source.down).norm()))
+    assert errors[0] < float((damaged.down - source.down).norm()) and errors[2] < errors[1] < errors[0]
+    assert errors[2] < 1e-3
+
+
+def test_group_refit_makes_a_merged_expert_carry_its_groups_original_weight():
+    """Experts 0 and 1 are identical and merge into output 0; the compressed router gives it half the weight the
+    original gave either member, so matching the group's gated output doubles its down projection. Expert 2 is
+    pruned (no group) and its tokens are routed nowhere after compression."""
+    base = experts(1)
+    source = ExpertWeights(*(torch.cat([t, t, torch.randn_like(t)]) for t in (base.gate, base.up, base.down)))
+    merged = base
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(8))
+    original = Routing(torch.ones(200, 1), torch.arange(200).remainder(3).unsqueeze(1))
+    routed = original.index[:, 0] < 2
+    compressed = Routing(torch.full((int(routed.sum()), 1), 0.5), torch.zeros(int(routed.sum()), 1, dtype=torch.long))
+    down, _ = refit_down_projections(source, merged, SILU, x[routed], Routing(original.weights[routed],
+                                     original.index[routed]), compressed, [[0, 1]], "group", 1e-10)
+    assert torch.allclose(down[0], 2 * base.down[0], atol=1e-4)
+
+
+def test_refit_keeps_an_output_expert_no_token_reaches():
+    source = experts(2)
+    x = torch.randn(40, 6)
+    routing = Routing(torch.ones(40, 1), torch.zeros(40, 1, dtype=torch.long))
+    down, _ = refit_down_projections(source, source, SILU, x, routing, routing, [[0], [1]], "residual", 0.1)
+    assert torch.equal(down[1], source.down[1])
+    with pytest.raises(ValueError, match="refit target"):
+        refit_down_projections(source, source, SILU, x, routing, routing, [[0], [1]], "layer", 0.1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "glm4_moe"])
+def test_refit_changes_only_the_down_projections_of_the_plan(family, calibration_txt, tmp_path):
+    """End to end, per routing style (softmax; GPT-OSS's biases; GLM's sigmoid + grouped top-k): with the refit, the
+    same plan, the same merged gate/up and router, new down projections, and the checkpoint loads and runs."""
+    from transformers import AutoModelForCausalLM
+
+    from ream_hf import ReamCompressor, ReamConfig
+    from tests.conftest import tensors
+    from tests.families import build_family_checkpoint
+
+    source = build_family_checkpoint(family, tmp_path / "source")
+    outputs = {}
+    for refit in ("none", "down"):
+        config = ReamConfig(target_experts=8, method="ream", calibration=[str(calibration_txt)], calibration_ratios=None,
+                            num_calibration_sequences=8, sequence_length=48, batch_size=4, refit=refit,
+                            refit_tokens=128)
+        compressor = ReamCompressor(config)
+        compressor.compress(str(source))
+        compressor.save_pretrained(tmp_path / refit)
+        outputs[refit] = (compressor.manifest()["layers"], tensors(tmp_path / refit))
+    (plan, plain), (refit_plan, refit) = outputs["none"], outputs["down"]
+    assert plan[0]["groups"] == refit_plan[0]["groups"]  # the first MoE layer sees the same inputs
+    changed = [n for n in plain if not torch.equal(plain[n], refit[n])]
+    assert changed and all("down_proj" in n or f".layers.{plan[0]['index']}." not in n for n in changed), changed
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "down"))
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
+def test_a_merge_is_kept_only_where_it_reproduces_its_group_better_than_the_centroid():
+    """Groups [0, 1] and [2, 3], all tokens routed to one member per group. In the first, the merged expert is
+    member 1 itself, which most tokens went to: it beats the centroid. In the second, the "merge" is noise and
+    the tokens went to the centroid: the centroid wins. A singleton is always kept."""
+    source = experts(5, seed=11)
+    merged = ExpertWeights(*(torch.stack([t[1], torch.randn_like(t[2]), t[4]]) for t in (source.gate, source.up, source.down)))
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(400, 6, generator=generator)
+    first = torch.where(torch.rand(400, generator=generator) < 0.9, 1, 0)  # group [0, 1]: mostly member 1
+    original = Routing(torch.ones(400, 2), torch.stack([first, torch.full((400,), 2)], dim=1))  # group [2, 3]: centroid 2
+    compressed = Routing(torch.ones(400, 2), torch.stack([torch.zeros(400, dtype=torch.long),
+                                                          torch.ones(400, dtype=torch.long)], dim=1))
+    keep = merges_worth_keeping(source, merged, SILU, x, original, compressed, [[0, 1], [2, 3], [4]], 1e-3)
+    assert keep == [True, False, True]
+    # a merge that only matches its centroid (member 1 a copy of it) does not clear a margin
+    twin = ExpertWeights(*(torch.stack([t[0], t[0], t[2], t[3], t[4]]) for t in (source.gate, source.up, source.down)))
+    copy = ExpertWeights(*(torch.stack([t[0], t[4]]) for t in (twin.gate, twin.up, twin.down)))
+    same = merges_worth_keeping(twin, copy, SILU, x, original, Routing(torch.ones(400, 1), torch.zeros(400, 1, dtype=torch.long)),
+                                [[0, 1], [4]], 1e-3, margin=0.05)
+    assert same == [False, True]
