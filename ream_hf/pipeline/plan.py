@@ -241,6 +241,12 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     else:
         statistics_flops = executed = 0
     executed += per_layer_exact * top_k * len(moe)  # the re-forward's routed experts (attention not counted)
+    refit_tokens = min(config.refit_tokens, tokens) if config.refit != "none" else 0
+    # the refit (method/refit.py) on its token sample: original and compressed routed passes (three GEMMs each),
+    # then per step the error's cross terms and the new outputs (two GEMMs of the down projection's size)
+    executed += 2 * hidden * inner * top_k * refit_tokens * (6 + 2 * config.refit_steps) * compressed
+    # its working set: the routed pairs' activations, the sample and three (T, H) layer outputs, float32
+    refit_bytes = 4 * refit_tokens * (top_k * inner + 4 * hidden)
     notes.append("FLOPs count the experts only (attention and routers are small beside them)")
 
     run_device = torch.device(device or config.device)
@@ -255,7 +261,7 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     else:
         workspace = CHUNK_BYTES_BUDGET + ROUTED_BYTES_BUDGET
     merged = target * expert_numel * size
-    layer_need = max(layer_bytes) + gate_up_copy + workspace + merged + embed_bytes
+    layer_need = max(layer_bytes) + gate_up_copy + max(workspace, refit_bytes) + merged + embed_bytes
     held_hidden = hidden_bytes if in_memory else 0
     if config.streaming:
         device_need = layer_need + held_hidden
