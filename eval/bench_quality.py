@@ -319,6 +319,7 @@ def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_
     method, overrides, mix, rule = parse_variant(spec)
     target = round(num_experts * (1 - ratio))
     ratios = mix if mix is not None else args.calibration_ratios
+    ratios = [r / sum(ratios) for r in ratios]  # ReamConfig takes shares that sum to 1
     fields = dict(
         target_experts=target, method=method,
         calibration=[str(paths["calibration"][d]) for d in tiny.DOMAINS], calibration_ratios=ratios,
@@ -385,6 +386,7 @@ def run_reference(spec: str, ratio: float, args, paths: dict, scorer: Scorer, nu
     method = method[len(REFERENCE):]
     target = round(num_experts * (1 - ratio))
     ratios = mix if mix is not None else args.calibration_ratios
+    ratios = [r / sum(ratios) for r in ratios]  # ReamConfig takes shares that sum to 1
     config = ReamConfig(  # the calibration fields run_variant gives ream_hf
         target_experts=target, method=method, group_size=overrides.get("group_size", args.group_size),
         calibration=[str(paths["calibration"][d]) for d in tiny.DOMAINS], calibration_ratios=ratios,

@@ -5,9 +5,11 @@ FP8 block format DeepSeek-V3 / Qwen3-*-FP8 publish (`ream_hf.fixtures.fp8_block_
 (`dequantize_checkpoint`, bfloat16) holds exactly the FP8 checkpoint's real values and is the reference. Each method
 compresses the twin, the FP8 source written as FP8 (the default) and the FP8 source with --output-dtype bfloat16;
 every output (an FP8 one dequantized first) is scored by the mean next-token KL(reference || output) on held-out
-text. The tests (tests/test_quantized.py) run this at a smaller calibration size and assert on it.
+text. The tests (tests/test_quantized.py) run this at a smaller calibration size and assert on it. The refit is off
+by default here (`--refit none`): it gives every kept expert a new down projection, which an FP8 output quantizes
+afresh, so kept experts would no longer be the source's bytes; `--refit down` measures the library's default.
 
-    python eval/bench_quantized.py [--methods reap ream] [--sequences 32] [--workdir DIR]
+    python eval/bench_quantized.py [--methods reap ream] [--sequences 32] [--workdir DIR] [--refit none|down]
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ def build_sources(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def compress(source: Path, calibration: Path, output: Path, method: str, *, target: int = 8, sequences: int = 32,
-             length: int = 64, output_dtype: str | None = None) -> Path:
+             length: int = 64, output_dtype: str | None = None, refit: str = "none") -> Path:
     config = ReamConfig(target_experts=target, method=method, calibration=[str(calibration)], calibration_ratios=None,
                         num_calibration_sequences=sequences, sequence_length=length, batch_size=8, group_size=4,
-                        output_dtype=output_dtype)
+                        output_dtype=output_dtype, refit=refit)
     compressor = ReamCompressor(config)
     compressor.compress(str(source), work_dir=output.parent / f".{output.name}.work")
     return compressor.save_pretrained(output)
@@ -74,7 +76,8 @@ class KLScorer:
         return float((self.reference.exp() * (self.reference - log_probs)).sum(-1).mean())
 
 
-def run(workdir: Path, methods: tuple[str, ...] = ("reap", "ream"), sequences: int = 32, length: int = 64) -> list[dict]:
+def run(workdir: Path, methods: tuple[str, ...] = ("reap", "ream"), sequences: int = 32, length: int = 64,
+        refit: str = "none") -> list[dict]:
     """One row per method: the output folder and KL of each mode."""
     workdir = Path(workdir)
     fp8, twin = build_sources(workdir)
@@ -87,7 +90,7 @@ def run(workdir: Path, methods: tuple[str, ...] = ("reap", "ream"), sequences: i
             source = twin if mode == "twin" else fp8
             output_dtype = mode.split("->")[1] if "->" in mode else None
             folder = compress(source, calibration, workdir / f"{method}-{mode.replace('->', '-')}", method,
-                              sequences=sequences, length=length, output_dtype=output_dtype)
+                              sequences=sequences, length=length, output_dtype=output_dtype, refit=refit)
             row["folders"][mode], row["kl"][mode] = folder, scorer.score(folder)
         rows.append(row)
     return rows
@@ -99,9 +102,10 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32, help="calibration sequences")
     parser.add_argument("--length", type=int, default=64, help="calibration sequence length")
     parser.add_argument("--workdir", help="where to build (default: a new temporary folder)")
+    parser.add_argument("--refit", default="none", help="ReamConfig.refit (default none: the kept experts' bytes)")
     args = parser.parse_args()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ream-bench-quantized-"))
-    rows = run(workdir, tuple(args.methods), args.sequences, args.length)
+    rows = run(workdir, tuple(args.methods), args.sequences, args.length, args.refit)
     print("\n| method 16 -> 8 | KL: twin (bf16) source | FP8 source, FP8 output | FP8 source, --output-dtype bfloat16 "
           "| FP8 output / twin |")
     print("|---|---|---|---|---|")

@@ -5,14 +5,16 @@ The reference below is written from METHOD.md with torch and scipy alone; it cal
 or pipeline. It takes the MoE block inputs of every layer from the *saved* checkpoint run by plain transformers
 (hooks on each layer's MoE block, one calibration row at a time): in the paper's sequential mode layer L is
 compressed on the outputs of the already compressed layers before it, which is exactly what the saved model
-computes up to layer L. From those inputs and the source's tensors it recomputes the statistics (REAP saliency,
+computes up to layer L. From those inputs and the source's tensors it recomputes the statistics (the default
+saliency, p^2 ||f|| with the full-softmax p,
 gated output signatures, router-logit columns), the distances, each method's groups, the merge weights, and, for
 every member of every group, its neuron permutation: Hungarian matching (scipy) of the centroid's neurons to
 the member's on cost = distance of the neurons' hidden activations (columns normalised over the tokens) +
 distance of their weight rows. `pca_dim` = 3 * hidden makes the method's PCA of the weight rows a rotation, so
-that distance is the plain distance of the unit rows, which the reference computes without any PCA. Every
-output expert must then equal the weighted sum of its group's permuted source experts, and every router row
-the centroid's.
+with `--weight-features plain` that distance is the plain distance of the unit rows, which the reference computes
+without any PCA. Every output expert must then equal the weighted sum of its group's permuted source experts
+(`--refit none`: the refit, which changes the down projections after the merge, is tests/test_refit.py's), and
+every router row the centroid's.
 
 Calibration: pre-tokenised rows of different lengths (used as they are, so the reference knows every token;
 batches carry padding that must not count), all of them, and an activation sample larger than the tokens
@@ -53,7 +55,8 @@ def run(request, qwen3_source, ragged_calibration, tmp_path_factory):
     rows = calibration_rows(ragged_calibration)
     code = cli(["compress", str(qwen3_source), "--method", method, "--target-experts", str(TARGET),
                 "--calibration", str(ragged_calibration), "--num-sequences", str(len(rows)), "--batch-size", "4",
-                "--group-size", str(GROUP_SIZE), "--pca-dim", str(3 * hidden), "--output", str(output)])
+                "--group-size", str(GROUP_SIZE), "--pca-dim", str(3 * hidden), "--weight-features", "plain",
+                "--refit", "none", "--output", str(output)])
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(str(output)).eval()
     inputs = moe_inputs(model, rows)
@@ -96,7 +99,8 @@ def reference_layer(source: dict[str, torch.Tensor], prefix: str, x: torch.Tenso
         picked = chosen == e  # (T, k)
         tokens = picked.any(dim=1)
         if tokens.any():
-            saliency[e] = ((top * picked).sum(dim=1)[tokens] * outputs[e, tokens].norm(dim=1)).mean()
+            # the default saliency: p_i(x)^2 ||f_i(x)|| with p the softmax over all experts, mean over routed tokens
+            saliency[e] = (probs[tokens, e] ** 2 * outputs[e, tokens].norm(dim=1)).mean()
     signatures = (probs.T.unsqueeze(-1) * outputs).mean(dim=1)  # o_i = mean_x g_i(x) f_i(x)
     unit = signatures / signatures.norm(dim=1, keepdim=True)
     sim_out = (unit @ unit.T + 1) / 2

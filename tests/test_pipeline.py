@@ -34,10 +34,12 @@ def test_kept_experts_and_router_rows_are_exact_copies_under_source_names(qwen3_
     src, out = tensors(qwen3_source), tensors(tmp_path / "out")
     assert set(out) <= set(src), "every output name is a source name (experts renumbered into 0..k-1)"
     assert {n for n in src if ".experts." not in n} <= set(out)
+    refit = compressor.config.refit == "down"  # REAP's default: new down projections (tests/test_refit.py)
+    assert refit == (method == "reap")
     for report in compressor.result.layers:
         prefix = f"model.layers.{report.index}.mlp."
         for j, centroid in enumerate(report.plan.centroids):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
+            for proj in ("gate_proj", "up_proj") if refit else ("gate_proj", "up_proj", "down_proj"):
                 assert torch.equal(out[f"{prefix}experts.{j}.{proj}.weight"], src[f"{prefix}experts.{centroid}.{proj}.weight"])
             # the kept router row j belongs to output expert j (a fork dispatched to the wrong expert)
             assert torch.equal(out[f"{prefix}gate.weight"][j], src[f"{prefix}gate.weight"][centroid])

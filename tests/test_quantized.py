@@ -140,6 +140,34 @@ def test_fp8_output_keeps_experts_bit_exact_requantizes_merged_ones_and_orphans_
     assert untouched and all(torch.equal(out[n].view(torch.uint8), src[n].view(torch.uint8)) for n in untouched)
 
 
+def test_fp8_source_with_the_refit_quantizes_the_refit_experts_afresh(tmp_path):
+    """REAP's default refit gives every kept expert a new down projection: an FP8 output quantizes those experts
+    afresh from the twin's refit values (the refit of the FP8 source's real values is the twin's refit, tensor for
+    tensor), scores within 2% of the twin, and leaves no scale orphaned."""
+    row = bench.run(tmp_path, ("reap",), 16, 48, refit="down")[0]
+    twin_out, fp8_out, bf16_out = (row["folders"][m] for m in bench.MODES)
+    expected, out = tensors(twin_out), tensors(fp8_out)
+    got = tensors(bf16_out)
+    assert expected.keys() == got.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+    fmt = Fp8BlockFormat(json.loads((row["fp8_source"] / "config.json").read_text())["quantization_config"])
+    source = tensors(row["twin_source"])
+    refit_changed = 0
+    for layer, groups in manifest_groups(fp8_out).items():
+        for group in groups:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                name = f"{layer}.mlp.experts.{group['output_expert']}.{proj}.weight"
+                fresh = fmt.quantize(name, expected[name], {})
+                assert torch.equal(out[name].view(torch.uint8), fresh[name].view(torch.uint8)), name
+                assert torch.equal(out[fmt.scale_name(name)], fresh[fmt.scale_name(name)]), name
+                source_name = f"{layer}.mlp.experts.{group['centroid']}.{proj}.weight"
+                refit_changed += proj == "down_proj" and not torch.equal(expected[name], source[source_name])
+    assert refit_changed
+    kl = row["kl"]
+    assert kl["fp8->bfloat16"] == kl["twin"] and abs(kl["fp8"] - kl["twin"]) <= 0.02 * kl["twin"]
+    scales = {n for n in out if n.endswith(SCALE)}
+    assert scales == {fmt.scale_name(n) for n, t in out.items() if t.dtype == torch.float8_e4m3fn}
+
+
 def test_fp8_deepseek_v3_with_mla_shared_experts_and_mtp(calibration_txt, tmp_path):
     """DeepSeek-V3's FP8 layout: MLA projections with partial blocks (kv_a_proj_with_mqa: 48 rows), a dense first
     layer, shared experts, a float32 routing bias and an MTP layer (its eh_proj quantized too), compressed with

@@ -148,4 +148,5 @@ def test_the_gpu_code_paths_run_on_the_cpu(calibration_txt, tmp_path, monkeypatc
     manifests = [json.loads((tmp_path / name / "ream_manifest.json").read_text())["layers"] for name in ("exact", "gpu-like")]
     for a, b in zip(*manifests):
         assert [g["members"] for g in a["groups"]] == [g["members"] for g in b["groups"]]
-        assert torch.allclose(torch.tensor(a["saliency"]), torch.tensor(b["saliency"]), rtol=2e-2)
+        # the default saliency p^2 ||f|| doubles p's relative rounding (the later layers' inputs differ in bf16)
+        assert torch.allclose(torch.tensor(a["saliency"]), torch.tensor(b["saliency"]), rtol=4e-2)

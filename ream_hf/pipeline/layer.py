@@ -321,8 +321,10 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
     stats_seconds = clock - started
     plan = plan_layer(config, stats, target, groups_per_layer)
     clock = stage("plan", clock)
-    refit = config.refit != "none"
-    fallback = config.is_merging and config.prune_fallback
+    # the corrections only where the layer loses experts: a full-width run stays the exact no-op it is
+    reduced = len(plan.groups) < stats.frequency.shape[0]
+    refit = config.refit != "none" and reduced
+    fallback = config.is_merging and config.prune_fallback and reduced
     if forward is not None and not config.sequential:
         forward()
         clock = stage("forward", clock)
@@ -350,7 +352,8 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
                 if getattr(router_module, name, None) is not None},
         centroids=plan.centroids,
         # a refit down projection is new even where the group is one expert
-        unchanged=["down" not in config.refit and (merged is None or keeps_centroid(config.merge, len(g.members)))
+        unchanged=[not (refit and "down" in config.refit)
+                   and (merged is None or keeps_centroid(config.merge, len(g.members)))
                    for g in plan.groups],
     )
     report = LayerReport(
