@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from ..arch import ExpertWeights
+from ..config import REFIT_TARGETS
 from .experts import Activation, pairs_by_expert, single_expert_output
 
-REFIT_TARGETS = ("group", "residual")
 SIGMOID_EPS = 1e-6
 
 
