@@ -104,6 +104,7 @@ def main() -> int:
     parser.add_argument("--target", type=int, default=96)
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--method", default="ream")
+    parser.add_argument("--refit", help="ReamConfig.refit (default: the config's default)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (16 x 512 = 8192 tokens)")
     parser.add_argument("--chunk", type=int, default=4096, help="token rows per statistics GEMM (capped by memory)")
     parser.add_argument("--budget-gb", type=float, default=8.0, help="hidden_states_budget_gb (0: spill to files)")
@@ -164,7 +165,7 @@ def main() -> int:
         target_experts=s["target"], method=args.method, group_size=s["group_size"], calibration=[str(calibration)],
         calibration_ratios=None, num_calibration_sequences=args.sequences, sequence_length=args.length,
         batch_size=args.batch_size, token_chunk_size=args.chunk, device=device_name,
-        hidden_states_budget_gb=args.budget_gb,
+        hidden_states_budget_gb=args.budget_gb, **({"refit": args.refit} if args.refit else {}),
     )
     compressor = ReamCompressor(config)
     started = time.perf_counter()
@@ -181,7 +182,7 @@ def main() -> int:
     for report in result.layers:
         t = report.timings
         rows.append({"layer": report.index, "seconds": report.seconds, **{k: t.get(k, 0.0) for k in
-                     ("load", "statistics", "plan", "merge", "forward")},
+                     ("load", "statistics", "plan", "merge", "refit", "forward")},
                      "exact_tflops": exact / t["statistics"] / 1e12, "executed_tflops": executed / t["statistics"] / 1e12})
     gemm = result.layers[0].gemm if result.layers else {}
     # the first layer pays cuBLAS/allocator warm-up, the last has no re-forward: the layers between are the model's
@@ -192,7 +193,7 @@ def main() -> int:
     full = fixed + FULL_LAYERS * per_layer  # per-layer wall time includes any wait for the background writes
     record = {
         "card": card, "world_size": ranks.world, "torch": torch.__version__, "transformers": transformers.__version__,
-        "shape": s, "layers": args.layers, "calibration": [args.sequences, args.length], "tokens": tokens,
+        "shape": s, "refit": config.refit, "layers": args.layers, "calibration": [args.sequences, args.length], "tokens": tokens,
         "batch_size": args.batch_size, "chunk": args.chunk, "gemm": gemm,
         "peak_tflops_measured": peak, "peak_tflops_datasheet": datasheet_peak(card),
         "exact_pflop_per_layer": exact / 1e15, "per_layer": rows, "steady_seconds_per_layer": per_layer,
@@ -200,11 +201,11 @@ def main() -> int:
         "compress_seconds": compressed, "save_seconds": saved, "fixed_seconds": fixed,
         "full_model_layers": FULL_LAYERS, "full_model_minutes": full / 60,
     }
-    say("\n| layer | total s | load | statistics | plan | merge | re-forward | exact TFLOP/s | executed TFLOP/s |")
-    say("|---|---|---|---|---|---|---|---|---|")
+    say("\n| layer | total s | load | statistics | plan | merge | refit | re-forward | exact TFLOP/s | executed TFLOP/s |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         say(f"| {r['layer']} | {r['seconds']:.2f} | {r['load']:.2f} | {r['statistics']:.2f} | {r['plan']:.2f} | "
-            f"{r['merge']:.2f} | {r['forward']:.2f} | {r['exact_tflops']:.3g} | {r['executed_tflops']:.3g} |")
+            f"{r['merge']:.2f} | {r['refit']:.2f} | {r['forward']:.2f} | {r['exact_tflops']:.3g} | {r['executed_tflops']:.3g} |")
     say(f"\nGEMMs: {json.dumps(gemm)}")
     steady_stats = statistics.mean(r["statistics"] for r in steady)
     say(f"statistics: {exact / steady_stats / 1e12:.3g} TFLOP/s of the exact statistic ({exact / 1e15:.3g} PFLOP per "
