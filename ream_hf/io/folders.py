@@ -19,7 +19,6 @@ import glob
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -29,12 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..kill_points import kill_point
-from .source import looks_like_hub_id
+from .source import HUB_CACHE_FOLDER, looks_like_hub_id
 from .writer import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
-
-_HUB_REPO_FOLDER = re.compile(r"^models--[^/]+--[^/]+$")
 
 
 # -- the source is never written ---------------------------------------------------------------------------
@@ -57,7 +54,7 @@ def source_folders(source: str | os.PathLike) -> list[tuple[Path, bool]]:
     found: list[tuple[Path, bool]] = [(folder, True)]
     parts = folder.parts
     for i in range(len(parts) - 1):
-        if _HUB_REPO_FOLDER.match(parts[i]) and parts[i + 1] == "snapshots":
+        if HUB_CACHE_FOLDER.match(parts[i]) and parts[i + 1] == "snapshots":
             found.append((Path(*parts[: i + 1]), True))
     if folder.is_dir():
         for item in folder.iterdir():

@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 # files beside the weights that a compressed checkpoint carries on (tokenizer, chat template, generation config,
 # custom code), taken from the top of a Hub repo only: sub-folders hold other formats (`original/`, GGUF, ...)
 SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken")
+
+
+# a repo's folder in the Hub cache (HF_HUB_CACHE/models--owner--name), one path part
+HUB_CACHE_FOLDER = re.compile(r"^models--(?P<owner>[^/]+?)--(?P<name>[^/]+)$")
 
 
 def looks_like_hub_id(model_path: str | os.PathLike) -> bool:

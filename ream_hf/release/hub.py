@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..io.folders import check_output_dir, check_paths
-from ..io.source import looks_like_hub_id
+from ..io.source import HUB_CACHE_FOLDER, looks_like_hub_id
 from .card import CARD_NAME, EVAL_RESULTS_NAME, METHODS, hub_license, render_model_card, short_bytes
 from .evaluation import TASKS, evaluate_pair, preflight
 
@@ -117,9 +116,6 @@ def push_folder(
     return str(url)
 
 
-_HF_CACHE_FOLDER = re.compile(r"^models--(?P<owner>[^/]+?)--(?P<name>[^/]+)$")
-
-
 def hub_id_for_source(source: Any) -> str | None:
     """The Hub repo id a source stands for: the id itself, or a folder in the Hub cache (`models--owner--name`)."""
     if not isinstance(source, (str, os.PathLike)):
@@ -128,7 +124,7 @@ def hub_id_for_source(source: Any) -> str | None:
     path = Path(source).expanduser()
     if path.exists():
         for part in path.resolve().parts:
-            if m := _HF_CACHE_FOLDER.match(part):
+            if m := HUB_CACHE_FOLDER.match(part):
                 return f"{m['owner']}/{m['name']}"
         return None
     return str(source) if looks_like_hub_id(source) else None
