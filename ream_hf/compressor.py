@@ -207,7 +207,7 @@ class ReamCompressor(OptimumQuantizer):
                     reader.check_source(source)  # saved statistics of these very weights (the shards' bytes)
                 if tokenizer is None:
                     tokenizer = self._load_tokenizer(source.folder if source else getattr(model, "name_or_path", None),
-                                                     trust_remote_code, source.transformers_config() if source else None)
+                                                     trust_remote_code, model_config if source else None)
                 sequences = [] if reader is not None else \
                     load_calibration(config, tokenizer, getattr(text_config, "vocab_size", None))
                 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
