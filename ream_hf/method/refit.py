@@ -169,10 +169,13 @@ def _routed_pass(weights: ExpertWeights, activation: Activation, x: Tensor, rout
 
 
 def _member_outputs(source: ExpertWeights, activation: Activation, x: Tensor, routing: Routing,
-                    members: list[int], rows_of_token: Tensor, target_rows: int) -> Tensor:
+                    members: list[int], routed_token: Tensor) -> Tensor:
     """The "group" target of one output expert: sum over its members i of g_i(x) f_i(x) (original router), on
-    the tokens that route to the output expert (row rows_of_token[t] of the result; -1 = not one of them)."""
-    out = torch.zeros(target_rows, source.down.shape[1], dtype=torch.float32, device=x.device)
+    the tokens that route to the output expert (`routed_token`, its routed pairs' tokens: row r of the result is
+    token routed_token[r])."""
+    rows_of_token = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)  # -1: not routed to it
+    rows_of_token[routed_token] = torch.arange(routed_token.shape[0], device=x.device)
+    out = torch.zeros(routed_token.shape[0], source.down.shape[1], dtype=torch.float32, device=x.device)
     for member in members:
         token, slot = torch.nonzero(routing.index == member, as_tuple=True)
         keep = rows_of_token[token] >= 0
@@ -214,9 +217,7 @@ def merges_worth_keeping(source: ExpertWeights, merged: ExpertWeights, activatio
         pair = order[part]
         token, slot = pair % tokens, pair // tokens
         weight = compressed.weights[token, slot].float().unsqueeze(1)
-        rows_of_token = torch.full((tokens,), -1, dtype=torch.long, device=x.device)
-        rows_of_token[token] = torch.arange(token.shape[0], device=x.device)
-        goal = _member_outputs(source, activation, x, original, groups[expert], rows_of_token, token.shape[0])
+        goal = _member_outputs(source, activation, x, original, groups[expert], token)
         errors = []
         for candidate in (merged.select([expert]), source.select([groups[expert][0]])):
             one = candidate.to(torch.float32)
@@ -272,10 +273,7 @@ def refit_down_projections(source: ExpertWeights, merged: ExpertWeights, activat
     if target == "group":
         for expert, routed in pairs:
             inputs, current = design(expert, routed)
-            rows_of_token = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-            rows_of_token[routed.token] = torch.arange(routed.token.shape[0], device=x.device)
-            goal = _member_outputs(source, activation, x, original, groups[expert], rows_of_token,
-                                   routed.token.shape[0])
+            goal = _member_outputs(source, activation, x, original, groups[expert], routed.token)
             store(expert, ridge_solve((inputs.T @ inputs).double()[None], (goal.T @ inputs).double()[None],
                                       current[None], ridge)[0])
         return down, bias
