@@ -186,6 +186,16 @@ def _member_outputs(source: ExpertWeights, activation: Activation, x: Tensor, ro
     return out
 
 
+def _design(weight: Tensor, acts: Tensor, down: Tensor, down_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A down-projection fit's inputs u = w a (n, D), with a column w when the expert has a down bias, and the
+    expert's current [down | bias] (H, D [+1]) in float64: the fitted bias is one more column of the solve."""
+    inputs, current = weight * acts, down.double()
+    if down_bias is not None:
+        inputs = torch.cat([inputs, weight], dim=1)
+        current = torch.cat([current, down_bias.double().unsqueeze(1)], dim=1)
+    return inputs, current
+
+
 def _cross_validated_error(inputs: Tensor, goal: Tensor, prior: Tensor, ridge: float) -> float:
     """Squared error of the ridge fit on held-out rows, two folds (alternate rows): the fit's own rows would
     favour whichever candidate over-fits."""
@@ -224,10 +234,8 @@ def merges_worth_keeping(source: ExpertWeights, merged: ExpertWeights, activatio
             gate, up = x[token] @ one.gate[0].T, x[token] @ one.up[0].T
             if one.gate_bias is not None:
                 gate, up = gate + one.gate_bias[0], up + one.up_bias[0]
-            inputs, prior = weight * activation(gate, up), one.down[0].double()
-            if one.down_bias is not None:
-                inputs = torch.cat([inputs, weight], dim=1)
-                prior = torch.cat([prior, one.down_bias[0].double().unsqueeze(1)], dim=1)
+            inputs, prior = _design(weight, activation(gate, up), one.down[0],
+                                    None if one.down_bias is None else one.down_bias[0])
             errors.append(_cross_validated_error(inputs, goal, prior, ridge))
         keep[expert] = errors[0] <= (1.0 - margin) * errors[1]
     return keep
@@ -257,13 +265,7 @@ def refit_down_projections(source: ExpertWeights, merged: ExpertWeights, activat
     bias = merged.down_bias.detach().clone() if has_bias else None
 
     def design(expert: int, routed: RoutedPairs) -> tuple[Tensor, Tensor]:
-        """u = w a (with a column w for the bias) and the expert's current [down | bias] (H, D [+1]), float64."""
-        inputs = routed.weight * routed.acts
-        current = down[expert].double()
-        if has_bias:
-            inputs = torch.cat([inputs, routed.weight], dim=1)
-            current = torch.cat([current, bias[expert].double().unsqueeze(1)], dim=1)
-        return inputs, current
+        return _design(routed.weight, routed.acts, down[expert], bias[expert] if has_bias else None)
 
     def store(expert: int, solved: Tensor) -> None:
         down[expert] = solved[:, :inner].to(down.dtype)
