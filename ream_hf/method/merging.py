@@ -14,6 +14,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from ..config import WEIGHT_FEATURES
 from .similarity import unit_column_distance
 
 ALIGNMENT_MODES = ("activations+weights", "activations", "weights")
@@ -70,9 +71,6 @@ def _principal_directions(row_chunks: Callable[[], Iterator[Tensor]], dim: int, 
     return basis @ right[:dim].T, singular[:dim], mean
 
 
-FEATURE_KINDS = ("scaled", "plain")
-
-
 def weight_features(gate: Tensor, up: Tensor, down: Tensor, dim: int = 64, kind: str = "scaled") -> Tensor:
     """Per-neuron weight signature for alignment: concat(gate row, up row, down column), unit-normalised,
     then PCA over all neurons of all experts of the layer so every expert shares one basis. (E, D, p).
@@ -81,8 +79,8 @@ def weight_features(gate: Tensor, up: Tensor, down: Tensor, dim: int = 64, kind:
     length lies outside 64 of 3H dimensions), so next to the unit-column activation distances the weight term
     barely counts. kind "scaled" (the reference code's): the projection scaled by the singular values, each row
     then re-normalised to unit length, so the weight distance spans [0, 2] like the activation one."""
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"weight feature kind must be one of {', '.join(FEATURE_KINDS)}; got {kind!r}")
+    if kind not in WEIGHT_FEATURES:
+        raise ValueError(f"weight feature kind must be one of {', '.join(WEIGHT_FEATURES)}; got {kind!r}")
     num_experts, inner, hidden = gate.shape
     dims = min(dim, 3 * hidden, num_experts * inner)
     row_chunks = lambda: _neuron_row_chunks(gate, up, down)  # noqa: E731

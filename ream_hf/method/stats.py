@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import ExpertWeights
+from ..config import SALIENCY_MEANS
 from .experts import Activation, pairs_by_expert, single_expert_output
 from .similarity import logit_gram
 
@@ -38,7 +39,6 @@ ROUTED_BYTES_BUDGET = 16 * 2**20  # hidden rows of routed pairs gathered for one
 
 
 SALIENCY_FACTORS = ("weight", "probability", "probability_squared")
-SALIENCY_MEANS = ("tokens", "batches")
 
 
 def saliency_name(factor: str, mean: str) -> str:
