@@ -37,6 +37,7 @@ from ..io import safetensors as st
 from ..io.source import SourceCheckpoint, looks_like_hub_id
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
+from .streaming import WRITER_PENDING_BYTES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # throughput assumed by the estimate when none is given, in executed FLOP per second of the whole layer (statistics,
@@ -45,7 +46,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # on the CPU eval/bench_compress.py's float32 rate on 2 cores
 DEFAULT_TFLOPS = {"cuda": 180.0, "cpu": 0.15}
 DEFAULT_DISK_GBPS = 2.0
-WRITER_PENDING_BYTES = 2 * 2**30  # streaming.BackgroundWriter's bound on host copies waiting for the disk
 
 
 @dataclass

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "state.json"
 LOCK_NAME = "run.lock"
 FORMAT = "ream-hf work folder v1"
+WRITER_PENDING_BYTES = 2 * 2**30  # BackgroundWriter's default bound on host copies waiting for the disk
 
 
 def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
@@ -407,7 +408,7 @@ class BackgroundWriter:
     the OSError of a full disk, whichever write noticed it), and no later commit runs: nothing may be recorded as
     done after something it depends on failed."""
 
-    def __init__(self, max_pending_bytes: int = 2 * 2**30, workers: int = 4) -> None:
+    def __init__(self, max_pending_bytes: int = WRITER_PENDING_BYTES, workers: int = 4) -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ream-writer")
         self._pending: collections.deque[tuple[Future, int]] = collections.deque()
         self._pending_bytes = 0
