@@ -213,10 +213,20 @@ def refit_sample(config: ReamConfig, stats: LayerStatistics) -> torch.Tensor:
     return inputs[torch.randperm(inputs.shape[0], generator=generator)[: config.refit_tokens].sort().values]
 
 
-def routing(router_module, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, Routing]:
-    """Logits (T, E) and the top-k choice of `router_module` on tokens x, `rows` at a time."""
+def routing(router_module, x: torch.Tensor, rows: int) -> Routing:
+    """The top-k choice of `router_module` on tokens x, `rows` at a time."""
     parts = [router_module(x[start : start + rows]) for start in range(0, x.shape[0], rows)]
-    return torch.cat([p[0] for p in parts]), Routing(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
+    return Routing(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
+
+
+def sample_routings(config: ReamConfig, family: MoEFamily, block, original: OriginalModules,
+                    x: torch.Tensor) -> tuple[ExpertWeights, torch.Tensor, Routing, Routing]:
+    """What the down-projection refit and the merge fallback compare on the sample tokens x: the compressed
+    layer's expert weights, x on their device, and the original and the compressed router's choices on x."""
+    merged = read_expert_weights(family, experts(family, block))
+    x = x.to(merged.down.device)
+    typed, rows = x.to(merged.down.dtype), config.token_chunk_size
+    return merged, x, routing(original.router, typed, rows), routing(router(family, block), typed, rows)
 
 
 def refit_router(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
@@ -250,11 +260,7 @@ def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, or
                x: torch.Tensor) -> None:
     """Each output expert's down projection (and bias) refit on the sample tokens x (method/refit.py)."""
     experts_module = experts(family, block)
-    merged = read_expert_weights(family, experts_module)
-    x = x.to(merged.down.device)
-    rows = config.token_chunk_size
-    _, before = routing(original.router, x.to(merged.down.dtype), rows)
-    _, after = routing(router(family, block), x.to(merged.down.dtype), rows)
+    merged, x, before, after = sample_routings(config, family, block, original, x)
     down, bias = refit_down_projections(
         read_expert_weights(family, original.experts), merged, activation_for(family, experts_module), x, before,
         after, [list(g.members) for g in plan.groups], config.refit_target, config.refit_ridge, config.refit_steps)
@@ -267,12 +273,8 @@ def prune_bad_merges(config: ReamConfig, family: MoEFamily, block, plan: LayerPl
     """Groups whose merged expert reproduces the group's calibration outputs worse than its centroid alone
     (method/refit.py `merges_worth_keeping`) get the centroid back, unmerged; the plan records them as pruned."""
     experts_module = experts(family, block)
-    merged = read_expert_weights(family, experts_module)
+    merged, x, before, after = sample_routings(config, family, block, original, x)
     source = read_expert_weights(family, original.experts)
-    x = x.to(merged.down.device)
-    rows = config.token_chunk_size
-    _, before = routing(original.router, x.to(merged.down.dtype), rows)
-    _, after = routing(router(family, block), x.to(merged.down.dtype), rows)
     keep = merges_worth_keeping(source, merged, activation_for(family, experts_module), x, before, after,
                                 [list(g.members) for g in plan.groups], config.refit_ridge,
                                 config.prune_fallback_margin)
