@@ -161,7 +161,8 @@ def build_mtp_block(model: nn.Module, family: MoEFamily, loader: LayerLoader, sp
     tensors = {name: tensor.to(dtype) for name, tensor in
                loader.read([n for n in block_names.values() if n in source.weight_map]).items()}
 
-    trunk_layer = decoder_layers(model)[0]
+    trunk_layers = decoder_layers(model)
+    trunk_layer = trunk_layers[0]
     if family.mtp_style == "mtp":
         config = copy.deepcopy(text)
         config.layer_types = ["full_attention"] * max(int(text.num_hidden_layers), spec.depth + 1)
@@ -171,7 +172,7 @@ def build_mtp_block(model: nn.Module, family: MoEFamily, loader: LayerLoader, sp
     with torch.device("meta"):
         layer = type(trunk_layer)(config, layer_index).to(dtype)
     # float32 where transformers would keep it so in a trunk layer (e_score_correction_bias in bfloat16)
-    layers_name = next(name for name, module in model.named_modules() if module is decoder_layers(model))
+    layers_name = next(name for name, module in model.named_modules() if module is trunk_layers)
     keep_fp32(layer, fp32_tensors(model, dtype), f"{layers_name}.{layer_index}.")
     read = loader.fill(layer, spec.layer_prefix)
     unexpected = sorted(layer_names - read)
