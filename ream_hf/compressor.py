@@ -20,7 +20,7 @@ from optimum.quantization_base import OptimumQuantizer
 from . import __version__
 from .arch import MoEFamily, decoder_layers, expert_count, family_for_config, parse_moe_name, set_expert_count, \
     text_config_dict
-from .config import CONFIG_KEY, ReamConfig
+from .config import CONFIG_KEY, TORCH_DTYPES, ReamConfig
 from .io.folders import SpaceNeeded, atomic_output_dir, check_output_dir, check_paths, storage_errors
 from .io.quantization import check_loaded_model, plan_output
 from .io.source import SourceCheckpoint, open_source
@@ -50,7 +50,6 @@ from .pipeline.streaming import LayerLoader, WorkFolder, build_skeleton, default
 
 logger = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ReamCompressor(OptimumQuantizer):
@@ -270,16 +269,16 @@ class ReamCompressor(OptimumQuantizer):
     def _source_dtype(self, source: SourceCheckpoint) -> torch.dtype:
         """The dtype `from_pretrained(dtype="auto")` would pick: the one config.json records."""
         if self.config.dtype != "auto":
-            return _TORCH_DTYPES[self.config.dtype]
+            return TORCH_DTYPES[self.config.dtype]
         text = text_config_dict(source.config)
         recorded = source.config.get("dtype") or source.config.get("torch_dtype") or text.get("dtype") \
             or text.get("torch_dtype") or "float32"
-        if recorded not in _TORCH_DTYPES:
+        if recorded not in TORCH_DTYPES:
             raise ValueError(f"unsupported dtype {recorded!r} in {source.folder}/config.json; pass --dtype")
-        return _TORCH_DTYPES[recorded]
+        return TORCH_DTYPES[recorded]
 
     def _dtype(self):
-        return "auto" if self.config.dtype == "auto" else _TORCH_DTYPES[self.config.dtype]
+        return "auto" if self.config.dtype == "auto" else TORCH_DTYPES[self.config.dtype]
 
     def _load_tokenizer(self, folder, trust_remote_code: bool = False, model_config=None):
         """The folder's tokenizer; `model_config` (ours, native) spares AutoTokenizer the checkpoint's config code."""

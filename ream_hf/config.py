@@ -41,7 +41,8 @@ REFIT_MODES = ("none", "down", "router", "router+down")  # closed-form correctio
 DEFAULT_REFIT = {"ream": "down", "reap": "down", "hc_smoe": "none", "m_smoe": "none", "frequency": "none"}
 REFIT_TARGETS = ("residual", "group")
 GROUP_SIZE_DIVISOR = 8  # default REAM group size C = E / 8: the paper's 16 for 128 experts, 32 for 256
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("auto", *TORCH_DTYPES)
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")  # a quantized source written dequantized
 CONFIG_KEY = "ream_config"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")

@@ -32,14 +32,13 @@ from typing import Any
 import torch
 
 from ..arch import decoder_layers, expert_count, experts, family_for_config, moe_block, router, text_config_dict
-from ..config import ReamConfig
+from ..config import TORCH_DTYPES, ReamConfig
 from ..io import safetensors as st
 from ..io.source import SourceCheckpoint, looks_like_hub_id
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
 from .streaming import WRITER_PENDING_BYTES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # throughput assumed by the estimate when none is given, in executed FLOP per second of the whole layer (statistics,
 # merge, re-forward): on CUDA the rate eval/bench_gpu.py measured end to end on one H100 80GB HBM3 and on one H200
 # (Qwen3-30B-A3B's layer shape, 1.43 PFLOP executed in 7.9 s per layer: 180 TFLOP/s; README, 'Measured on a GPU');
@@ -180,8 +179,8 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     target = config.resolve_target(num_experts, top_k)
     recorded = config_dict.get("dtype") or config_dict.get("torch_dtype") or text.get("dtype") \
         or text.get("torch_dtype") or "float32"
-    disk_dtype = DTYPES.get(recorded, torch.bfloat16)
-    working = disk_dtype if config.dtype == "auto" else DTYPES[config.dtype]
+    disk_dtype = TORCH_DTYPES.get(recorded, torch.bfloat16)
+    working = disk_dtype if config.dtype == "auto" else TORCH_DTYPES[config.dtype]
     notes: list[str] = []
     quant_method = str((config_dict.get("quantization_config") or {}).get("quant_method", "")).lower()
     if quant_method and quant_method != "fp8":
