@@ -4,8 +4,9 @@
 
 Runs on the GPU release runner (`.github/workflows/release-eval.yml`), with the evaluation extras (vLLM,
 lm-evaluation-harness) installed. The results JSON is `ream_hf.release.evaluation.evaluate_pair`'s
-(`ream-hf eval results v1`) plus a `regression` entry saying what was run; `python -m eval.check_regression`
-then compares it with the YAML's baseline. The compressed checkpoint is deleted afterwards unless `--keep`.
+(`ream-hf eval results v1`) plus a `regression` entry saying what was run and the spec's `reference` (the paper's
+numbers, for the table and the card); `python -m eval.check_regression` then holds the measured retention to the
+YAML's floors. The compressed checkpoint is deleted afterwards unless `--keep`.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def run(spec_path: str | Path, output: str | Path, *, work_dir: str | Path | Non
         results["regression"] = {
             "spec": str(spec_path), "name": spec.name, "model": spec.model, "method": spec.method,
             "target_experts": spec.target_experts, "compress_seconds": round(compress_seconds, 1),
-            "baseline": spec.baseline, "tolerance": spec.tolerance,
+            "retention_floor": spec.retention_floor,
         }
+        if spec.reference is not None:
+            results["reference"] = spec.reference.to_dict()
         write_results(results, output)
         return results
     finally:

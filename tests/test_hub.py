@@ -132,6 +132,22 @@ def test_card_reads_results_file_and_defaults_without_source(compressed, tmp_pat
     assert "| Parameters | not measured |" in card.text
 
 
+def test_card_shows_a_published_reference_apart_from_the_measured_scores(compressed, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(compressed, folder)
+    results = results_json(Path("/nowhere"), folder)
+    results["reference"] = {"label": "REAM paper (arXiv 2604.04356)", "original": {"ifeval": 0.904, "gsm8k": 0.893},
+                            "compressed": {"ifeval": 0.892, "gsm8k": 0.881}}
+
+    card = render_model_card(folder, base_model=BASE, results=results)
+
+    text = card.text
+    assert "For reference, the numbers published in REAM paper (arXiv 2604.04356)" in text
+    assert "| IFEval | 90.4 | 89.2 | 98.7% |" in text and "| GSM8K | 89.3 | 88.1 | 98.7% |" in text
+    assert "| IFEval | prompt-level strict acc. | 94.7 | 93.4 | 98.6% |" in text, "the measured table is unchanged"
+    assert [r.metric_value for r in card.data.eval_results] == [0.934, 0.963, 0.933], "model-index: measured only"
+
+
 def test_card_without_results_has_no_model_index(compressed, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(compressed, folder)

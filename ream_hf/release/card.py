@@ -232,6 +232,7 @@ def _results_context(results: dict[str, Any]) -> tuple[dict[str, Any], list[Any]
         average = {"original": _percent(mean_before), "compressed": _percent(mean_after),
                    "retention": f"{100.0 * mean_after / mean_before:.1f}%" if mean_before else "—"}
     kept_values = [r["retention_value"] for r in rows if r["retention_value"] is not None]
+    reference = _reference_context(results.get("reference"), list(compressed))
     settings = {"settings": results.get("settings") or {}, "versions": results.get("versions") or {}}
     context = {
         "rows": rows,
@@ -240,8 +241,29 @@ def _results_context(results: dict[str, Any]) -> tuple[dict[str, Any], list[Any]
         "average_retention": average["retention"].rstrip("%"),
         "date": results.get("date"),
         "settings_json": json.dumps(settings, indent=2, ensure_ascii=False),
+        "reference": reference,
     }
     return context, eval_results
+
+
+def _reference_context(reference: dict[str, Any] | None, tasks: list[str]) -> dict[str, Any] | None:
+    """Published scores (eval/regression's `reference`, e.g. the paper's), for a table of their own: measured with
+    other code and settings, they are shown beside the card's scores, never mixed into them."""
+    if not reference:
+        return None
+    original, compressed = reference.get("original") or {}, reference.get("compressed") or {}
+    rows = []
+    for task in dict.fromkeys([*tasks, *compressed]):
+        before, after = original.get(task), compressed.get(task)
+        if before is None and after is None:
+            continue
+        rows.append({
+            "label": TASKS.get(task, TaskInfo(task, task, task, "score", "score")).label,
+            "original": "—" if before is None else _percent(before),
+            "compressed": "—" if after is None else _percent(after),
+            "retention": f"{100.0 * after / before:.1f}%" if before and after is not None else "—",
+        })
+    return {"label": str(reference.get("label") or "published numbers"), "rows": rows} if rows else None
 
 
 def _calibration_context(config: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
