@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -215,12 +216,16 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ream-hf-demo-"))
-    rows = run_demo(workdir, method=args.method)
-    width = max(len(r[0]) for r in rows)
-    print(f"\nream-hf demo: tiny random Qwen3-MoE, method={args.method}\n")
-    print(f"{'':{width}}  {'before':>14}  {'after':>14}")
-    for name, before, after in rows:
-        print(f"{name:{width}}  {before:>14}  {after:>14}" if name != "output folder" else f"{name:{width}}  {after}")
+    print(f"ream-hf demo: building a tiny Qwen3-MoE, training it for a few seconds on demo text, then compressing "
+          f"it with method={args.method} ...", flush=True)
+    result = run_demo(workdir, method=args.method)
+    width = max(len(row.quantity) for row in result.rows)
+    print(f"\n{'':{width}}  {'original':>10}  {'compressed':>10}  {'kept':>7}")
+    for row in result.rows:
+        print(f"{row.quantity:{width}}  {row.before:>10}  {row.after:>10}  {row.kept:>7}")
+    print(f"\nThe compressed model keeps {100 * result.accuracy_kept:.1f}% of the original's next-token accuracy on "
+          f"held-out text (loss {result.before.loss:.3f} -> {result.after.loss:.3f}; a model that learned nothing "
+          f"scores ln({result.vocab_size}) = {math.log(result.vocab_size):.2f}).\noutput folder: {result.output}")
     return 0
 
 
@@ -253,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", help="owner/name of the model repo (created if missing)")
     push.add_argument("--private", action="store_true", help="create the repo private")
     # no --token: a token on the command line ends up in shell history and `ps`; HF_TOKEN or `hf auth login`
-    demo = commands.add_parser("demo", help="build a tiny Qwen3-MoE, compress it and print before/after")
+    demo = commands.add_parser("demo", help="build and train a tiny Qwen3-MoE, compress it and print "
+                                          "before/after on held-out text")
     demo.add_argument("--workdir", help="where to put the demo files (default: a new temporary folder)")
     demo.add_argument("--method", choices=METHODS, default="ream")
     return parser
