@@ -50,8 +50,8 @@ def expert_output(experts, i, x):
 
 
 def reference_stats(model, batches, layer_index, router_rule, probability_rule):
-    """Loop over real tokens of every batch; returns (frequency, {(factor, mean): saliency list}) for the factors
-    g (routing weight), p (probability over all experts) and p^2, means over tokens and per batch."""
+    """Loop over real tokens of every batch; returns (frequency, {(factor, mean): saliency list}, routing weight sums)
+    for the factors g (routing weight), p (probability over all experts) and p^2, means over tokens and per batch."""
     captured = []
     block = model.model.layers[layer_index].mlp
     handle = block.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
@@ -61,7 +61,7 @@ def reference_stats(model, batches, layer_index, router_rule, probability_rule):
     handle.remove()
     num = block.experts.gate_up_proj.shape[0]
     factors = ("weight", "probability", "probability_squared")
-    freq = [0] * num
+    freq, routing = [0] * num, [0.0] * num
     sums = {(f, m): [0.0] * num for f in factors for m in ("tokens", "batches")}
     with torch.no_grad():
         for hidden, batch in zip(captured, batches):
@@ -77,6 +77,7 @@ def reference_stats(model, batches, layer_index, router_rule, probability_rule):
                     for i, w in zip(chosen, weights):
                         norm = float(expert_output(block.experts, i, x).norm())
                         batch_freq[i] += 1
+                        routing[i] += w
                         batch_sum["weight"][i] += w * norm
                         batch_sum["probability"][i] += probs[i] * norm
                         batch_sum["probability_squared"][i] += probs[i] ** 2 * norm
@@ -88,7 +89,7 @@ def reference_stats(model, batches, layer_index, router_rule, probability_rule):
                         sums[f, "batches"][i] += batch_sum[f][i] / batch_freq[i] / len(batches)
     saliency = {(f, m): [s / c if c else 0.0 for s, c in zip(v, freq)] if m == "tokens" else v
                 for (f, m), v in sums.items()}
-    return freq, saliency
+    return freq, saliency, routing
 
 
 def softmax_probabilities(logits):
@@ -140,9 +141,10 @@ def test_qwen3_softmax_saliency_and_frequency_match_reference(qwen3_source, ragg
     layers = [0] if sequential else [0, 1]  # with sequential=False every layer sees the original model's inputs
     for index in layers:
         rule = lambda block, logits: route_softmax(logits, 4, True)  # noqa: E731
-        freq, sal = reference_stats(model, batches, index, rule, softmax_probabilities)
+        freq, sal, routing = reference_stats(model, batches, index, rule, softmax_probabilities)
         entry = manifest["layers"][index]
         assert entry["frequency"] == freq
+        assert entry["routing_weight"] == pytest.approx(routing, rel=1e-5, abs=1e-5)
         assert entry["saliency"] == pytest.approx(sal[saliency], rel=1e-4, abs=1e-6)
         assert sum(freq) == 4 * manifest["calibration"]["tokens"]
 
@@ -159,8 +161,9 @@ def test_glm_sigmoid_bias_grouped_saliency_matches_reference(glm_source, ragged_
     for entry in manifest["layers"]:
         def rule(block, logits):
             return route_sigmoid_grouped(logits, block.gate.e_score_correction_bias.tolist(), 4, 4, 2, True, 2.5)
-        freq, sal = reference_stats(model, batches, entry["index"], rule, sigmoid_scores)
+        freq, sal, routing = reference_stats(model, batches, entry["index"], rule, sigmoid_scores)
         assert entry["frequency"] == freq
+        assert entry["routing_weight"] == pytest.approx(routing, rel=1e-5, abs=1e-5)
         assert entry["saliency"] == pytest.approx(sal[saliency], rel=1e-4, abs=1e-6)
 
 

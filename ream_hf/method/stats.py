@@ -105,6 +105,9 @@ class LayerStatistics:
     router_logit_gram: torch.Tensor | None  # (E, E) float64: dot products of the router-logit columns over tokens
     sample_inputs: torch.Tensor | None  # (T_s, H) block inputs of one token sample shared by every expert
     num_tokens: int
+    # (E,) float64: sum over tokens of the model's routing weight g_i(x) (0 where i is not selected): the share of
+    # the layer's expert output each expert carries. None in statistics saved before it was collected.
+    routing_weight: torch.Tensor | None = None
 
 
 def gate_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -164,6 +167,7 @@ class LayerStatsAccumulator:
         self.chunk_size = chunk_rows(num_experts, inner, chunk_size, chunk_bytes)
         self.routed_bytes = ROUTED_BYTES_BUDGET if routed_bytes is None else routed_bytes
         self.frequency = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        self.routing_weight = torch.zeros(num_experts, dtype=torch.float64)  # on the host, like the saliency sums
         factors = len(SALIENCY_FACTORS)
         # on the host on every device: index_add_ there adds in a fixed order (CUDA's adds floats atomically)
         self.saliency_sum = torch.zeros(factors, num_experts, dtype=torch.float64)  # over routed tokens
@@ -188,7 +192,7 @@ class LayerStatsAccumulator:
     def running_sums(self) -> dict[str, torch.Tensor]:
         """Every running sum `add` accumulates into, by attribute name: what a distributed run reduces over its
         ranks (`ream_hf.pipeline.distributed`). A statistic added to this class must list its sums here."""
-        names = ("frequency", "saliency_sum", "batch_mean_sum", "batches", "logit_gram", "weighted_hidden_sum",
+        names = ("frequency", "routing_weight", "saliency_sum", "batch_mean_sum", "batches", "logit_gram", "weighted_hidden_sum",
                  "gate_sum")
         return {name: value for name in names if isinstance(value := getattr(self, name, None), torch.Tensor)}
 
@@ -202,6 +206,7 @@ class LayerStatsAccumulator:
         first_token = self.seen_tokens if position is None else position
         counts = torch.bincount(topk_index.reshape(-1), minlength=self.num_experts)
         self.frequency += counts
+        self.routing_weight.index_add_(0, topk_index.reshape(-1).cpu(), topk_weights.reshape(-1).double().cpu())
         batch_sum = torch.zeros_like(self.saliency_sum)  # this call's saliency sums: its batch mean below
         factors = self._pair_factors(logits, topk_weights, topk_index) if self.with_saliency else None
         if self.logit_gram is not None:
@@ -347,4 +352,5 @@ class LayerStatsAccumulator:
             router_logit_gram=None if self.logit_gram is None else self.logit_gram.cpu(),
             sample_inputs=torch.cat(self.sample_chunks) if self.sample_chunks else None,
             num_tokens=self.seen_tokens,
+            routing_weight=self.routing_weight.clone(),
         )

@@ -44,6 +44,7 @@ class LayerReport:
     stats_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: statistics, plan, merge, forward
     gemm: dict[str, str] = field(default_factory=dict)  # the statistics GEMMs' dtypes (GemmPolicy.describe)
+    routing_weight: list[float] | None = None  # per source expert: the calibration's summed routing weight
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class LayerReport:
                 for j, (g, w) in enumerate(zip(self.plan.groups, self.plan.weights))
             ],
             "frequency": self.frequency,
+            "routing_weight": self.routing_weight,
             "saliency": self.saliency,
         }
 
@@ -362,5 +364,6 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         key, index, before, len(plan.groups), plan, stats.frequency.tolist(),
         None if config.saliency == "frequency" else [round(float(s), 8) for s in plan.scores],
         time.perf_counter() - started, stats_seconds, timings, gemm,
+        None if stats.routing_weight is None else [round(float(w), 6) for w in stats.routing_weight],
     )
     return report, output

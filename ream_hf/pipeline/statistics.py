@@ -1,7 +1,7 @@
 """Per-layer statistics on disk: `--save-statistics DIR` writes them, `--statistics DIR` re-plans from them.
 
-A folder holds one safetensors file per MoE layer (frequency, every saliency variant, gated output signatures,
-router-logit Gram, the alignment token sample) and `statistics.json`, which says what they are: the source
+A folder holds one safetensors file per MoE layer (frequency, routing weight, every saliency variant, gated output
+signatures, router-logit Gram, the alignment token sample) and `statistics.json`, which says what they are: the source
 (its config and tensor index), the calibration settings, whether they were collected sequentially (on the
 outputs of already-compressed layers, so valid for that run only) and which statistics were collected.
 A non-sequential run with the same source and calibration can then plan at any target, with any method and
@@ -84,7 +84,7 @@ class StatisticsWriter:
         tensors = {"frequency": stats.frequency.contiguous()}
         for name, value in (stats.saliency or {}).items():
             tensors[f"saliency.{name}"] = value.contiguous()
-        for name in ("output_signatures", "router_logit_gram", "sample_inputs"):
+        for name in ("routing_weight", "output_signatures", "router_logit_gram", "sample_inputs"):
             value = getattr(stats, name)
             if value is not None:
                 tensors[name] = value.contiguous()
@@ -170,7 +170,10 @@ class StatisticsReader:
         """The layer's statistics, its token sample cut to this run's size (a subset of the saved one)."""
         entry = self.index["layers"][key]
         with st.open_shard(self.folder / entry["file"]) as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            # copies in fresh memory: a tensor read from the file sits at its byte offset there, and a GEMM on a
+            # token sample that is not 16-byte aligned takes another SIMD path, which rounds differently from the
+            # run that collected it (seen: refit down projections differing by 3e-6)
+            tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
         saliency = {name[len("saliency."):]: value for name, value in tensors.items() if name.startswith("saliency.")}
         sample, total = tensors.get("sample_inputs"), int(entry["num_tokens"])
         if sample is not None:
@@ -180,5 +183,5 @@ class StatisticsReader:
         return LayerStatistics(
             frequency=tensors["frequency"], saliency=saliency or None,
             output_signatures=tensors.get("output_signatures"), router_logit_gram=tensors.get("router_logit_gram"),
-            sample_inputs=sample, num_tokens=total,
+            sample_inputs=sample, num_tokens=total, routing_weight=tensors.get("routing_weight"),
         )
