@@ -23,7 +23,8 @@ import torch
 
 from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.fixtures import build_tiny_qwen3_moe, demo_corpus, fp8_block_checkpoint, write_demo_calibration
-from ream_hf.io.quantization import dequantize_checkpoint, quantization_config
+from ream_hf.io.dequantize import dequantize_checkpoint
+from ream_hf.io.quantization import quantization_config
 
 MODES = ("twin", "fp8", "fp8->bfloat16")  # source (and output dtype) of each compression
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from eval.bench_quantized import compress  # noqa: E402
 from ream_hf.fixtures import build_tiny_qwen3_moe, fp8_block_checkpoint, write_demo_calibration  # noqa: E402
-from ream_hf.io.quantization import dequantize_checkpoint  # noqa: E402
+from ream_hf.io.dequantize import dequantize_checkpoint  # noqa: E402
 
 
 def generate(folder: Path, prompts: Path, out: Path) -> dict:

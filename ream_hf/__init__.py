@@ -1,22 +1,20 @@
-"""ream-hf: shrink Mixture-of-Experts LLMs by merging (REAM) or pruning (REAP) experts."""
+"""ream-hf: shrink Mixture-of-Experts LLMs by merging (REAM) or pruning (REAP) experts.
 
-__version__ = "0.1.0"
+Importing the package registers `ReamConfig` as transformers' quantization method "ream" (through transformers'
+public registry, `ream_hf.integrations.transformers`), so `from_pretrained(..., quantization_config=ReamConfig(...))`
+works once `ream_hf` is imported.
+"""
+
+from .config import CalibrationSource, ReamConfig
+from .integrations import transformers as _transformers_entry  # noqa: F401  (registers "ream" on import)
+from .version import __version__
 
 __all__ = ["CalibrationSource", "ReamCompressor", "ReamConfig", "__version__"]
 
-from .integrations import register_with_transformers
-
-# `from_pretrained(..., quantization_config=ReamConfig(...))` works once ream_hf is imported; the registration
-# waits until transformers imports its quantizer registry, so `import ream_hf` stays cheap
-register_with_transformers()
-
 
 def __getattr__(name: str):
-    # Lazy: `import ream_hf.config` (and the CLI's --help) should not import the whole pipeline.
-    if name in ("ReamConfig", "CalibrationSource"):
-        from . import config
-
-        return getattr(config, name)
+    # ReamCompressor is imported on first use: the pipeline (optimum, the layer runner, ...) is not needed to read a
+    # config or to load a checkpoint with transformers.
     if name == "ReamCompressor":
         from .compressor import ReamCompressor
 

@@ -182,7 +182,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from .pipeline.plan import plan_job
+    from .pipeline.job_plan import plan_job
 
     kwargs = dict(target_experts=args.target_experts, compression_ratio=args.compression_ratio, method=args.method,
                   num_calibration_sequences=args.num_sequences, sequence_length=args.sequence_length,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from optimum.quantization_base import OptimumQuantizer
 
-from . import __version__
+from .version import __version__
 from .arch import MoEFamily, decoder_layers, expert_count, family_for_config, parse_moe_name, set_expert_count, \
     text_config_dict
 from .config import CONFIG_KEY, TORCH_DTYPES, ReamConfig
@@ -25,10 +25,9 @@ from .io.folders import SpaceNeeded, atomic_output_dir, check_output_dir, check_
 from .io.quantization import check_loaded_model, plan_output
 from .io.source import SourceCheckpoint, open_source
 from .io.verify import verify_checkpoint
+from .io.names import MANIFEST_NAME, WEIGHTS_PREFIX
+from .io.safetensors import INDEX_NAME
 from .io.writer import (
-    INDEX_NAME,
-    MANIFEST_NAME,
-    WEIGHTS_PREFIX,
     PartWriter,
     copy_side_files,
     edit_config_json,
@@ -43,9 +42,9 @@ from .pipeline import distributed
 from .pipeline.calibration import check_sources, load_calibration, make_batches
 from .pipeline.device import Placement, resolve_device
 from .pipeline.mtp import check_mtp_layers, mtp_prefixes
-from .pipeline.plan import check_fits, plan_job
+from .pipeline.job_plan import check_fits, plan_job
 from .pipeline.sequential import CompressionResult, run_layers
-from .pipeline.statistics import StatisticsReader, StatisticsWriter
+from .pipeline.saved_statistics import StatisticsReader, StatisticsWriter
 from .pipeline.streaming import LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
 
 logger = logging.getLogger(__name__)

@@ -135,7 +135,7 @@ class ReamConfig(QuantizationConfigMixin):
     refit: str | None = None  # None: the method's default (DEFAULT_REFIT)
     refit_target: str = "residual"
     refit_ridge: float = 0.01
-    refit_tokens: int = 8192  # tokens per layer the refit fits on (a random sample of the calibration tokens)
+    refit_tokens: int = 8192  # the refit's sample: tokens per layer it fits on (drawn from the layer's token sample)
     refit_steps: int = 3  # residual refit: how often the layer's error is recomputed and shared again
     prune_fallback: bool = False  # merging: a group whose merge fits its calibration outputs worse than its centroid
     # alone (cross-validated least squares on the refit sample) is pruned instead
@@ -145,7 +145,7 @@ class ReamConfig(QuantizationConfigMixin):
     merge: str = "activations+weights"
     sequential: bool = True
     pca_dim: int = 64
-    activation_sample_tokens: int = 32768
+    activation_sample_tokens: int = 32768  # the alignment sample: tokens per layer whose activations align neurons
     # MTP layers (DeepSeek-V3 / GLM-4.5 / Qwen3-Next / Qwen3.5)
     mtp: str = "compress"
     # execution
@@ -284,8 +284,10 @@ class ReamConfig(QuantizationConfigMixin):
         return self.is_merging and self.merge in ("activations+weights", "activations")
 
     @property
-    def sample_tokens(self) -> int:
-        """Size of each layer's token sample: what alignment and the refit need (0: no sample)."""
+    def layer_sample_tokens(self) -> int:
+        """Size of each layer's token sample, the one sample of hidden states the statistics pass keeps: large enough
+        for the alignment sample (`activation_sample_tokens`) and the refit's (`refit_tokens`), which are drawn from
+        it (0: neither is needed, no sample)."""
         return max(self.activation_sample_tokens if self.aligns_activations else 0,
                    self.refit_tokens if self.refit != "none" or (self.is_merging and self.prune_fallback) else 0)
 

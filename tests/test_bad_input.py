@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ream_hf.cli import main
 from ream_hf.kill_points import ENV as KILL_ENV
-from ream_hf.pipeline import plan as plan_module
+from ream_hf.pipeline import job_plan as plan_module
 from tests.conftest import snapshot
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ream_hf.cli import main
-from ream_hf.pipeline import plan as plan_module
+from ream_hf.pipeline import job_plan as plan_module
 
 # Qwen/Qwen3-30B-A3B's config.json as published on the Hub
 QWEN3_30B_A3B = {

@@ -15,12 +15,8 @@ from eval import bench_quantized as bench
 from ream_hf import ReamCompressor, ReamConfig
 from ream_hf.arch import ExpertWeights, family_for_config
 from ream_hf.fixtures import fp8_block_checkpoint, mxfp4_checkpoint
-from ream_hf.io.quantization import (
-    Fp8BlockFormat,
-    dequantize_checkpoint,
-    dequantize_fp8_blocks,
-    quantize_fp8_blocks,
-)
+from ream_hf.io.dequantize import dequantize_checkpoint
+from ream_hf.io.quantization import Fp8BlockFormat, dequantize_fp8_blocks, quantize_fp8_blocks
 from ream_hf.io.safetensors import INDEX_NAME, SINGLE_NAME
 from ream_hf.io.source import SourceCheckpoint
 from ream_hf.io.verify import CheckpointError, verify_checkpoint

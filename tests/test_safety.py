@@ -121,7 +121,7 @@ def test_space_needed_is_the_plans(qwen3_source, calibration_txt, tmp_path, monk
     in the work folder."""
     from ream_hf.config import ReamConfig
     from ream_hf.io.folders import short_bytes
-    from ream_hf.pipeline.plan import plan_job
+    from ream_hf.pipeline.job_plan import plan_job
 
     config = ReamConfig(target_experts=8, method="ream", group_size=4, calibration=[str(calibration_txt)],
                         calibration_ratios=None,

@@ -1,6 +1,6 @@
 """transformers' own entry point: `AutoModelForCausalLM.from_pretrained(src, quantization_config=ReamConfig(...))`.
 
-    import ream_hf  # registers "ream" (see ream_hf.integrations)
+    import ream_hf  # imports this module, which registers "ream"
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=ReamConfig(target_experts=96,
                                                  method="reap", calibration=["code.jsonl"]))
     model.save_pretrained("out")   # reloads with plain transformers and vLLM, without ream-hf
@@ -18,8 +18,9 @@ would make transformers and vLLM look for this plug-in), `.to()`, `.half()` and 
 and the settings are recorded under `ream_config` instead, with the expert count under the family's own key.
 
 This is a module of its own because it is neither pipeline nor release: it is glue between transformers'
-lifecycle and `ReamCompressor`, and importing it imports transformers' quantizer registry, which `import
-ream_hf` defers until transformers needs it (`ream_hf.integrations`).
+lifecycle and `ReamCompressor`. Importing it registers "ream" with transformers' public registry
+(`register_quantization_config` / `register_quantizer` in `transformers.quantizers.auto`), as other quantization
+libraries do; `import ream_hf` imports it.
 """
 
 from __future__ import annotations

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..kill_points import kill_point
-from .source import HUB_CACHE_FOLDER, looks_like_hub_id
-from .writer import MANIFEST_NAME
+from .names import HUB_CACHE_FOLDER, MANIFEST_NAME, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 

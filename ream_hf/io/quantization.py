@@ -12,7 +12,8 @@ names, how the tensors stored on disk map to the real-valued tensors the method 
   re-quantizing merged experts to MXFP4 needs OpenAI's triton kernels (GPU only), which nothing here can check.
 - Every other format is refused from config.json alone, before any tensor is read, with the way out.
 
-Reading goes through `SourceCheckpoint.iter_real_tensors`; writing through `ream_hf.io.writer.group_tensors`.
+Reading goes through `SourceCheckpoint.iter_real_tensors`; writing through `ream_hf.io.writer.group_tensors`. This
+module imports neither: formats are what they use.
 """
 
 from __future__ import annotations
@@ -329,26 +330,3 @@ def real_shapes(fmt: QuantizedFormat | None, infos: Mapping[str, st.TensorInfo])
     return {real: (fmt.real_shape(real, infos) if len(stored) > 1 else infos[real].shape)
             for real, stored in real_tensor_names(fmt, infos).items()}
 
-
-def dequantize_checkpoint(source: str | Path, output: str | Path, dtype: str = "bfloat16") -> Path:
-    """Write the dequantized twin of a quantized checkpoint folder (every quantized tensor as `dtype`, the rest as
-    it is, config.json without quantization_config): what the tests and benchmarks compare against, and a way to
-    load an FP8 output where no FP8 kernel exists (CPU)."""
-    from .source import SourceCheckpoint
-    from .writer import PartWriter, copy_side_files, finalize_parts, write_json
-
-    src = SourceCheckpoint(source)
-    fmt = src.quantization
-    if fmt is None:
-        raise ValueError(f"{source} is not quantized: nothing to dequantize")
-    target = output_dtype(dtype)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=False)
-    writer = PartWriter(output, 5 * 2**30)
-    reals = src.real_tensors
-    writer.write_group((name, tensor.to(target) if len(reals[name]) > 1 else tensor)
-                       for name, tensor in src.iter_real_tensors(list(reals)))
-    finalize_parts(output, writer.parts, output)
-    write_json(output / "config.json", dequantized_config(src.config, dtype))
-    copy_side_files(src.folder, output)
-    return output

@@ -8,7 +8,6 @@ import glob
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from ..arch import NATIVE_ARCHITECTURES
 from . import safetensors as st
+from .names import looks_like_hub_id
 from .quantization import QuantizedFormat, read_quantization, real_tensor_names
 
 logger = logging.getLogger(__name__)
@@ -25,16 +25,6 @@ logger = logging.getLogger(__name__)
 # files beside the weights that a compressed checkpoint carries on (tokenizer, chat template, generation config,
 # custom code), taken from the top of a Hub repo only: sub-folders hold other formats (`original/`, GGUF, ...)
 SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken")
-
-
-# a repo's folder in the Hub cache (HF_HUB_CACHE/models--owner--name), one path part
-HUB_CACHE_FOLDER = re.compile(r"^models--(?P<owner>[^/]+?)--(?P<name>[^/]+)$")
-
-
-def looks_like_hub_id(model_path: str | os.PathLike) -> bool:
-    """Whether a source that is not a local path reads as a Hub repo id (owner/name)."""
-    text = str(model_path)
-    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
 def open_source(model_path: str | os.PathLike, revision: str | None = None) -> SourceCheckpoint:

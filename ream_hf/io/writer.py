@@ -27,14 +27,13 @@ from safetensors.torch import save_file
 from ..arch import (ExpertWeights, MoEFamily, MoETensorName, disk_expert_name, disk_expert_names, disk_expert_tensors,
                     parse_moe_name, set_expert_count)
 from . import safetensors as st
+from .names import WEIGHTS_PREFIX
 from .quantization import dequantized_config
 from .source import SourceCheckpoint
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME, SINGLE_NAME = st.INDEX_NAME, st.SINGLE_NAME
-MANIFEST_NAME = "ream_manifest.json"
-WEIGHTS_PREFIX = "model"  # transformers and vLLM find weights only as model.safetensors / model-0000i-of-0000n...
 NOT_COPIED = {"config.json", INDEX_NAME, "README.md", ".gitattributes"}
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 

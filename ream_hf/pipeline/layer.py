@@ -27,7 +27,7 @@ from . import distributed
 from .device import Placement
 from .distributed import BatchShare
 from .runner import feed_block_inputs, run_layer
-from .statistics import StatisticsReader, StatisticsWriter
+from .saved_statistics import StatisticsReader, StatisticsWriter
 from .streaming import HiddenStateStore
 
 
@@ -89,10 +89,10 @@ def forward_in_place(family: MoEFamily, layer, hidden: list[torch.Tensor], calls
             hidden[b] = out if store is None else store.write(generation, numbers[b], out)
 
 
-def sample_positions(config: ReamConfig, total_tokens: int) -> torch.Tensor:
+def layer_sample_positions(config: ReamConfig, total_tokens: int) -> torch.Tensor:
     """One token sample per layer, shared by every expert, so alignment compares the same tokens (the refit takes
     its tokens from it too)."""
-    return token_sample(total_tokens, config.sample_tokens, config.seed)
+    return token_sample(total_tokens, config.layer_sample_tokens, config.seed)
 
 
 def group_activation_gram(group: ExpertWeights, activation: Activation, sample_inputs: torch.Tensor) -> ActivationGram:
@@ -124,7 +124,7 @@ def layer_statistics(config: ReamConfig, family: MoEFamily, layer, block, hidden
         with_saliency=config.saliency != "frequency",
         with_logit_gram=config.is_merging and config.use_router_logits,
         gated=config.gated_similarity,
-        sample_positions=sample if config.sample_tokens else None,
+        sample_positions=sample if config.layer_sample_tokens else None,
         chunk_size=config.token_chunk_size,
         gemm=policy,
         chunk_bytes=placement.chunk_bytes,

@@ -25,10 +25,10 @@ from . import distributed
 from .calibration import CalibrationBatch
 from .device import Placement
 from .distributed import BatchShare
-from .layer import LayerReport, compress_moe_layer, forward_in_place, sample_positions
+from .layer import LayerReport, compress_moe_layer, forward_in_place, layer_sample_positions
 from .mtp import run_mtp_layers, shifted_batch
 from .runner import capture_layer_inputs
-from .statistics import StatisticsReader, StatisticsWriter
+from .saved_statistics import StatisticsReader, StatisticsWriter
 from .streaming import HiddenStateStore, LayerLoader, WorkFolder, check_finite
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
         kill_point("calibration-embedded")
     else:
         hidden, calls = [], [[] for _ in layers]  # per layer: no calibration batches to run
-    sample = sample_positions(config, share.total_tokens) if config.sample_tokens and statistics is None else None
+    sample = layer_sample_positions(config, share.total_tokens) \
+        if config.layer_sample_tokens and statistics is None else None
     groups_per_layer = routing_groups(family, model.config.get_text_config())
     last = len(layers) - 1
     store = writer = groups = None
@@ -219,7 +220,7 @@ def run_mtp(config: ReamConfig, model, family: MoEFamily, batches: list[Calibrat
         kill_point("mtp-layer")
         shift = item.index - num_hidden_layers + 1  # position t is fed token t + shift
         share = BatchShare.of([int(shifted_batch(b, shift).attention_mask.sum()) for b in batches], ranks)
-        sample = sample_positions(config, share.total_tokens) if config.sample_tokens else None
+        sample = layer_sample_positions(config, share.total_tokens) if config.layer_sample_tokens else None
         report, output = compress_moe_layer(config, family, item.layer, block, item.key, item.index, item.hidden,
                                             item.calls, item.batches, sample, target, groups_per_layer, started,
                                             share=share, save_statistics=save_statistics)

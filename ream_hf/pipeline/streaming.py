@@ -32,7 +32,7 @@ from ..arch import (FUSED_PARAMS, MoEFamily, config_mtp_prefixes, disk_expert_na
                     read_expert_weights)
 from ..io.folders import acquire_lock, release_lock
 from ..io.source import SourceCheckpoint
-from ..io.writer import MANIFEST_NAME
+from ..io.names import MANIFEST_NAME
 from ..kill_points import kill_point
 from .device import Placement
 

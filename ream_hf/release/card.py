@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..arch import mtp_tensor_names, text_config_dict
 from ..config import CONFIG_KEY, looks_local
 from ..io import safetensors as st
 from ..io.folders import short_bytes
 from ..io.quantization import read_quantization, real_shapes
-from ..io.writer import MANIFEST_NAME
+from ..io.names import MANIFEST_NAME
 from .evaluation import SCHEMA as EVAL_SCHEMA
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..io.folders import check_output_dir, check_paths
-from ..io.source import HUB_CACHE_FOLDER, looks_like_hub_id
+from ..io.names import HUB_CACHE_FOLDER, looks_like_hub_id
 from .card import CARD_NAME, EVAL_RESULTS_NAME, METHODS, hub_license, render_model_card, short_bytes
 from .evaluation import TASKS, evaluate_pair, preflight
 

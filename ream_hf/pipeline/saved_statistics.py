@@ -55,7 +55,7 @@ def _kind(config: ReamConfig) -> dict[str, Any]:
         "dense": config.is_merging,
         "gated_similarity": config.gated_similarity if config.is_merging else None,
         "router_logits": config.is_merging and config.use_router_logits,
-        "sample_tokens": config.sample_tokens,  # the token sample alignment and the refit draw from (0: none)
+        "sample_tokens": config.layer_sample_tokens,  # the token sample alignment and the refit draw from (0: none)
     }
 
 
@@ -142,7 +142,7 @@ class StatisticsReader:
                              f"on a token sample of {sample} tokens (activation_sample_tokens, refit_tokens); the "
                              f"statistics in {folder} hold one of {index['sample_tokens']}: collect them with a sample "
                              "at least that large")
-        self.sample_tokens = sample
+        self.layer_sample_tokens = sample
         self.index = index
 
     def check_source(self, source: SourceCheckpoint) -> None:
@@ -177,7 +177,7 @@ class StatisticsReader:
         saliency = {name[len("saliency."):]: value for name, value in tensors.items() if name.startswith("saliency.")}
         sample, total = tensors.get("sample_inputs"), int(entry["num_tokens"])
         if sample is not None:
-            wanted = min(self.sample_tokens, total)
+            wanted = min(self.layer_sample_tokens, total)
             sample = None if wanted == 0 else sample if wanted == sample.shape[0] else \
                 sub_sample(sample, total, wanted, int(self.index["calibration"]["seed"]))
         return LayerStatistics(

@@ -34,7 +34,8 @@ import torch
 from ..arch import decoder_layers, expert_count, experts, family_for_config, moe_block, router, text_config_dict
 from ..config import TORCH_DTYPES, ReamConfig
 from ..io import safetensors as st
-from ..io.source import SourceCheckpoint, looks_like_hub_id
+from ..io.names import looks_like_hub_id
+from ..io.source import SourceCheckpoint
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
 from .streaming import WRITER_PENDING_BYTES
