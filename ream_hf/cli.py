@@ -1,4 +1,4 @@
-"""`ream-hf` command line: `compress` a model, `push` a compressed folder to the Hub, `serve` it, or run the `demo`.
+"""`ream-hf` command line: `compress` a model, `report` what each layer lost, `push`, `serve`, or run the `demo`.
 
 User errors print one line (`error: ...`) and exit with status 2, before any work starts; a failed write or upload
 prints one line and exits with status 1, saying how to continue.
@@ -214,6 +214,7 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .release.report import LAYER_PLOT_NAME
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ream-hf-demo-"))
     print(f"ream-hf demo: building a tiny Qwen3-MoE, training it for a few seconds on demo text, then compressing "
@@ -225,7 +226,20 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"{row.quantity:{width}}  {row.before:>10}  {row.after:>10}  {row.kept:>7}")
     print(f"\nThe compressed model keeps {100 * result.accuracy_kept:.1f}% of the original's next-token accuracy on "
           f"held-out text (loss {result.before.loss:.3f} -> {result.after.loss:.3f}; a model that learned nothing "
-          f"scores ln({result.vocab_size}) = {math.log(result.vocab_size):.2f}).\noutput folder: {result.output}")
+          f"scores ln({result.vocab_size}) = {math.log(result.vocab_size):.2f}).\noutput folder: {result.output} (what each "
+          f"layer lost: {LAYER_PLOT_NAME} there, or `ream-hf report {result.output}`)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .release.report import format_table, layer_losses, read_manifest, write_layer_report
+
+    rows = layer_losses(read_manifest(args.folder))
+    if not rows:
+        raise ValueError(f"the manifest of {args.folder} has no MoE layer")
+    print(format_table(rows))
+    if args.plot:
+        print(f"wrote {write_layer_report(args.folder, args.plot)}")
     return 0
 
 
@@ -258,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", help="owner/name of the model repo (created if missing)")
     push.add_argument("--private", action="store_true", help="create the repo private")
     # no --token: a token on the command line ends up in shell history and `ps`; HF_TOKEN or `hf auth login`
+    report = commands.add_parser("report", help="what each MoE layer lost, as a table: routing mass kept, held-out "
+                                                "error before/after the refit, merge-group sizes (the plot of the "
+                                                "same is layer_report.png in the output folder)")
+    report.add_argument("folder", help="an output folder of `ream-hf compress`")
+    report.add_argument("--plot", metavar="PNG", help="also draw the plot into this file (for example for an output "
+                                                      "written before the plot existed)")
     demo = commands.add_parser("demo", help="build and train a tiny Qwen3-MoE, compress it and print "
                                           "before/after on held-out text")
     demo.add_argument("--workdir", help="where to put the demo files (default: a new temporary folder)")
@@ -277,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args)
         if args.command == "push":
             return _push(args)
+        if args.command == "report":
+            return _report(args)
         return _compress(args) if args.command == "compress" else _demo(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -46,6 +46,7 @@ from .pipeline.job_plan import check_fits, plan_job
 from .pipeline.sequential import CompressionResult, run_layers
 from .pipeline.saved_statistics import StatisticsReader, StatisticsWriter
 from .pipeline.streaming import LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
+from .release.report import write_layer_report
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +348,7 @@ class ReamCompressor(OptimumQuantizer):
             else:
                 self._save_in_memory(folder, config.max_shard_size)
             write_json(folder / MANIFEST_NAME, self.manifest())
+            write_layer_report(folder)
             self._verify(folder)
             if result.work is not None:  # a kill after the move below is then seen as complete (cli --resume)
                 digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()

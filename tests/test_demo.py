@@ -32,3 +32,4 @@ def test_demo_compresses_a_trained_model_and_prints_what_it_kept(tmp_path, capsy
         assert _row(out, f"  on {domain}"), out
     assert _row(out, "experts per MoE layer")[:2] == ["16", "8"]
     assert (tmp_path / "compressed" / "config.json").is_file()
+    assert (tmp_path / "compressed" / "layer_report.png").is_file()
