@@ -264,3 +264,171 @@ def mxfp4_checkpoint(source: str | Path, output: str | Path) -> Path:
     quantization = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     return _save_quantized(src, output, tensors, quantization)
+
+
+# -- compressed-tensors (Kimi-K2-Thinking / K2.5 / K2.6 INT4, RedHatAI W4A16 / W8A16 / FP8) ---------------------------
+def kimi_int4_scheme() -> dict:
+    """The `quantization_config` Kimi-K2-Thinking publishes and Kimi-K2.5 / K2.6 adopt ("the same native int4
+    quantization method"): W4A16, symmetric INT4 in groups of 32 along the input dim, `pack-quantized`, on the routed
+    experts only: attention, shared experts, dense MLPs and lm_head ignored, and in the VL models the vision tower and
+    projector too (Kimi-K2.5 / K2.6 keep it in `text_config`)."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
+               "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
+    return {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None}},
+            "format": "pack-quantized", "quant_method": "compressed-tensors", "quantization_status": "compressed",
+            "kv_cache_scheme": None,
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+                       "re:.*vision_tower.*", "re:.*mm_projector.*"]}
+
+
+class _RoundToNearest:
+    """A compressed-tensors `Converter` (compressed_tensors.entrypoints.convert) that quantizes a plain checkpoint's
+    expert projections (`selected` names) with a `quantization_config`'s schemes, as llm-compressor's weight-only
+    round-to-nearest pass does: min/max per quantization unit, compressed-tensors' qparams (`calculate_qparams`, or
+    `compute_dynamic_scales_and_zp` where it handles the strategy), its compressor for the stored layout. Scales take
+    the weight's dtype. Everything else passes through as it is."""
+
+    def __init__(self, quantization: dict, selected) -> None:
+        from compressed_tensors.quantization import QuantizationConfig
+
+        self.config = QuantizationConfig.model_validate(quantization)
+        self.selected = selected
+
+    def validate(self, tensors) -> None:
+        return None
+
+    def get_dependencies(self, weight_name: str) -> set[str]:
+        return set()
+
+    def create_config(self):
+        return self.config
+
+    def process(self, tensors: dict) -> dict:
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization.utils import calculate_qparams, compute_dynamic_scales_and_zp
+        from compressed_tensors.utils.match import match_quantizable_tensors
+
+        from .io.compressed_tensors import _group_format, observed_min_max
+
+        out = dict(tensors)
+        for scheme in self.config.config_groups.values():
+            for module, name in list(match_quantizable_tensors(out, self.config.ignore, scheme.targets)):
+                if not self.selected(name):
+                    continue
+                weight = out.pop(name)
+                args = scheme.weights
+                if str(getattr(args.strategy, "value", args.strategy)) in ("tensor", "group"):
+                    scale, zero_point = compute_dynamic_scales_and_zp(weight, args, module=None)
+                else:
+                    scale, zero_point = calculate_qparams(*observed_min_max(weight, args), args)
+                compressor = BaseCompressor.get_value_from_registry(_group_format(self.config, scheme))
+                state = {"weight": weight, "weight_scale": scale.to(weight.dtype), "weight_zero_point": zero_point}
+                for param, tensor in compressor.compress(state, scheme).items():
+                    out[f"{module}.{param}"] = tensor.contiguous()
+        return out
+
+
+def compressed_tensors_checkpoint(source: str | Path, output: str | Path, quantization: dict, *,
+                                  in_text_config: bool = False) -> Path:
+    """The compressed-tensors twin of a plain checkpoint, written by compressed-tensors' own model-free
+    `convert_checkpoint` with `_RoundToNearest`: every routed-expert projection the config's targets and ignore
+    list select is quantized (as the published checkpoints quantize experts only); `in_text_config` puts the
+    quantization_config in `text_config` as Kimi-K2.5 / K2.6 do."""
+    import json
+
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+
+    from .arch import family_for_config, parse_moe_name
+    from .io.source import SourceCheckpoint
+
+    src = SourceCheckpoint(source)
+    family = family_for_config(src.config)
+    output = Path(output)
+    convert_checkpoint(str(src.folder), str(output),
+                       _RoundToNearest(quantization, lambda n: getattr(parse_moe_name(family, n), "kind", "") == "expert"))
+    config = json.loads((output / "config.json").read_text(encoding="utf-8"))
+    if in_text_config:
+        config["text_config"]["quantization_config"] = config.pop("quantization_config")
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
+def compressed_tensors_twin(source: str | Path, output: str | Path) -> Path:
+    """The bfloat16 twin of a compressed-tensors checkpoint, dequantized by compressed-tensors itself
+    (`convert_checkpoint` with its `CompressedTensorsDequantizer`; the quantization_config removed, from text_config
+    too): the reference a compressed output is compared against, computed by the format's own library."""
+    from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer, convert_checkpoint
+
+    import json
+
+    from compressed_tensors.config import CompressionFormat
+
+    from .io.quantization import quantization_config
+
+    declared = quantization_config(json.loads((Path(source) / "config.json").read_text(encoding="utf-8")))
+    dequantizer = CompressedTensorsDequantizer(str(source))
+    for name, scheme in dequantizer.quant_config.config_groups.items():
+        # the dequantizer (0.17) re-infers each group's format as the one it would pack a Linear in, which is
+        # pack-quantized for a naive-quantized INT8 checkpoint: it would then find nothing to dequantize
+        stored = declared["config_groups"][name].get("format") or declared.get("format")
+        if stored not in (None, "mixed-precision"):
+            scheme.format = CompressionFormat(stored)
+    convert_checkpoint(str(source), str(output), dequantizer)
+    return Path(output)
+
+
+# a DeepSeek-V3 text model shaped as Kimi-K2.5's (MLA with a q LoRA, a dense first layer, a shared expert, sigmoid
+# routing with a correction bias in one group, no MTP layer), its dims multiples of the INT4 group of 32
+KIMI_K25_TEXT = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
+                     num_attention_heads=4, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=1,
+                     topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                     topk_method="noaux_tc", kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                     v_head_dim=16, max_position_embeddings=512, num_nextn_predict_layers=0, initializer_range=0.1,
+                     tie_word_embeddings=False)
+KIMI_K25_VISION = dict(patch_size=14, pos_emb_height=4, pos_emb_width=4, pos_emb_time=2, num_attention_heads=2,
+                       num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+
+
+def build_tiny_kimi_k25(folder: str | Path, text_config: dict | None = None, *, seed: int = 0, dtype=None) -> Path:
+    """A random Kimi-K2.5 / K2.6 (`kimi_k25`: a DeepSeek-V3 text model under a MoonViT vision tower) saved in the
+    published tensor names: `language_model.model.*`, `language_model.lm_head.weight`, `vision_tower.encoder.blocks.*`
+    (fused `wqkv`), `vision_tower.patch_embed.*`, `mm_projector.*`. transformers 5.19 reads those names but writes three
+    of them back wrong (its reverse of `blocks -> layers` also renames the text layers, and two prefixes), which are
+    mended here; the folder reloads in transformers parameter for parameter. `dtype`: saved as transformers saves the
+    model loaded in it (the routing bias stays float32)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText, Kimi_K25Config
+
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer(folder)
+    text = dict(KIMI_K25_TEXT if text_config is None else text_config, vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = Kimi_K25Config(text_config=text, vision_config=KIMI_K25_VISION, projection_hidden_size=32,
+                            tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    for module in model.modules():  # bias-corrected routers: make selection differ from scores
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.data.copy_(torch.randn(bias.shape) * 0.3)
+    mended = (("language_model.model.blocks.", "language_model.model.layers."), ("model.mm_projector.", "mm_projector."),
+              ("vision_tower.encoder.patch_embed.", "vision_tower.patch_embed."))
+    for step in ("save", "reload") if dtype is not None else ("save",):
+        if step == "reload":
+            model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype)
+        model.save_pretrained(str(folder))
+        saved = {}
+        for name, tensor in load_file(folder / "model.safetensors").items():
+            for wrong, right in mended:
+                name = right + name[len(wrong):] if name.startswith(wrong) else name
+            saved[name] = tensor
+        save_file(saved, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    written = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    written["architectures"] = ["KimiK25ForConditionalGeneration"]
+    (folder / "config.json").write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
+    return folder

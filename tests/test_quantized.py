@@ -95,19 +95,19 @@ def test_fp8_source_compresses_as_its_dequantized_twin(fp8_runs, method):
     assert expected.keys() == got.keys()
     for name in expected:
         assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
-    assert kl["fp8->bfloat16"] == kl["twin"]
+    assert kl["quantized->bfloat16"] == kl["twin"]
     assert weights_summary(fp8_out).parameters == weights_summary(twin_out).parameters  # scales are not parameters
     assert "quantization_config" not in json.loads((bf16_out / "config.json").read_text())
     if method == "reap":
-        assert kl["fp8"] == kl["twin"]
+        assert kl["quantized"] == kl["twin"]
     else:
-        assert kl["fp8"] != kl["twin"] and abs(kl["fp8"] - kl["twin"]) <= 0.02 * kl["twin"]
+        assert kl["quantized"] != kl["twin"] and abs(kl["quantized"] - kl["twin"]) <= 0.02 * kl["twin"]
 
 
 @pytest.mark.parametrize("method", ["reap", "ream"])
 def test_fp8_output_keeps_experts_bit_exact_requantizes_merged_ones_and_orphans_nothing(fp8_runs, method):
     row = fp8_runs[method]
-    source, out_folder = row["fp8_source"], row["folders"]["fp8"]
+    source, out_folder = row["quantized_source"], row["folders"]["quantized"]
     src, out, twin_out = tensors(source), tensors(out_folder), tensors(row["folders"]["twin"])
     src_config, out_config = (json.loads((f / "config.json").read_text()) for f in (source, out_folder))
     assert out_config["quantization_config"] == src_config["quantization_config"]
@@ -136,30 +136,32 @@ def test_fp8_output_keeps_experts_bit_exact_requantizes_merged_ones_and_orphans_
     assert untouched and all(torch.equal(out[n].view(torch.uint8), src[n].view(torch.uint8)) for n in untouched)
 
 
-def test_fp8_source_with_the_refit_quantizes_the_refit_experts_afresh(tmp_path):
-    """REAP's default refit gives every kept expert a new down projection: an FP8 output quantizes those experts
-    afresh from the twin's refit values (the refit of the FP8 source's real values is the twin's refit, tensor for
-    tensor), scores within 2% of the twin, and leaves no scale orphaned."""
+def test_fp8_source_with_the_refit_quantizes_only_the_refit_projections_afresh(tmp_path):
+    """REAP's default refit gives every kept expert a new down projection: an FP8 output quantizes those down
+    projections afresh from the twin's refit values (the refit of the FP8 source's real values is the twin's refit,
+    tensor for tensor) and copies the gate and up projections, which the refit leaves alone, with their own bytes
+    and scales; it scores within 2% of the twin and leaves no scale orphaned."""
     row = bench.run(tmp_path, ("reap",), 16, 48, refit="down")[0]
     twin_out, fp8_out, bf16_out = (row["folders"][m] for m in bench.MODES)
     expected, out = tensors(twin_out), tensors(fp8_out)
     got = tensors(bf16_out)
     assert expected.keys() == got.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
-    fmt = Fp8BlockFormat(json.loads((row["fp8_source"] / "config.json").read_text())["quantization_config"])
-    source = tensors(row["twin_source"])
+    fmt = Fp8BlockFormat(json.loads((row["quantized_source"] / "config.json").read_text())["quantization_config"])
+    source, stored = tensors(row["twin_source"]), tensors(row["quantized_source"])
     refit_changed = 0
     for layer, groups in manifest_groups(fp8_out).items():
         for group in groups:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 name = f"{layer}.mlp.experts.{group['output_expert']}.{proj}.weight"
-                fresh = fmt.quantize(name, expected[name], {})
-                assert torch.equal(out[name].view(torch.uint8), fresh[name].view(torch.uint8)), name
-                assert torch.equal(out[fmt.scale_name(name)], fresh[fmt.scale_name(name)]), name
                 source_name = f"{layer}.mlp.experts.{group['centroid']}.{proj}.weight"
+                want = fmt.quantize(name, expected[name], {}) if proj == "down_proj" else \
+                    {name: stored[source_name], fmt.scale_name(name): stored[fmt.scale_name(source_name)]}
+                assert torch.equal(out[name].view(torch.uint8), want[name].view(torch.uint8)), name
+                assert torch.equal(out[fmt.scale_name(name)], want[fmt.scale_name(name)]), name
                 refit_changed += proj == "down_proj" and not torch.equal(expected[name], source[source_name])
     assert refit_changed
     kl = row["kl"]
-    assert kl["fp8->bfloat16"] == kl["twin"] and abs(kl["fp8"] - kl["twin"]) <= 0.02 * kl["twin"]
+    assert kl["quantized->bfloat16"] == kl["twin"] and abs(kl["quantized"] - kl["twin"]) <= 0.02 * kl["twin"]
     scales = {n for n in out if n.endswith(SCALE)}
     assert scales == {fmt.scale_name(n) for n, t in out.items() if t.dtype == torch.float8_e4m3fn}
 
@@ -187,8 +189,9 @@ def test_fp8_deepseek_v3_with_mla_shared_experts_and_mtp(calibration_txt, tmp_pa
 
 
 def test_fused_fp8_experts_keep_unchanged_rows_and_requantize_merged_ones(tmp_path):
-    """Experts stored fused (`experts.gate_up_proj` (E, 2I, H) with a per-expert block grid): an unchanged output
-    expert takes its source expert's FP8 rows and scales, a merged one fresh ones."""
+    """Experts stored fused (`experts.gate_up_proj` (E, 2I, H) with a per-expert block grid), projection by
+    projection: an unchanged output expert takes its source expert's FP8 rows and scales; one whose down projection
+    alone changed (a refit) keeps its source's gate_up rows and gets a fresh down projection."""
     torch.manual_seed(0)
     fmt = Fp8BlockFormat({"quant_method": "fp8", "weight_block_size": [128, 128]})
     prefix = "model.layers.0.mlp."
@@ -205,15 +208,17 @@ def test_fused_fp8_experts_keep_unchanged_rows_and_requantize_merged_ones(tmp_pa
     real = dict(source.iter_real_tensors([prefix + "experts.gate_up_proj", prefix + "experts.down_proj"]))
     gate_up, down = real[prefix + "experts.gate_up_proj"], real[prefix + "experts.down_proj"]
     experts = ExpertWeights(gate=gate_up[[2, 0], :96], up=gate_up[[2, 0], 96:], down=down[[2, 0]].clone())
-    experts.down[1] *= 0.5  # output expert 1 is "merged": changed values
+    experts.down[1] *= 0.5  # output expert 1's down projection is refit: changed values, gate and up as they were
     output = LayerOutput(experts=experts, router={"weight": stored[prefix + "gate.weight"][[2, 0]]}, centroids=[2, 0],
-                         unchanged=[True, False])
+                         unchanged=[frozenset({"gate", "up", "down"}), frozenset({"gate", "up"})])
     written = dict(group_tensors(source, family, list(source.weight_map), {"model.layers.0": output}))
     for name in ("experts.gate_up_proj", "experts.down_proj"):
         q, s = written[prefix + name], written[prefix + name + "_scale_inv"]
         assert q.shape[0] == 2 and s.shape == (2, *stored[prefix + name + "_scale_inv"].shape[1:])
-        assert torch.equal(q[0].view(torch.uint8), stored[prefix + name][2].view(torch.uint8))
-        assert torch.equal(s[0], stored[prefix + name + "_scale_inv"][2])
+        kept = [(0, 2), (1, 0)] if name == "experts.gate_up_proj" else [(0, 2)]
+        for j, c in kept:
+            assert torch.equal(q[j].view(torch.uint8), stored[prefix + name][c].view(torch.uint8))
+            assert torch.equal(s[j], stored[prefix + name + "_scale_inv"][c])
     fresh = fmt.quantize("d", experts.down[1], {})
     assert torch.equal(written[prefix + "experts.down_proj"][1].view(torch.uint8), fresh["d"].view(torch.uint8))
     assert torch.equal(written[prefix + "experts.down_proj_scale_inv"][1], fresh["d_scale_inv"])
@@ -238,9 +243,9 @@ def rewrite(folder: Path, target: Path, edit) -> Path:
 ])
 def test_verify_catches_missing_orphan_and_misshaped_scales(fp8_runs, tmp_path, damage, message):
     row = fp8_runs["reap"]
-    good = row["folders"]["fp8"]
+    good = row["folders"]["quantized"]
     family = family_for_config(json.loads((good / "config.json").read_text()))
-    source = SourceCheckpoint(row["fp8_source"])
+    source = SourceCheckpoint(row["quantized_source"])
     verify_checkpoint(good, family, source)
     name = "model.layers.0.mlp.experts.3.gate_proj.weight"
 
@@ -287,8 +292,6 @@ def test_mxfp4_source_is_read_through_transformers_conversion_and_written_bf16(t
 
 # -- refusals, before anything is read ---------------------------------------------------------------------
 REFUSED = {
-    "compressed-tensors": ({"quant_method": "compressed-tensors", "format": "pack-quantized"},
-                           "compressed-tensors (format pack-quantized)", "CompressedTensorsDequantizer"),
     "awq": ({"quant_method": "awq", "bits": 4}, "AWQ", "unquantized (bf16) release"),
     "gptq": ({"quant_method": "gptq", "bits": 4}, "GPTQ", "unquantized (bf16) release"),
     "bitsandbytes": ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes", "unquantized"),

@@ -10,6 +10,7 @@ from .families import (
     EXPERT_COUNT_KEYS,
     FAMILIES,
     NATIVE_ARCHITECTURES,
+    TEXT_ARCHITECTURES,
     MoEFamily,
     expert_count,
     family_for_config,
@@ -39,7 +40,8 @@ from .layout import (
 from .modules import decoder_layers, experts, moe_block, router
 
 __all__ = [
-    "EXPERT_COUNT_KEYS", "FAMILIES", "FUSED_PARAMS", "MTP_STYLES", "NATIVE_ARCHITECTURES", "ExpertWeights", "MTPStyle",
+    "EXPERT_COUNT_KEYS", "FAMILIES", "FUSED_PARAMS", "MTP_STYLES", "NATIVE_ARCHITECTURES", "TEXT_ARCHITECTURES",
+    "ExpertWeights", "MTPStyle",
     "MoEFamily", "MoETensorName", "config_mtp_prefixes", "decoder_layers", "disk_expert_name", "disk_expert_names",
     "disk_expert_tensors",
     "expert_count", "expert_shapes", "experts", "family_for_config", "fused_expert_params", "in_memory_key",

@@ -44,6 +44,10 @@ class MoEFamily:
 
 _QWEN_SHARED = ("shared_expert", "shared_expert_gate")
 _DEEPSEEK_ROUTER = ("weight", "e_score_correction_bias")
+_DEEPSEEK_V3: dict[str, Any] = dict(
+    num_experts_attr="n_routed_experts", expert_count_keys=("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
+    scoring="sigmoid", group_keys=("n_group", "topk_group"), mtp_layers_key="num_nextn_predict_layers",
+    mtp_style="layers", shared_expert_attrs=("shared_experts",))
 
 FAMILIES: tuple[MoEFamily, ...] = (
     MoEFamily("Qwen3-MoE", ("qwen3_moe",), "num_experts", ("num_experts", "num_local_experts")),
@@ -53,11 +57,10 @@ FAMILIES: tuple[MoEFamily, ...] = (
         disk_block_attr="block_sparse_moe", disk_proj_names={"gate": "w1", "up": "w3", "down": "w2"},
     ),
     MoEFamily("OLMoE", ("olmoe",), "num_experts", ("num_experts",)),
-    MoEFamily(
-        "DeepSeek-V3 / Kimi-K2", ("deepseek_v3", "kimi_k2"), "n_routed_experts", ("n_routed_experts",),
-        router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid", group_keys=("n_group", "topk_group"),
-        mtp_layers_key="num_nextn_predict_layers", mtp_style="layers", shared_expert_attrs=("shared_experts",),
-    ),
+    MoEFamily("DeepSeek-V3 / Kimi-K2", ("deepseek_v3", "kimi_k2"), **_DEEPSEEK_V3),
+    # a DeepSeek-V3 text model (text_config, under `language_model.model.*`) beneath a MoonViT vision tower and
+    # projector (`vision_tower.*`, `mm_projector.*`), which are copied as stored
+    MoEFamily("Kimi-K2.5 / K2.6", ("kimi_k25",), **_DEEPSEEK_V3, vision_prefixes=("vision_tower.", "mm_projector.")),
     MoEFamily(
         "GLM-4.5 (Glm4Moe)", ("glm4_moe",), "n_routed_experts", ("n_routed_experts",),
         router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid", group_keys=("n_group", "topk_group"),
@@ -83,6 +86,9 @@ _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in fa
 # that one from config.json (no remote code). Kimi-K2 is DeepSeek-V3 (its config names DeepseekV3ForCausalLM; vLLM
 # maps kimi_k2 to DeepseekV3Config too).
 NATIVE_ARCHITECTURES = {"kimi_k2": "deepseek_v3"}
+# vision-language model types whose text model (config.json's `text_config`) is compressed as this architecture: the
+# model the method runs is built from text_config alone; the vision tower is never built, its tensors copied as stored
+TEXT_ARCHITECTURES = {"kimi_k25": "deepseek_v3"}
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 

@@ -34,9 +34,6 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-_CT_WAY_OUT = ("dequantize it to bfloat16 first with the compressed-tensors package: `from compressed_tensors."
-               "entrypoints.convert import convert_checkpoint, CompressedTensorsDequantizer; convert_checkpoint(SRC, "
-               "DST, CompressedTensorsDequantizer(SRC))`, then compress DST")
 _REQUANTIZE_WAY_OUT = ("compress the model's unquantized (bf16) release instead, then quantize the compressed "
                        "checkpoint with the same tool")
 
@@ -253,15 +250,13 @@ def read_quantization(config: dict[str, Any], where: str | Path = "the source") 
         return Fp8BlockFormat(found)
     if method == "mxfp4":
         return Mxfp4Format(found)
-    if method == "compressed-tensors":
-        detail = found.get("format") or ", ".join(sorted({str(g.get("format")) for g in
-                                                          (found.get("config_groups") or {}).values()
-                                                          if isinstance(g, dict) and g.get("format")})) or "unknown"
-        raise ValueError(f"{where} is quantized with compressed-tensors (format {detail}), which ream-hf does not "
-                         f"read; {_CT_WAY_OUT}")
+    if method == "compressed-tensors":  # its own module: the package's schemes and compressors
+        from .compressed_tensors import read_compressed_tensors
+
+        return read_compressed_tensors(found, where)
     names = {"awq": "AWQ", "gptq": "GPTQ", "bitsandbytes": "bitsandbytes"}
     raise ValueError(f"{where} is quantized with {names.get(method, method)} (quant_method {method!r}), which "
-                     f"ream-hf does not read (supported: fp8 block-wise, mxfp4); {_REQUANTIZE_WAY_OUT}")
+                     f"ream-hf does not read (supported: fp8 block-wise, mxfp4, compressed-tensors); {_REQUANTIZE_WAY_OUT}")
 
 
 def output_dtype(name: str) -> torch.dtype:

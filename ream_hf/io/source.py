@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..arch import NATIVE_ARCHITECTURES
+from ..arch import NATIVE_ARCHITECTURES, TEXT_ARCHITECTURES
 from . import safetensors as st
 from .names import looks_like_hub_id
 from .quantization import QuantizedFormat, read_quantization, real_tensor_names
@@ -152,15 +152,21 @@ class SourceCheckpoint:
     def transformers_config(self):
         """A new transformers config of the source (callers may edit it), as `AutoConfig.from_pretrained` reads it; a model type that is another
         architecture (`NATIVE_ARCHITECTURES`: Kimi-K2 is DeepSeek-V3) is built natively as that one from config.json,
-        without its `auto_map` (remote code is not needed to run an architecture transformers ships)."""
+        without its `auto_map` (remote code is not needed to run an architecture transformers ships); a
+        vision-language model whose text model is compressed alone (`TEXT_ARCHITECTURES`: Kimi-K2.5's is DeepSeek-V3)
+        as that architecture from its `text_config`."""
         from transformers import AutoConfig
 
-        native = NATIVE_ARCHITECTURES.get(self.config.get("model_type"))
+        model_type = self.config.get("model_type")
+        native = NATIVE_ARCHITECTURES.get(model_type) or TEXT_ARCHITECTURES.get(model_type)
         try:
             if native is None:
                 return AutoConfig.from_pretrained(str(self.folder))
+            found = self.config.get("text_config") if model_type in TEXT_ARCHITECTURES else self.config
+            if not isinstance(found, dict):
+                raise ValueError(f"model type {model_type} keeps its text model in text_config, which is missing")
             # a deep copy: config classes edit nested dicts (rope_scaling) in place, and self.config is written out
-            settings = copy.deepcopy({k: v for k, v in self.config.items() if k not in ("model_type", "auto_map")})
+            settings = copy.deepcopy({k: v for k, v in found.items() if k not in ("model_type", "auto_map")})
             return AutoConfig.for_model(native, **settings)
         except Exception as error:  # transformers raises several types for unreadable configs
             raise ValueError(f"cannot read the model config in {self.folder}: {error}") from None

@@ -4,7 +4,9 @@ vLLM loads a checkpoint with a missing expert or MTP tensor without a word, so e
 set, every router's row count and every tensor's shape is checked against the config and, where
 the source is known, every other tensor's name and shape against the source. A quantized checkpoint
 is checked against its quantization_config first (every scale has its weight and the block grid's shape,
-every FP8 weight its scale: so no scale of a removed expert survives), then by its real tensors' shapes.
+every FP8 weight its scale, every compressed-tensors module exactly its scheme's tensors: so no scale of a removed
+expert survives), then by its real tensors' shapes; written in the source's format, every expert is stored as the
+source stores that projection (the same tensors, the same dtypes: none written plain, none missing a scale).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from ..arch import MoEFamily, expert_count, expert_shapes, parse_moe_name, text_config_dict
 from . import safetensors as st
-from .quantization import read_quantization, real_shapes
+from .quantization import QuantizedFormat, read_quantization, real_shapes, real_tensor_names
 from .source import SourceCheckpoint
 
 
@@ -23,20 +25,45 @@ class CheckpointError(ValueError):
     pass
 
 
+STRAY_SUFFIXES = ("_scale_inv", ".weight_packed", ".weight_scale")  # quantized storage, named by no config
+
+
 def read_shapes(folder: Path, config: dict | None = None) -> dict[str, tuple[int, ...]]:
     """Real tensor name -> shape (a quantized tensor's dequantized shape, its scales checked and folded in)."""
+    return _read(folder, config)[2]
+
+
+def _read(folder: Path, config: dict | None) -> tuple[QuantizedFormat | None, dict[str, st.TensorInfo],
+                                                      dict[str, tuple[int, ...]]]:
     try:
         infos = st.tensor_infos(folder)
         fmt = read_quantization(config or {}, folder)
         if fmt is not None:
             fmt.check(infos)
         else:
-            stray = next((n for n, info in infos.items() if info.dtype.startswith("F8_") or n.endswith("_scale_inv")), None)
+            stray = next((n for n, info in infos.items() if info.dtype.startswith("F8_") or n.endswith(STRAY_SUFFIXES)),
+                         None)
             if stray is not None:
                 raise ValueError(f"{stray} is {infos[stray].dtype}, but config.json has no quantization_config")
-        return real_shapes(fmt, infos)
+        return fmt, infos, real_shapes(fmt, infos)
     except ValueError as error:
         raise CheckpointError(str(error)) from None
+
+
+def expert_storage(family: MoEFamily, fmt: QuantizedFormat | None,
+                   infos: dict[str, st.TensorInfo]) -> dict[tuple[str, str], dict[int | None, tuple]]:
+    """How each expert tensor is stored, by (layer, projection or fused parameter) and expert (None: fused): its
+    stored tensors' suffixes after the module name, with their dtypes (plain `weight`; FP8 `weight`,
+    `weight_scale_inv`; compressed-tensors' `weight_packed`, `weight_scale`, `weight_shape`, ...)."""
+    found: dict[tuple[str, str], dict[int | None, tuple]] = defaultdict(dict)
+    for real, stored in real_tensor_names(fmt, infos).items():
+        parsed = parse_moe_name(family, real)
+        if parsed is None or parsed.kind == "router":
+            continue
+        module = real.rpartition(".")[0] + "."
+        found[parsed.layer_key, parsed.proj or parsed.param][parsed.expert] = tuple(
+            (name[len(module):], infos[name].dtype) for name in stored)
+    return found
 
 
 def verify_checkpoint(
@@ -54,7 +81,7 @@ def verify_checkpoint(
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     text = text_config_dict(config)
     target = expert_count(family, config)
-    shapes = read_shapes(folder, config)
+    fmt, infos, shapes = _read(folder, config)
     per_expert_shapes, fused_shapes = expert_shapes(family, text)
     hidden = int(text["hidden_size"])
 
@@ -120,8 +147,20 @@ def verify_checkpoint(
             if shapes[name] != source_shapes[name]:
                 raise CheckpointError(f"{name} has shape {shapes[name]} in the output, {source_shapes[name]} in "
                                       "the source")
+    if source is not None and fmt is not None:  # written in the source's format: every expert stored as its source's
+        stored = expert_storage(family, source.quantization, source.tensor_infos)
+        for (layer, proj), by_expert in expert_storage(family, fmt, infos).items():
+            want = next(iter(stored.get((layer, proj), {}).values()), None)
+            for expert, layout in by_expert.items():
+                if want is not None and layout != want:
+                    where = f"layer {layer} {proj}" + (f" of expert {expert}" if expert is not None else "")
+                    raise CheckpointError(f"{where} is stored as {_layout(layout)}, the source's as {_layout(want)}")
     if dropped_prefixes:
         left = [n for n in shapes if n.startswith(dropped_prefixes)]
         if left:
             raise CheckpointError(f"dropped MTP tensor {left[0]} is still in the output")
     return counts
+
+
+def _layout(layout: tuple) -> str:
+    return " + ".join(f"{suffix} ({dtype})" for suffix, dtype in layout)

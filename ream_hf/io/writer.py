@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 INDEX_NAME, SINGLE_NAME = st.INDEX_NAME, st.SINGLE_NAME
 NOT_COPIED = {"config.json", INDEX_NAME, "README.md", ".gitattributes"}
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+# the projections a fused expert tensor holds
+FUSED_ROLES = {"gate_up_proj": ("gate", "up"), "gate_up_proj_bias": ("gate", "up"), "down_proj": ("down",),
+               "down_proj_bias": ("down",)}
 
 
 @dataclass
@@ -45,7 +48,13 @@ class LayerOutput:
     experts: ExpertWeights  # canonical, k experts
     router: dict[str, torch.Tensor]  # router tensor name ("weight", "bias", "e_score_correction_bias") -> (k, ...)
     centroids: list[int] | None = None  # the source expert output expert j stands for (its router row's source)
-    unchanged: list[bool] | None = None  # output expert j is source expert centroids[j] as it is: copied as stored
+    # per output expert j, the projections ("gate", "up", "down") that are source expert centroids[j]'s as they are:
+    # their stored tensors are copied (a quantized source's bytes and scales); the others are written afresh
+    unchanged: list[frozenset[str]] | None = None
+
+    def kept(self, j: int, roles: Iterable[str]) -> bool:
+        """Whether output expert j's `roles` are all its centroid's, unchanged."""
+        return self.unchanged is not None and set(roles) <= self.unchanged[j]
 
 
 class PartWriter:
@@ -185,10 +194,11 @@ class _Encoder:
             yield from self.encode(out_name, tensor, out_name, copy=False)
             return
         fresh = self.fmt.quantize(out_name, tensor, self.infos)
+        roles = FUSED_ROLES[out_name.rpartition(".")[2]]
         for name, out in zip(stored, self.fmt.stored_layout(out_name)):
             source_tensor = None
-            for j, unchanged in enumerate(output.unchanged or []):
-                if unchanged:
+            for j in range(tensor.shape[0]):
+                if output.kept(j, roles):
                     source_tensor = self.reader.get(name) if source_tensor is None else source_tensor
                     fresh[out][j] = source_tensor[output.centroids[j]]
             yield out, fresh[out]
@@ -203,7 +213,7 @@ class _Encoder:
         for out_name, (role, j) in disk_expert_names(family, prefix, output.experts.num_experts).items():
             centroid = output.centroids[j] if output.centroids is not None else j
             template = disk_expert_name(family, prefix, centroid, role)
-            copy = output.unchanged is not None and output.unchanged[j]
+            copy = output.kept(j, (role,))
             yield from self.encode(out_name, getattr(output.experts, role)[j], template, copy)
 
 

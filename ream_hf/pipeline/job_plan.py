@@ -169,7 +169,9 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     folder, a Hub id, or a source `compress` has opened, whose weights may not be downloaded yet)."""
     from transformers import AutoModelForCausalLM
 
-    from ..arch import config_mtp_prefixes, parse_moe_name
+    from ..arch import config_mtp_prefixes, disk_expert_name, parse_moe_name
+    from ..io.compressed_tensors import expert_stored_bytes
+    from ..io.quantization import quantization_config
 
     source = model_path if isinstance(model_path, SourceCheckpoint) else SourceCheckpoint(source_files(model_path))
     folder, config_dict = source.folder, source.config
@@ -183,8 +185,8 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     disk_dtype = TORCH_DTYPES.get(recorded, torch.bfloat16)
     working = disk_dtype if config.dtype == "auto" else TORCH_DTYPES[config.dtype]
     notes: list[str] = []
-    quant_method = str((config_dict.get("quantization_config") or {}).get("quant_method", "")).lower()
-    if quant_method and quant_method != "fp8":
+    quant_method = str((quantization_config(config_dict) or {}).get("quant_method", "")).lower()
+    if quant_method and quant_method not in ("fp8", "compressed-tensors"):
         notes.append(f"the source is quantized ({quant_method}); output_bytes counts its experts in {recorded}")
 
     hf_config = source.transformers_config()
@@ -225,6 +227,13 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
         block = (config_dict.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
         blocks = lambda rows, cols: -(-rows // block[0]) * -(-cols // block[1])  # noqa: E731
         expert_disk_bytes = expert_numel + 4 * (2 * blocks(inner, hidden) + blocks(hidden, inner))
+    if quant_method == "compressed-tensors":  # written back in its scheme: as the first expert's projections are
+        fmt = source.quantization
+        first = next((p for n in names if (p := parse_moe_name(family, fmt.real_name(n))) and p.kind == "expert"), None)
+        if first is not None:
+            shapes = {"gate": (inner, hidden), "up": (inner, hidden), "down": (hidden, inner)}
+            expert_disk_bytes = sum(expert_stored_bytes(fmt, disk_expert_name(family, first.experts_prefix, 0, role),
+                                                        shape) for role, shape in shapes.items())
     removed = compressed * (num_experts - target) * (expert_disk_bytes + router_numel * disk_size)
     output_bytes = source_bytes - removed
 

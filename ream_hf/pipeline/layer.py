@@ -355,9 +355,9 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         router={name: getattr(router_module, name) for name in family.router_tensors
                 if getattr(router_module, name, None) is not None},
         centroids=plan.centroids,
-        # a refit down projection is new even where the group is one expert
-        unchanged=[not (refit and "down" in config.refit)
-                   and (merged is None or keeps_centroid(config.merge, len(g.members)))
+        # per projection: a refit down projection is new even where the group is one expert, its gate and up are not
+        unchanged=[frozenset(("gate", "up") if refit and "down" in config.refit else ("gate", "up", "down"))
+                   if merged is None or keeps_centroid(config.merge, len(g.members)) else frozenset()
                    for g in plan.groups],
     )
     report = LayerReport(
