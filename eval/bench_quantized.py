@@ -16,8 +16,8 @@ text, in float32. A quantized output is dequantized (bfloat16) first, as its twi
 `dequantize_checkpoint`, a compressed-tensors one by compressed-tensors itself (transformers' compressed-tensors
 support loads it too, but in bfloat16 whatever dtype is asked for, which would score the dtype, not the
 compression). The tests (tests/test_quantized.py, tests/test_compressed_tensors.py) run this at a smaller
-calibration size and assert on it. The refit is off by default here (`--refit none`): it gives every kept expert a new down projection, which a
-quantized output quantizes afresh, so kept experts' down projections would no longer be the source's bytes;
+calibration size and assert on it. The refit is off by default here (`--refit none`): it gives every kept expert a new
+down projection, which a quantized output quantizes afresh, so kept experts' down projections would no longer be the source's bytes;
 `--refit down` measures the library's default.
 
     python eval/bench_quantized.py [--source fp8|kimi-int4] [--methods reap ream] [--sequences 32] [--workdir DIR]

@@ -18,8 +18,8 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 
 from .version import __version__
-from .arch import MoEFamily, decoder_layers, expert_count, family_for_config, parse_moe_name, set_expert_count, \
-    text_config_dict
+from .arch import MoEFamily, check_text_architecture, decoder_layers, expert_count, family_for_config, parse_moe_name, \
+    set_expert_count, text_config_dict
 from .config import CONFIG_KEY, TORCH_DTYPES, ReamConfig
 from .io.folders import SpaceNeeded, atomic_output_dir, check_output_dir, check_paths, storage_errors
 from .io.quantization import check_loaded_model, plan_output
@@ -146,6 +146,7 @@ class ReamCompressor(OptimumQuantizer):
             check_loaded_model(model.config)
             dequantize_to = plan_output(None, config.output_dtype, False, source_name)
         family_for_config(config_dict)  # an unsupported model is refused before transformers parses its config
+        check_text_architecture(config_dict, streaming=source is not None and config.streaming)
         model_config = model.config if model is not None else source.transformers_config()
         family, num_experts, target = self.check_model(config_dict, model_config, allow_full_width=allow_full_width)
         text_config = model_config.get_text_config()

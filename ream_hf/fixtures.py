@@ -278,8 +278,8 @@ def kimi_int4_scheme() -> dict:
                                           "output_activations": None}},
             "format": "pack-quantized", "quant_method": "compressed-tensors", "quantization_status": "compressed",
             "kv_cache_scheme": None,
-            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
-                       "re:.*vision_tower.*", "re:.*mm_projector.*"]}
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                       "re:.*mlp\\.(gate|up|gate_up|down)_proj.*", "re:.*vision_tower.*", "re:.*mm_projector.*"]}
 
 
 class _RoundToNearest:
@@ -345,8 +345,8 @@ def compressed_tensors_checkpoint(source: str | Path, output: str | Path, quanti
     src = SourceCheckpoint(source)
     family = family_for_config(src.config)
     output = Path(output)
-    convert_checkpoint(str(src.folder), str(output),
-                       _RoundToNearest(quantization, lambda n: getattr(parse_moe_name(family, n), "kind", "") == "expert"))
+    experts_only = lambda name: getattr(parse_moe_name(family, name), "kind", "") == "expert"  # noqa: E731
+    convert_checkpoint(str(src.folder), str(output), _RoundToNearest(quantization, experts_only))
     config = json.loads((output / "config.json").read_text(encoding="utf-8"))
     if in_text_config:
         config["text_config"]["quantization_config"] = config.pop("quantization_config")
@@ -416,8 +416,8 @@ def build_tiny_kimi_k25(folder: str | Path, text_config: dict | None = None, *, 
         bias = getattr(module, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             bias.data.copy_(torch.randn(bias.shape) * 0.3)
-    mended = (("language_model.model.blocks.", "language_model.model.layers."), ("model.mm_projector.", "mm_projector."),
-              ("vision_tower.encoder.patch_embed.", "vision_tower.patch_embed."))
+    mended = (("language_model.model.blocks.", "language_model.model.layers."),
+              ("model.mm_projector.", "mm_projector."), ("vision_tower.encoder.patch_embed.", "vision_tower.patch_embed."))
     for step in ("save", "reload") if dtype is not None else ("save",):
         if step == "reload":
             model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype)

@@ -15,11 +15,12 @@ from ream_hf.arch import family_for_config, parse_moe_name
 from ream_hf.fixtures import (build_tiny_qwen3_moe, compressed_tensors_checkpoint, compressed_tensors_twin,
                               kimi_int4_scheme)
 from ream_hf.io.compressed_tensors import observed_min_max, read_compressed_tensors
-from ream_hf.io.safetensors import INDEX_NAME, SINGLE_NAME
+from ream_hf.io.safetensors import SINGLE_NAME
 from ream_hf.io.source import SourceCheckpoint
 from ream_hf.io.verify import CheckpointError, verify_checkpoint
 from tests.conftest import tensors
 from tests.test_bad_input import run_cli
+from tests.test_quantized import rewrite
 
 EXPERTS = ["re:.*mlp\\.experts\\.\\d+\\.(gate|up|down)_proj$"]
 
@@ -212,7 +213,7 @@ def test_kimi_k26_int4_is_compressed_in_its_published_format(kimi_runs, method):
     src, got = tensors(source), tensors(out)
     family = family_for_config(json.loads((source / "config.json").read_text()))
     untouched = [n for n in src if parse_moe_name(family, SourceCheckpoint(source).quantization.real_name(n)) is None]
-    assert any(n.startswith("vision_tower.") for n in untouched) and any(n.startswith("mm_projector.") for n in untouched)
+    assert {n.split(".")[0] for n in untouched} >= {"vision_tower", "mm_projector"}
     assert all(torch.equal(got[n], src[n]) for n in untouched)
     configs = [json.loads((folder / "config.json").read_text()) for folder in (source, out, bf16_out)]
     assert configs[1]["text_config"]["quantization_config"] == configs[0]["text_config"]["quantization_config"]
@@ -268,24 +269,84 @@ def test_kimi_refit_quantizes_only_the_refit_down_projections_afresh(tmp_path):
     assert abs(row["kl"]["quantized"] - row["kl"]["twin"]) <= 0.05 * row["kl"]["twin"]
 
 
+def add_kimi_mtp_layer(folder: Path, seed: int = 1) -> Path:
+    """A DeepSeek-V3 next-n layer for a tiny kimi_k25 (its text_config counts it): `language_model.model.layers.N.*`
+    with N = num_hidden_layers, the trunk's last layer's tensors (random values), `eh_proj`, `enorm`, `hnorm`,
+    `shared_head.norm`, `shared_head.head` and `embed_tokens`, as DeepSeek-V3 publishes its MTP layer."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
+    n, hidden, prefix = text["num_hidden_layers"], text["hidden_size"], "language_model.model.layers."
+    found = load_file(folder / SINGLE_NAME)
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda like, scale: (torch.randn(like.shape, generator=generator) * scale).to(like.dtype)  # noqa: E731
+    for name, tensor in list(found.items()):
+        if name.startswith(f"{prefix}{n - 1}."):
+            found[f"{prefix}{n}." + name[len(f"{prefix}{n - 1}."):]] = \
+                1 + rand(tensor, 0.05) if "norm" in name else rand(tensor, max(float(tensor.float().std()), 0.02))
+    norm = found["language_model.model.norm.weight"]
+    found |= {f"{prefix}{n}.eh_proj.weight": rand(torch.empty(hidden, 2 * hidden, dtype=norm.dtype), 0.1),
+              f"{prefix}{n}.enorm.weight": 1 + rand(norm, 0.05), f"{prefix}{n}.hnorm.weight": 1 + rand(norm, 0.05),
+              f"{prefix}{n}.shared_head.norm.weight": 1 + rand(norm, 0.05),
+              f"{prefix}{n}.shared_head.head.weight": found["language_model.lm_head.weight"].clone(),
+              f"{prefix}{n}.embed_tokens.weight": found["language_model.model.embed_tokens.weight"].clone()}
+    save_file(found, str(folder / SINGLE_NAME), metadata={"format": "pt"})
+    text["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def test_kimi_k25_mtp_layer_is_compressed_in_int4(calibration_txt, tmp_path):
+    """A kimi_k25 whose text_config counts an MTP layer (`language_model.model.layers.N`, as DeepSeek-V3): the layer
+    is read from the published names, compressed like the trunk's and written back in the source's INT4 scheme."""
+    from ream_hf.fixtures import build_tiny_kimi_k25
+
+    plain = add_kimi_mtp_layer(build_tiny_kimi_k25(tmp_path / "plain", dtype=torch.bfloat16))
+    source = compressed_tensors_checkpoint(plain, tmp_path / "int4", kimi_int4_scheme(), in_text_config=True)
+    twin = compressed_tensors_twin(source, tmp_path / "twin")
+    run = dict(sequences=8, length=48, refit="none")
+    twin_out = bench.compress(twin, calibration_txt, tmp_path / "twin-out", "ream", **run)
+    out = bench.compress(source, calibration_txt, tmp_path / "out", "ream", **run)
+    assert "language_model.model.layers.3" in manifest_groups(out)
+    kept, merged = assert_written_in_the_source_scheme(source, twin_out, out)
+    assert kept and merged
+    got = tensors(out)
+    assert {int(n.split(".experts.")[1].split(".")[0]) for n in got if n.startswith("language_model.model.layers.3.")
+            and ".experts." in n} == set(range(8))
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_nextn_predict_layers"] == 1
+
+
+@pytest.mark.parametrize("case", ["no streaming", "loaded model"])
+def test_kimi_k25_outside_the_streaming_loader_is_refused_first(case, kimi_runs, calibration_txt, no_work_started):
+    """transformers would load a kimi_k25 folder as DeepSeek-V3 with none of its weights, and writes a loaded one
+    back in names of its own: both refused before any read."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ream_hf import ReamCompressor, ReamConfig
+
+    folder = kimi_runs["reap"]["twin_source"]
+    if case == "loaded model":
+        with torch.device("meta"):
+            source = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+    else:
+        source = str(folder)
+    config = ReamConfig(target_experts=8, method="reap", calibration=[str(calibration_txt)], calibration_ratios=None,
+                        streaming=case != "no streaming")
+    with pytest.raises(ValueError, match="streaming loader only") as error:
+        ReamCompressor(config).compress(source)
+    assert "\n" not in str(error.value)
+
+
 # -- our check of compressed-tensors outputs ----------------------------------------------------------------------
-def rewrite(folder: Path, target: Path, edit) -> Path:
-    """A copy of checkpoint `folder` with its tensors passed through `edit` (dict -> dict), in one shard."""
-    shutil.copytree(folder, target)
-    for shard in target.glob("*.safetensors"):
-        shard.unlink()
-    (target / INDEX_NAME).unlink(missing_ok=True)
-    save_file(edit(tensors(folder)), str(target / SINGLE_NAME))
-    return target
-
-
 @pytest.mark.parametrize("damage, message", [
     ("missing scale", "lacks language_model.model.layers.1.mlp.experts.3.gate_proj.weight_scale"),
     ("orphan of a removed expert", "orphan tensor language_model.model.layers.1.mlp.experts.8.gate_proj.weight_scale"),
     ("zero point of a symmetric scheme", "orphan tensor language_model.model.layers.1.mlp.experts.3.gate_proj."
                                          "weight_zero_point"),
     ("misshaped scale", "expected \\(64, 4\\)"),
-    ("expert written plain", "layer language_model.model.layers.1 gate_proj of expert 3 is stored as weight \\(BF16\\)"),
+    ("expert written plain",
+     "layer language_model.model.layers.1 gate_proj of expert 3 is stored as weight \\(BF16\\)"),
 ])
 def test_verify_checks_each_experts_scheme_tensors(kimi_runs, tmp_path, damage, message):
     good = kimi_runs["ream"]["folders"]["quantized"]
@@ -358,7 +419,7 @@ def test_kimi_int4_scheme_is_the_published_one():
     fmt = read_compressed_tensors(kimi_int4_scheme())
     group = fmt.scheme("language_model.model.layers.1.mlp.experts.0.gate_proj")
     assert (group.weights.num_bits, group.weights.group_size, group.weights.symmetric) == (4, 32, True)
-    for ignored in ("language_model.model.layers.1.self_attn.q_a_proj", "language_model.model.layers.1.mlp.shared_experts"
-                    ".up_proj", "language_model.model.layers.0.mlp.gate_proj", "vision_tower.encoder.blocks.0.wqkv",
-                    "mm_projector.proj.0"):
+    layer = "language_model.model.layers."
+    for ignored in (f"{layer}1.self_attn.q_a_proj", f"{layer}1.mlp.shared_experts.up_proj", f"{layer}0.mlp.gate_proj",
+                    "vision_tower.encoder.blocks.0.wqkv", "mm_projector.proj.0"):
         assert fmt.scheme(ignored) is None, ignored

@@ -12,6 +12,7 @@ from .families import (
     NATIVE_ARCHITECTURES,
     TEXT_ARCHITECTURES,
     MoEFamily,
+    check_text_architecture,
     expert_count,
     family_for_config,
     set_expert_count,
@@ -41,7 +42,7 @@ from .modules import decoder_layers, experts, moe_block, router
 
 __all__ = [
     "EXPERT_COUNT_KEYS", "FAMILIES", "FUSED_PARAMS", "MTP_STYLES", "NATIVE_ARCHITECTURES", "TEXT_ARCHITECTURES",
-    "ExpertWeights", "MTPStyle",
+    "ExpertWeights", "MTPStyle", "check_text_architecture",
     "MoEFamily", "MoETensorName", "config_mtp_prefixes", "decoder_layers", "disk_expert_name", "disk_expert_names",
     "disk_expert_tensors",
     "expert_count", "expert_shapes", "experts", "family_for_config", "fused_expert_params", "in_memory_key",

@@ -92,6 +92,18 @@ TEXT_ARCHITECTURES = {"kimi_k25": "deepseek_v3"}
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
+def check_text_architecture(config_dict: dict[str, Any], streaming: bool) -> None:
+    """Refuse, before any read, a model whose text model is compressed alone (`TEXT_ARCHITECTURES`) anywhere but in
+    the streaming loader, which builds that text model from text_config and reads its layers by their published
+    names: transformers would load such a folder as the text architecture with none of its weights (they sit under
+    `language_model.model.*`), and saves a loaded kimi_k25 in names of its own (`language_model.model.blocks.*`)."""
+    model_type = config_dict.get("model_type")
+    if model_type in TEXT_ARCHITECTURES and not streaming:
+        raise ValueError(f"{model_type} is compressed from its checkpoint folder (or Hub id) by the streaming loader "
+                         f"only, its text model built as {TEXT_ARCHITECTURES[model_type]} and its vision tower copied "
+                         "as stored: pass the folder, without --no-streaming (streaming=False)")
+
+
 def supported_families() -> str:
     return ", ".join(f.name for f in FAMILIES)
 

@@ -127,7 +127,8 @@ def observed_min_max(weight: torch.Tensor, args: Any) -> tuple[torch.Tensor, tor
         return weight.amin(dim=-1, keepdim=True), weight.amax(dim=-1, keepdim=True)
     if strategy == "group":
         if weight.shape[-1] % args.group_size:
-            raise ValueError(f"a weight of {weight.shape[-1]} columns cannot be quantized in groups of {args.group_size}")
+            raise ValueError(f"a weight of {weight.shape[-1]} columns cannot be quantized in groups of "
+                             f"{args.group_size}")
         grouped = weight.unflatten(-1, (-1, args.group_size))
         return grouped.amin(dim=-1), grouped.amax(dim=-1)
     if strategy == "block":

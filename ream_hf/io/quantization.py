@@ -256,7 +256,8 @@ def read_quantization(config: dict[str, Any], where: str | Path = "the source") 
         return read_compressed_tensors(found, where)
     names = {"awq": "AWQ", "gptq": "GPTQ", "bitsandbytes": "bitsandbytes"}
     raise ValueError(f"{where} is quantized with {names.get(method, method)} (quant_method {method!r}), which "
-                     f"ream-hf does not read (supported: fp8 block-wise, mxfp4, compressed-tensors); {_REQUANTIZE_WAY_OUT}")
+                     "ream-hf does not read (supported: fp8 block-wise, mxfp4, compressed-tensors); "
+                     + _REQUANTIZE_WAY_OUT)
 
 
 def output_dtype(name: str) -> torch.dtype:
