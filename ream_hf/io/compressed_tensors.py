@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import safetensors as st
-from .quantization import QuantizedFormat
+from .quantized_format import QuantizedFormat
 
 WRITTEN_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized", "float-quantized")
 _REQUANTIZE_WAY_OUT = ("compress the model's unquantized release, or dequantize it first with the compressed-tensors "

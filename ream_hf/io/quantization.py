@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from . import safetensors as st
+from .compressed_tensors import read_compressed_tensors
+from .quantized_format import QuantizedFormat
 
 logger = logging.getLogger(__name__)
 
@@ -36,48 +38,6 @@ OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 
 _REQUANTIZE_WAY_OUT = ("compress the model's unquantized (bf16) release instead, then quantize the compressed "
                        "checkpoint with the same tool")
-
-
-class QuantizedFormat:
-    """A supported quantized storage format: stored tensor names <-> real tensor names, and dequantization.
-
-    A real tensor is what the dequantized twin of the checkpoint holds under that name; it is stored either as
-    itself (plain) or as the format's stored tensors (`stored_layout`), the first of which holds the bulk data.
-    """
-
-    quant_method = ""
-    writes_back = False  # whether outputs can be written in this format
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = dict(config)
-
-    def real_name(self, stored: str) -> str:
-        """The real tensor a stored tensor belongs to (itself for plain tensors)."""
-        raise NotImplementedError
-
-    def stored_layout(self, real: str) -> tuple[str, ...]:
-        """The stored tensors of `real` when it is quantized, bulk data first."""
-        raise NotImplementedError
-
-    def is_quantized(self, real: str, names: Container[str]) -> bool:
-        return all(name in names for name in self.stored_layout(real))
-
-    def dequantize(self, real: str, stored: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The real values (float32) from the stored tensors of `real`."""
-        raise NotImplementedError
-
-    def real_shape(self, real: str, infos: Mapping[str, st.TensorInfo]) -> tuple[int, ...]:
-        """The shape the dequantized tensor has, from the stored tensors' headers."""
-        raise NotImplementedError
-
-    def check(self, infos: Mapping[str, st.TensorInfo]) -> None:
-        """Raise ValueError at the first stored tensor that does not fit the format (orphans, missing or
-        mis-shaped scales)."""
-        raise NotImplementedError
-
-    def quantize(self, real: str, tensor: torch.Tensor, like: Mapping[str, st.TensorInfo]) -> dict[str, torch.Tensor]:
-        raise ValueError(f"{self.quant_method} checkpoints cannot be written back in their format; "
-                         "pass output_dtype (--output-dtype)")
 
 
 # -- FP8 block-wise ---------------------------------------------------------------------------------------
@@ -251,8 +211,6 @@ def read_quantization(config: dict[str, Any], where: str | Path = "the source") 
     if method == "mxfp4":
         return Mxfp4Format(found)
     if method == "compressed-tensors":  # its own module: the package's schemes and compressors
-        from .compressed_tensors import read_compressed_tensors
-
         return read_compressed_tensors(found, where)
     names = {"awq": "AWQ", "gptq": "GPTQ", "bitsandbytes": "bitsandbytes"}
     raise ValueError(f"{where} is quantized with {names.get(method, method)} (quant_method {method!r}), which "
