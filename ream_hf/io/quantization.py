@@ -10,6 +10,9 @@ names, how the tensors stored on disk map to the real-valued tensors the method 
 - MXFP4 (`quant_method: mxfp4`, the official GPT-OSS checkpoints): `X_blocks` (two e2m1 values a byte) and
   `X_scales` (one e8m0 exponent per 32 values), read through transformers' own conversion. Written dequantized:
   re-quantizing merged experts to MXFP4 needs OpenAI's triton kernels (GPU only), which nothing here can check.
+- compressed-tensors (`quant_method: compressed-tensors`: Kimi-K2-Thinking / K2.5 / K2.6 INT4, W4A16 / W8A16 / FP8
+  releases): its own module, io/compressed_tensors.py, through the package itself; read dequantized, written back in
+  the same format; schemes that need calibration data of their own refused there.
 - Every other format is refused from config.json alone, before any tensor is read, with the way out.
 
 Reading goes through `SourceCheckpoint.iter_real_tensors`; writing through `ream_hf.io.writer.group_tensors`. This
