@@ -416,7 +416,7 @@ class ReamCompressor(OptimumQuantizer):
         if result.source is None or self.config.mtp != "keep":
             return set()
         prefixes = mtp_prefixes(result.family, result.source)
-        return {p.layer_key for n in result.source.weight_map
+        return {p.layer_key for n in result.source.real_names
                 if n.startswith(prefixes) and (p := parse_moe_name(result.family, n))}
 
     def _save_in_memory(self, folder: Path, shard_bytes: int) -> None:

@@ -228,6 +228,13 @@ class SourceCheckpoint:
                 self.quantization.check(self.tensor_infos)
             except ValueError as error:
                 raise ValueError(f"{self.folder} does not match its quantization_config: {error}") from None
+        return self.real_names
+
+    @functools.cached_property
+    def real_names(self) -> dict[str, tuple[str, ...]]:
+        """`real_tensors` from the index alone, unchecked (no shard header read): what refusals made before a Hub
+        source's weights are fetched look at, where a quantized layer's names are not its stored ones
+        (compressed-tensors' `weight_packed`)."""
         return real_tensor_names(self.quantization, self.weight_map)
 
     def iter_real_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:

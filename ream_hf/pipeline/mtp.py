@@ -79,7 +79,7 @@ def check_mtp_layers(family: MoEFamily, source: SourceCheckpoint) -> list[MTPLay
     style = MTP_STYLES.get(family.mtp_style or "")
     if specs and style is None:
         raise ValueError(f"{family.name}: no MTP layout known for style {family.mtp_style!r}")
-    names = source.weight_map
+    names = source.real_names
     for spec in specs:
         required = [f"{spec.prefix}{part}.weight" for part in (style.proj, style.embed_norm, style.hidden_norm)]
         missing = [n for n in required if n not in names]
@@ -159,7 +159,7 @@ def build_mtp_block(model: nn.Module, family: MoEFamily, loader: LayerLoader, sp
     else:
         layer_names = {n for n in source.weight_map if n.startswith(spec.layer_prefix)}
     tensors = {name: tensor.to(dtype) for name, tensor in
-               loader.read([n for n in block_names.values() if n in source.weight_map]).items()}
+               loader.read([n for n in block_names.values() if n in source.real_names]).items()}
 
     trunk_layers = decoder_layers(model)
     trunk_layer = trunk_layers[0]
