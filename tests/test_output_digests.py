@@ -1,7 +1,7 @@
 """Byte-identical outputs: every family fixture compressed as stored in tests/output_digests.json.
 
-Each case builds a tiny source (tests/families.py; MTP layers, FP8 and MXFP4 twins, Kimi-K2 and the Qwen3.5 VLM
-layout where a writer path depends on them), compresses it (REAM and REAP, streaming and in memory, float32 and
+Each case builds a tiny source (tests/families.py; MTP layers, FP8, MXFP4 and Kimi-K2.5 INT4 twins, Kimi-K2 and the
+Qwen3.5 VLM layout where a writer path depends on them), compresses it (REAM and REAP, streaming and in memory, float32 and
 bfloat16) and takes the SHA-256 of every file of the output folder: config.json, the index, the shards, the
 manifest, the side files. A refactor that must not change behaviour must leave every digest as it is.
 
@@ -57,7 +57,8 @@ def _sources() -> dict[str, Callable[[Path], Path]]:
     """Source fixture builders by name; each writes a checkpoint folder at the path it is given."""
     import torch
 
-    from ream_hf.fixtures import fp8_block_checkpoint, mxfp4_checkpoint
+    from ream_hf.fixtures import (build_tiny_kimi_k25, compressed_tensors_checkpoint, fp8_block_checkpoint,
+                                  kimi_int4_scheme, mxfp4_checkpoint)
     from tests.families import FAMILIES, build_family_checkpoint, build_kimi_k2_checkpoint, \
         build_qwen3_5_vlm_checkpoint
     from tests.test_mtp import add_mtp_layers
@@ -77,6 +78,9 @@ def _sources() -> dict[str, Callable[[Path], Path]]:
         "qwen3_5_vlm-mtp": lambda folder: build_qwen3_5_vlm_checkpoint(folder),
         "qwen3_moe-fp8": twin(lambda plain, out: fp8_block_checkpoint(plain, out), "qwen3_moe"),
         "gpt_oss-mxfp4": twin(mxfp4_checkpoint, "gpt_oss"),
+        "kimi_k25": lambda folder: build_tiny_kimi_k25(folder, dtype=torch.bfloat16),
+        "kimi_k25-int4": twin(lambda plain, out: compressed_tensors_checkpoint(plain, out, kimi_int4_scheme(),
+                                                                              in_text_config=True), "kimi_k25"),
     }
     return sources
 
@@ -99,6 +103,7 @@ def _cases() -> dict[str, Case]:
         "qwen3_moe-fp8-ream": Case("qwen3_moe-fp8", "ream"),
         "qwen3_moe-fp8-reap-bf16": Case("qwen3_moe-fp8", "reap", settings={"output_dtype": "bfloat16"}),
         "gpt_oss-mxfp4-reap": Case("gpt_oss-mxfp4", "reap"),
+        "kimi_k25-int4-ream": Case("kimi_k25-int4", "ream"),
     }
     return cases
 
