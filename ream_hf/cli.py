@@ -54,8 +54,11 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--device", default=DEFAULTS.device)
     parser.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
-    parser.add_argument("--output-dtype", choices=OUTPUT_DTYPES, help="write a quantized (FP8 block, MXFP4) source "
-                        "dequantized to this dtype, without quantization_config (default: FP8 in its own format)")
+    parser.add_argument("--output-dtype", choices=OUTPUT_DTYPES,
+                        help="fp8: write every linear weight of the decoder layers FP8 with 128x128 block scales (the "
+                             "DeepSeek-V3 / Qwen3-FP8 format), for any source; a dtype: write a quantized (FP8 block, "
+                             "MXFP4) source dequantized to it, without quantization_config (default: the source's own "
+                             "storage)")
     parser.add_argument("--group-size", type=int, default=DEFAULTS.group_size,
                         help="REAM group size C (0 = M-SMoE rule; default E/8, at least ceil(E/target))")
     defaults = ", ".join(f"{m}: {s}/{a}" for m, (s, a) in DEFAULT_SALIENCY.items())
@@ -187,7 +190,7 @@ def _plan(args: argparse.Namespace) -> int:
     kwargs = dict(target_experts=args.target_experts, compression_ratio=args.compression_ratio, method=args.method,
                   num_calibration_sequences=args.num_sequences, sequence_length=args.sequence_length,
                   dtype=args.dtype, device=args.device, mtp=args.mtp, streaming=not args.no_streaming,
-                  hidden_states_budget_gb=args.hidden_states_budget_gb)
+                  hidden_states_budget_gb=args.hidden_states_budget_gb, output_dtype=args.output_dtype)
     plan = plan_job(args.source, ReamConfig(**kwargs), tflops=args.tflops, disk_gbps=args.disk_gbps)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else "\n".join(plan.summary_lines()))
     return 0
@@ -204,6 +207,7 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
     parser.add_argument("--device", default=DEFAULTS.device, help="the device the job would run on (cpu, cuda)")
     parser.add_argument("--mtp", choices=MTP_MODES, default=DEFAULTS.mtp)
+    parser.add_argument("--output-dtype", choices=OUTPUT_DTYPES, help="fp8: count the output FP8 block-wise")
     parser.add_argument("--no-streaming", action="store_true")
     parser.add_argument("--hidden-states-budget-gb", type=float, default=DEFAULTS.hidden_states_budget_gb)
     parser.add_argument("--tflops", type=float, help="throughput for the estimate (default: 400 on cuda, about half "

@@ -22,7 +22,7 @@ from .arch import MoEFamily, check_text_architecture, decoder_layers, expert_cou
     set_expert_count, text_config_dict
 from .config import CONFIG_KEY, TORCH_DTYPES, ReamConfig
 from .io.folders import SpaceNeeded, atomic_output_dir, check_output_dir, check_paths, storage_errors
-from .io.quantization import check_loaded_model, plan_output
+from .io.quantization import FP8_OUTPUT, Fp8BlockOutput, check_loaded_model, plan_output
 from .io.source import SourceCheckpoint, open_source
 from .io.verify import verify_checkpoint
 from .io.names import MANIFEST_NAME, WEIGHTS_PREFIX
@@ -149,6 +149,9 @@ class ReamCompressor(OptimumQuantizer):
         check_text_architecture(config_dict, streaming=source is not None and config.streaming)
         model_config = model.config if model is not None else source.transformers_config()
         family, num_experts, target = self.check_model(config_dict, model_config, allow_full_width=allow_full_width)
+        fp8_output = None
+        if config.output_dtype == FP8_OUTPUT and source is not None and source.quantization is None:  # FP8 stays as is
+            fp8_output = Fp8BlockOutput(family, source.weight_map, source_name)
         text_config = model_config.get_text_config()
         trunk_prefix = self._trunk_prefix(family, source)  # reads the weight index: missing shards fail here
         drop: tuple[str, ...] = ()
@@ -223,7 +226,8 @@ class ReamCompressor(OptimumQuantizer):
                 result = CompressionResult(family, num_experts, target, source, source_name, trunk_prefix=trunk_prefix,
                                            calibration_sequences=len(sequences),
                                            calibration_tokens=int(sum(int(s.numel()) for s in sequences)),
-                                           dropped_prefixes=drop, work=work, dequantize_to=dequantize_to)
+                                           dropped_prefixes=drop, work=work, dequantize_to=dequantize_to,
+                                           fp8_output=fp8_output)
                 if reader is not None:
                     result.calibration_sequences = reader.calibration_sequences
                     result.calibration_tokens = reader.calibration_tokens
@@ -381,12 +385,18 @@ class ReamCompressor(OptimumQuantizer):
             writer = PartWriter(folder, config.max_shard_size)
             pending = groups
         for names in pending:
-            writer.write_group(group_tensors(source, result.family, names, result.outputs, result.dequantize_dtype))
+            writer.write_group(group_tensors(source, result.family, names, result.outputs, result.dequantize_dtype,
+                                             result.fp8_output))
         finalize_parts(parts_folder, writer.parts, folder)
         mtp_count = 0 if result.dropped_prefixes else None
+        quantization = None
+        if result.fp8_output is not None:
+            kept = {n: info.shape for n, info in source.tensor_infos.items()
+                    if not (result.dropped_prefixes and n.startswith(result.dropped_prefixes))}
+            quantization = result.fp8_output.quantization_config(kept)
         write_json(folder / "config.json",
                    edit_config_json(source.config, result.family, result.experts_after, config.to_dict(), mtp_count,
-                                    result.dequantize_to))
+                                    result.dequantize_to, quantization))
         copy_side_files(source.folder, folder)
 
     def _save_copy(self, output_dir: str | os.PathLike, overwrite: bool) -> Path:

@@ -43,7 +43,8 @@ REFIT_TARGETS = ("residual", "group")
 GROUP_SIZE_DIVISOR = 8  # default REAM group size C = E / 8: the paper's 16 for 128 experts, 32 for 256
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPES = ("auto", *TORCH_DTYPES)
-OUTPUT_DTYPES = ("bfloat16", "float16", "float32")  # a quantized source written dequantized
+# a quantized source written dequantized, or ("fp8") any source written FP8 block-wise (io/quantization.py)
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "fp8")
 CONFIG_KEY = "ream_config"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -156,7 +157,8 @@ class ReamConfig(QuantizationConfigMixin):
     token_chunk_size: int = 2048
     device: str = "cpu"
     dtype: str = "auto"
-    # a quantized source (FP8 block, MXFP4) is written in its own format, or dequantized to this dtype
+    # None: the source's own storage (a quantized source, FP8 block or MXFP4, in its format); "fp8": FP8 block-wise,
+    # 128 x 128 scales, for a plain source too; a dtype: a quantized source dequantized to it
     output_dtype: str | None = None
 
     quant_method: str = field(default="ream", init=False, repr=False)

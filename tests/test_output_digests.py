@@ -102,6 +102,8 @@ def _cases() -> dict[str, Case]:
         "qwen3_5_vlm-mtp-ream": Case("qwen3_5_vlm-mtp", "ream"),
         "qwen3_moe-fp8-ream": Case("qwen3_moe-fp8", "ream"),
         "qwen3_moe-fp8-reap-bf16": Case("qwen3_moe-fp8", "reap", settings={"output_dtype": "bfloat16"}),
+        "qwen3_moe-bf16-ream-fp8": Case("qwen3_moe-bf16", "ream", settings={"output_dtype": "fp8"}),
+        "deepseek_v3-bf16-reap-fp8": Case("deepseek_v3-bf16", "reap", settings={"output_dtype": "fp8"}),
         "gpt_oss-mxfp4-reap": Case("gpt_oss-mxfp4", "reap"),
         "kimi_k25-int4-ream": Case("kimi_k25-int4", "ream"),
     }

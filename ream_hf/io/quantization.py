@@ -22,7 +22,8 @@ module imports neither: formats are what they use.
 from __future__ import annotations
 
 import logging
-from collections.abc import Container, Mapping
+import math
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FP8_OUTPUT = "fp8"  # output_dtype: write FP8 block-wise (`Fp8BlockOutput`), whatever the source's dtype
 
 _REQUANTIZE_WAY_OUT = ("compress the model's unquantized (bf16) release instead, then quantize the compressed "
                        "checkpoint with the same tool")
@@ -139,6 +141,84 @@ class Fp8BlockFormat(QuantizedFormat):
             elif info.dtype == "F8_E4M3" and self.scale_name(name) not in infos:
                 raise ValueError(f"FP8 weight {name} has no scale {self.scale_name(name)}")
 
+    def check_not_converted(self, infos: Mapping[str, st.TensorInfo]) -> None:
+        """Raise ValueError unless `modules_to_not_convert` names exactly the modules whose weight (2 or more dims)
+        is not FP8: vLLM matches the list by exact name, building an FP8 layer for every module it does not name. For
+        the outputs we quantize (`Fp8BlockOutput`); published checkpoints may rely on layers vLLM never quantizes."""
+        listed = set(self.config.get("modules_to_not_convert") or ())
+        for name, info in infos.items():
+            if not name.endswith(".weight") or len(info.shape) < 2:
+                continue
+            module = name[: -len(".weight")]
+            if info.dtype == "F8_E4M3" and module in listed:
+                raise ValueError(f"{name} is FP8 but modules_to_not_convert names {module}")
+            if info.dtype != "F8_E4M3" and module not in listed:
+                raise ValueError(f"{name} is {info.dtype}, not FP8, and modules_to_not_convert does not name {module}: "
+                                 "vLLM would build an FP8 layer for it")
+
+
+class Fp8BlockOutput:
+    """A plain source's output written FP8 block-wise (output_dtype "fp8"), as DeepSeek-V3 and Qwen3-*-FP8 publish:
+    every linear weight of the decoder layers (trunk and MTP: attention, dense and shared MLPs, experts) as
+    float8_e4m3fn with a float32 `weight_scale_inv` per 128 x 128 block, quantized as transformers does
+    (`quantize_fp8_blocks`); embeddings, `lm_head`, norms, routers, routing-bias corrections, the shared-expert gate,
+    MTP heads and anything outside the decoder layers (a vision tower) as they are. Sources that store experts fused
+    (GPT-OSS, the Qwen3.5 releases) are refused.
+
+    `quantization_config` names every module whose weight stays unquantized in `modules_to_not_convert`, exactly:
+    vLLM matches that list by exact module name and would otherwise build an FP8 layer for it, and transformers skips
+    the listed modules when it loads. The weights are quantized as the writer emits them, so the output costs no
+    extra pass over the source."""
+
+    BLOCK = (128, 128)
+    # 2-D weights inside decoder layers that published FP8 checkpoints keep unquantized and vLLM builds without
+    # quantization: the shared-expert gate (one row), MTP heads (eh_proj, shared_head.head, the MTP copy of the
+    # embedding); matched by the module's own name
+    KEPT_MODULES = ("shared_expert_gate", "eh_proj", "head", "embed_tokens")
+
+    def __init__(self, family: Any, names: Iterable[str], where: str | Path = "the source") -> None:
+        from ..arch import parse_moe_name
+
+        self.family, self._parse = family, parse_moe_name
+        parsed = [p for name in names if (p := parse_moe_name(family, name)) is not None]
+        if any(p.kind == "fused" for p in parsed):
+            raise ValueError(f"output_dtype='fp8' writes experts stored one tensor per expert; {where} stores them fused "
+                             f"({family.name}), and transformers 5 loads fused FP8 experts without their scales "
+                             "(measured: it reports the *_scale_inv tensors as unexpected); use output_dtype='bfloat16'")
+        self.layer_prefixes = tuple(sorted({p.prefix for p in parsed}))  # "model.layers.", "mtp.layers.", ...
+        self.format = Fp8BlockFormat({"weight_block_size": list(self.BLOCK)})
+
+    def quantizes(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether the tensor `name` of this shape is written FP8 (the class doc says which are)."""
+        if not name.startswith(self.layer_prefixes):
+            return False
+        if len(shape) != 2 or not name.endswith(".weight"):
+            return False
+        if name[: -len(".weight")].rsplit(".", 1)[-1] in self.KEPT_MODULES:
+            return False
+        parsed = self._parse(self.family, name)
+        return parsed is None or parsed.kind == "expert"
+
+    def encode(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The output's tensors with each one `quantizes` names replaced by its FP8 weight and scale."""
+        for name, tensor in items:
+            if self.quantizes(name, tuple(tensor.shape)):
+                yield from self.format.quantize(name, tensor, {}).items()
+            else:
+                yield name, tensor
+
+    def quantization_config(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """config.json's `quantization_config` for an output with these tensors (name -> shape, as written before
+        quantizing): every weight of 2 or more dims left unquantized named in `modules_to_not_convert`."""
+        kept = {name[: -len(".weight")] for name, shape in shapes.items()
+                if name.endswith(".weight") and len(shape) >= 2 and not self.quantizes(name, shape)}
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                "weight_block_size": list(self.BLOCK), "modules_to_not_convert": sorted(kept | {"lm_head"})}
+
+    def stored_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes a quantized weight of this shape takes: one a value, a float32 scale a block."""
+        return math.prod(shape) + 4 * math.prod(_expected_scale_shape(shape, self.BLOCK))
+
 
 # -- MXFP4 (GPT-OSS) --------------------------------------------------------------------------------------
 class Mxfp4Format(QuantizedFormat):
@@ -230,8 +310,18 @@ def output_dtype(name: str) -> torch.dtype:
 def plan_output(fmt: QuantizedFormat | None, requested: str | None, streaming: bool,
                 where: str | Path = "the source") -> str | None:
     """The dtype a compressed quantized source is written dequantized in, or None for the source's own format (and
-    for a plain source). Refuses, before any work, what cannot be done: `output_dtype` for a plain source, and the
-    in-memory path for a quantized one (transformers would load it quantized, or dequantize partial blocks wrongly)."""
+    for a plain source, which `output_dtype` "fp8" has written FP8 block-wise: `Fp8BlockOutput`). Refuses, before any
+    work, what cannot be done: a dtype for a plain source, "fp8" for a source quantized otherwise, and the in-memory
+    path for a quantized source or output (transformers would load it quantized, or dequantize partial blocks
+    wrongly; the FP8 output is encoded by our writer)."""
+    if requested == FP8_OUTPUT:
+        if fmt is not None and fmt.quant_method != "fp8":
+            raise ValueError(f"output_dtype='fp8' needs a plain or FP8 source; {where} is {fmt.quant_method}-quantized: "
+                             "write it as bfloat16 (output_dtype='bfloat16'), then quantize that")
+        if not streaming:
+            raise ValueError("output_dtype='fp8' is written from a source folder or Hub id by the streaming writer, "
+                             "which quantizes as it writes: pass the folder, without streaming=False (--no-streaming)")
+        return None
     if fmt is None:
         if requested is not None:
             raise ValueError(f"output_dtype={requested!r} is for quantized sources and {where} is not quantized; "

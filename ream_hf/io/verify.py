@@ -5,7 +5,8 @@ set, every router's row count and every tensor's shape is checked against the co
 the source is known, every other tensor's name and shape against the source. A quantized checkpoint
 is checked against its quantization_config first (every scale has its weight and the block grid's shape,
 every FP8 weight its scale, every compressed-tensors module exactly its scheme's tensors: so no scale of a removed
-expert survives), then by its real tensors' shapes; written in the source's format, every expert is stored as the
+expert survives; an output quantized from a plain source names in `modules_to_not_convert` exactly the modules left
+unquantized), then by its real tensors' shapes; written in the source's format, every expert is stored as the
 source stores that projection (the same tensors, the same dtypes: none written plain, none missing a scale).
 """
 
@@ -33,13 +34,17 @@ def read_shapes(folder: Path, config: dict | None = None) -> dict[str, tuple[int
     return _read(folder, config)[2]
 
 
-def _read(folder: Path, config: dict | None) -> tuple[QuantizedFormat | None, dict[str, st.TensorInfo],
-                                                      dict[str, tuple[int, ...]]]:
+def _read(folder: Path, config: dict | None, quantized_here: bool = False) -> tuple[
+        QuantizedFormat | None, dict[str, st.TensorInfo], dict[str, tuple[int, ...]]]:
+    """`quantized_here`: the folder's FP8 tensors were quantized by our writer from a plain source
+    (output_dtype "fp8"), so its `modules_to_not_convert` must name exactly the modules it left unquantized."""
     try:
         infos = st.tensor_infos(folder)
         fmt = read_quantization(config or {}, folder)
         if fmt is not None:
             fmt.check(infos)
+            if quantized_here:
+                fmt.check_not_converted(infos)
         else:
             stray = next((n for n, info in infos.items() if info.dtype.startswith("F8_") or n.endswith(STRAY_SUFFIXES)),
                          None)
@@ -81,7 +86,8 @@ def verify_checkpoint(
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     text = text_config_dict(config)
     target = expert_count(family, config)
-    fmt, infos, shapes = _read(folder, config)
+    quantized_here = source is not None and source.quantization is None
+    fmt, infos, shapes = _read(folder, config, quantized_here)
     per_expert_shapes, fused_shapes = expert_shapes(family, text)
     hidden = int(text["hidden_size"])
 
@@ -147,7 +153,7 @@ def verify_checkpoint(
             if shapes[name] != source_shapes[name]:
                 raise CheckpointError(f"{name} has shape {shapes[name]} in the output, {source_shapes[name]} in "
                                       "the source")
-    if source is not None and fmt is not None:  # written in the source's format: every expert stored as its source's
+    if source is not None and fmt is not None and not quantized_here:  # in the source's format: experts stored as its
         stored = expert_storage(family, source.quantization, source.tensor_infos)
         for (layer, proj), by_expert in expert_storage(family, fmt, infos).items():
             want = next(iter(stored.get((layer, proj), {}).values()), None)

@@ -28,7 +28,7 @@ from ..arch import (ExpertWeights, MoEFamily, MoETensorName, disk_expert_name, d
                     parse_moe_name, set_expert_count)
 from . import safetensors as st
 from .names import WEIGHTS_PREFIX
-from .quantization import dequantized_config
+from .quantization import Fp8BlockOutput, dequantized_config
 from .source import SourceCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -218,11 +218,20 @@ class _Encoder:
 
 
 def group_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str], outputs: dict[str, LayerOutput],
-                  dequantize_to: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                  dequantize_to: torch.dtype | None = None,
+                  quantize: Fp8BlockOutput | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The output tensors for a group of source names: copied as they are, or replaced for compressed layers.
 
     For a quantized source, `dequantize_to` None writes its own format (tensors the method leaves alone copied
-    bit-exact with their scales); a dtype writes every quantized tensor dequantized to it, and no scale."""
+    bit-exact with their scales); a dtype writes every quantized tensor dequantized to it, and no scale. `quantize`
+    (a plain source, output_dtype "fp8") writes the tensors it names FP8 block-wise, each as it is emitted."""
+    tensors = _stored_tensors(source, family, names, outputs, dequantize_to)
+    return tensors if quantize is None else quantize.encode(tensors)
+
+
+def _stored_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str], outputs: dict[str, LayerOutput],
+                    dequantize_to: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`group_tensors` in the source's own storage."""
     fmt, reals = source.quantization, source.real_tensors
     if fmt is not None and dequantize_to is None and not fmt.writes_back:
         raise ValueError(f"{fmt.quant_method} checkpoints cannot be written back in their format; pass output_dtype")
@@ -252,15 +261,17 @@ def group_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str],
 
 def edit_config_json(
     source_config: dict[str, Any], family: MoEFamily, num_experts: int, ream_config: dict[str, Any],
-    mtp_layers: int | None = None, dequantized_dtype: str | None = None,
+    mtp_layers: int | None = None, dequantized_dtype: str | None = None, quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The source config.json with only the expert count (and MTP count when dropped) changed and the settings
     recorded under `ream_config` (ours never as `quantization_config`: transformers and vLLM would ask for a
     plug-in). A quantized source's own `quantization_config` stays, unless the output is dequantized
-    (`dequantized_dtype`), which removes it and records that dtype."""
+    (`dequantized_dtype`), which removes it and records that dtype; `quantization` is the FP8 output's."""
     edited = json.loads(json.dumps(source_config))
     if dequantized_dtype is not None:
         edited = dequantized_config(edited, dequantized_dtype)
+    if quantization is not None:
+        edited["quantization_config"] = quantization
     set_expert_count(family, edited, num_experts, mtp_layers)
     edited["ream_config"] = ream_config
     return edited

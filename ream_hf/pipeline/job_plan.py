@@ -7,7 +7,8 @@ tokens, H the hidden size, D the expert width, E experts, k kept experts, b byte
 
 - source_bytes: the index's `total_size` (exact, MTP layers included), else the shard headers' sizes when the
   shards are local, else the parameters' bytes in the recorded dtype;
-- output_bytes: source_bytes minus, per compressed MoE layer, (E - k) x (3HD [+ biases] + router row) x b;
+- output_bytes: source_bytes minus, per compressed MoE layer, (E - k) x (3HD [+ biases] + router row) x b; with
+  output_dtype "fp8", each linear weight of the decoder layers at one byte a value and a float32 scale a block;
 - layer_bytes_max: the largest decoder layer's parameters in the working dtype;
 - hidden_states_bytes: one generation of calibration hidden states, T x H x b (sequences may be shorter);
 - statistics_flops: the exact statistic, every expert on every token, 3 x 2HD x E x T per MoE layer (REAP and
@@ -24,6 +25,7 @@ overlap with compute).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,10 +33,12 @@ from typing import Any
 
 import torch
 
-from ..arch import decoder_layers, expert_count, experts, family_for_config, moe_block, router, text_config_dict
+from ..arch import (decoder_layers, expert_count, experts, family_for_config, moe_block, parse_moe_name, router,
+                    text_config_dict)
 from ..config import TORCH_DTYPES, ReamConfig
 from ..io import safetensors as st
 from ..io.names import looks_like_hub_id
+from ..io.quantization import FP8_OUTPUT, Fp8BlockOutput
 from ..io.source import SourceCheckpoint
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
@@ -158,6 +162,35 @@ def _stored_size(folder: Path) -> tuple[int | None, str, list[str]]:
     return None, "config", []
 
 
+def _fp8_savings(family, folder: Path, names: list[str], model, disk_size: int, output_experts: int,
+                 expert_numel: int, expert_shape: tuple[int, int], notes: list[str]) -> int:
+    """Bytes output_dtype "fp8" takes off a plain output: per tensor `Fp8BlockOutput` quantizes, its bytes in the
+    source dtype less one byte a value and a float32 scale a block; from the shard headers when they are here, else
+    from the model built on the meta device (the trunk only: MTP layers are then counted unquantized)."""
+    weight_map = st.weight_map(folder, shards_present=False) if names else {}
+    if weight_map and all((folder / shard).is_file() for shard in set(weight_map.values())):
+        shapes = {name: info.shape for name, info in st.tensor_infos(folder, weight_map).items()}
+    else:
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        notes.append("output_dtype fp8 without the shards here: the savings are counted on the trunk as transformers "
+                     "builds it (MTP layers counted unquantized)")
+    # refused as compress refuses it, by the checkpoint's own names (the meta model holds every family's experts fused)
+    fp8 = Fp8BlockOutput(family, names or [n for n in shapes if (p := parse_moe_name(family, n)) is None
+                                           or p.kind == "router"])
+    saved = 0
+    for name, shape in shapes.items():
+        parsed = parse_moe_name(family, name)
+        if parsed is not None and parsed.kind != "router":
+            continue  # experts: counted per output expert below (the meta model holds them fused)
+        if fp8.quantizes(name, shape):
+            saved += math.prod(shape) * disk_size - fp8.stored_bytes(shape)
+    rows, cols = expert_shape
+    per_expert = expert_numel * disk_size - 2 * fp8.stored_bytes((rows, cols)) - fp8.stored_bytes((cols, rows))
+    notes.append("output_dtype fp8: the decoder layers' linear weights count one byte a value and a float32 scale per "
+                 "128 x 128 block; embeddings, lm_head, norms and routers their source dtype")
+    return saved + output_experts * per_expert
+
+
 def _tensor_bytes(tensors, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     return sum(t.numel() for t in tensors) * size
@@ -169,7 +202,7 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     folder, a Hub id, or a source `compress` has opened, whose weights may not be downloaded yet)."""
     from transformers import AutoModelForCausalLM
 
-    from ..arch import config_mtp_prefixes, disk_expert_name, parse_moe_name
+    from ..arch import config_mtp_prefixes, disk_expert_name
     from ..io.compressed_tensors import expert_stored_bytes
     from ..io.quantization import quantization_config
 
@@ -236,6 +269,9 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
                                                         shape) for role, shape in shapes.items())
     removed = compressed * (num_experts - target) * (expert_disk_bytes + router_numel * disk_size)
     output_bytes = source_bytes - removed
+    if config.output_dtype == FP8_OUTPUT and not quant_method:
+        output_bytes -= _fp8_savings(family, folder, names, model, disk_size, compressed * target,
+                                     expert_numel, (inner, hidden), notes)
 
     tokens = config.num_calibration_sequences * config.sequence_length
     size = torch.empty((), dtype=working).element_size()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..arch import MoEFamily, decoder_layers, moe_block
 from ..config import ReamConfig
-from ..io.quantization import output_dtype
+from ..io.quantization import Fp8BlockOutput, output_dtype
 from ..io.source import SourceCheckpoint
 from ..io.writer import LayerOutput, PartWriter, group_tensors, output_groups
 from ..kill_points import kill_point
@@ -67,6 +67,7 @@ class CompressionResult:
     background_write_seconds: float = 0.0  # hidden-state files, shard parts, commits: the writer threads' time
     write_wait_seconds: float = 0.0  # the compute thread's time blocked on those writes
     dequantize_to: str | None = None  # a quantized source written dequantized to this dtype (None: its own format)
+    fp8_output: Fp8BlockOutput | None = None  # a plain source written FP8 block-wise (output_dtype "fp8")
 
     @property
     def dequantize_dtype(self) -> torch.dtype | None:
@@ -196,7 +197,8 @@ def commit_layer(result: CompressionResult, store: HiddenStateStore, writer: Par
     written and every rank is there, rank 0 writes the layer's shard part and records the layer as finished."""
     distributed.io_barrier()
     if ranks.is_main:
-        writer.write_group(group_tensors(result.source, result.family, names, outputs, result.dequantize_dtype))
+        writer.write_group(group_tensors(result.source, result.family, names, outputs, result.dequantize_dtype,
+                                         result.fp8_output))
         kill_point("layer-written")
         result.work.commit(finished, writer.parts, entries)
         store.drop_before(finished)
