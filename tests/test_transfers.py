@@ -148,5 +148,8 @@ def test_the_gpu_code_paths_run_on_the_cpu(calibration_txt, tmp_path, monkeypatc
     manifests = [json.loads((tmp_path / name / "ream_manifest.json").read_text())["layers"] for name in ("exact", "gpu-like")]
     for a, b in zip(*manifests):
         assert [g["members"] for g in a["groups"]] == [g["members"] for g in b["groups"]]
-        # the default saliency p^2 ||f|| doubles p's relative rounding (the later layers' inputs differ in bf16)
-        assert torch.allclose(torch.tensor(a["saliency"]), torch.tensor(b["saliency"]), rtol=4e-2)
+        # the default saliency p^2 ||f|| doubles p's relative rounding (the later layers' inputs differ in bf16), and an
+        # expert with few routed tokens gains or loses a near-tie token between the two paths (seen: 0.080 vs 0.088
+        # on one CPU, while the layer's largest is 0.48): bounded against the layer's scale, not each expert's own
+        exact_saliency, gpu_saliency = torch.tensor(a["saliency"]), torch.tensor(b["saliency"])
+        assert torch.allclose(exact_saliency, gpu_saliency, rtol=4e-2, atol=0.03 * float(exact_saliency.max()))
