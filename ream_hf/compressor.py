@@ -26,7 +26,7 @@ from .io.quantization import FP8_OUTPUT, Fp8BlockOutput, check_loaded_model, pla
 from .io.source import SourceCheckpoint, open_source
 from .io.verify import verify_checkpoint
 from .io.names import MANIFEST_NAME, WEIGHTS_PREFIX
-from .io.safetensors import INDEX_NAME
+from .io.safetensors import INDEX_NAME, shard_digests
 from .io.writer import (
     PartWriter,
     copy_side_files,
@@ -352,7 +352,9 @@ class ReamCompressor(OptimumQuantizer):
                 self._write_from_source(folder)
             else:
                 self._save_in_memory(folder, config.max_shard_size)
-            write_json(folder / MANIFEST_NAME, self.manifest())
+            # the shards' digests, read back while they are in the page cache: the manifest then identifies every
+            # byte of the output (the evaluation cache's key, release/evaluation/cache.py)
+            write_json(folder / MANIFEST_NAME, {**self.manifest(), "shards": shard_digests(folder)})
             write_layer_report(folder)
             self._verify(folder)
             if result.work is not None:  # a kill after the move below is then seen as complete (cli --resume)
@@ -395,7 +397,7 @@ class ReamCompressor(OptimumQuantizer):
                     if not (result.dropped_prefixes and n.startswith(result.dropped_prefixes))}
             quantization = result.fp8_output.quantization_config(kept)
         write_json(folder / "config.json",
-                   edit_config_json(source.config, result.family, result.experts_after, config.to_dict(), mtp_count,
+                   edit_config_json(source.config, result.family, result.experts_after, config.to_published_dict(), mtp_count,
                                     result.dequantize_to, quantization))
         copy_side_files(source.folder, folder)
 
@@ -438,7 +440,7 @@ class ReamCompressor(OptimumQuantizer):
         # transformers may re-serialise the count under another name (Qwen3-MoE: num_local_experts);
         # readers of the family's Hub checkpoints (vLLM included) look for the family's own key.
         set_expert_count(self.result.family, saved, self.result.experts_after)
-        saved[CONFIG_KEY] = self.config.to_dict()
+        saved[CONFIG_KEY] = self.config.to_published_dict()
         write_json(config_path, saved)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(folder))
@@ -448,7 +450,7 @@ class ReamCompressor(OptimumQuantizer):
         return {
             "format": "ream-hf manifest v1",
             "ream_hf_version": __version__,
-            "source": result.source_name,
+            "source": published_source(result.source_name),
             "source_revision": result.source.revision if result.source is not None else None,
             "family": result.family.name,
             "method": self.config.method,
@@ -459,3 +461,10 @@ class ReamCompressor(OptimumQuantizer):
             "layers": result.layer_entries,
         }
 
+
+
+def published_source(name: str) -> str:
+    """The source as an output records it: a Hub repo id as given, a local folder by its name alone (the manifest
+    reaches the Hub: no path of this machine in it)."""
+    path = Path(name).expanduser()
+    return path.name if path.is_absolute() or path.exists() else name

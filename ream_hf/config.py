@@ -8,6 +8,7 @@ vLLM expect a quantizer plug-in and refuse the checkpoint).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -67,6 +68,7 @@ class CalibrationSource:
     split: str = "train"
     text_field: str | list[str] = "text"
     filter: dict[str, list[str]] | None = None
+    sha256: str | None = None  # a local file's content digest: what outputs record instead of its path (`published`)
 
     @classmethod
     def parse(cls, value: str | dict | CalibrationSource) -> CalibrationSource:
@@ -85,6 +87,28 @@ class CalibrationSource:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def published(self) -> dict[str, Any]:
+        """`to_dict` as an output records it: a local file or folder by its name and content digest (`sha256`), never
+        by a path of this machine (config.json and the manifest reach the Hub); a Hub dataset id as it is."""
+        if not looks_local(self.path):
+            return self.to_dict()
+        path = Path(self.path).expanduser()
+        digest = content_sha256(path) if path.exists() else self.sha256
+        return {**self.to_dict(), "path": path.name, "sha256": digest}
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes; of a folder, of its files' relative names and bytes (in sorted order)."""
+    hasher = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file != path:
+            hasher.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+    return hasher.hexdigest()
 
 
 def paper_calibration_mix() -> tuple[list[CalibrationSource], list[float]]:
@@ -302,6 +326,11 @@ class ReamConfig(QuantizationConfigMixin):
                 value = [s.to_dict() for s in value]
             out[f.name] = value
         return out
+
+    def to_published_dict(self) -> dict[str, Any]:
+        """`to_dict` as written into an output's config.json (`ream_config`): calibration files by name and content
+        digest (`CalibrationSource.published`), so that nothing written holds a path of this machine."""
+        return {**self.to_dict(), "calibration": [s.published() for s in self.calibration]}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

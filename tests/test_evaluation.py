@@ -158,6 +158,58 @@ def test_model_hash_sees_config_and_weights_not_only_shapes(tmp_path):
     assert ev.model_hash(folder) != second
 
 
+def _expert_output(folder: Path, down_proj_1: "torch.Tensor") -> Path:
+    """A two-expert output folder as the compressor writes it: shards, index, and a manifest recording the shards'
+    digests."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ream_hf.io.safetensors import shard_digests
+
+    folder.mkdir()
+    (folder / "config.json").write_text('{"num_experts": 2}')
+    experts = {f"model.layers.0.mlp.experts.{e}.down_proj.weight": torch.full((64, 512), float(e)) for e in range(2)}
+    experts["model.layers.0.mlp.experts.1.down_proj.weight"] = down_proj_1
+    save_file(experts, str(folder / "model.safetensors"))
+    manifest = {"format": "ream-hf manifest v1", "layers": [], "shards": shard_digests(folder)}
+    (folder / "ream_manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_cache_keys_differ_for_outputs_that_differ_in_one_expert(tmp_path, monkeypatch):
+    """One value of one expert, far from the 64 KiB samples the cache used to read: same index, same headers, other
+    scores; the manifest's shard digests tell them apart without reading the weights, and a folder without them (a
+    source model) is hashed whole once, then known by its file's size, mtime and inode."""
+    import torch
+
+    from ream_hf.io import safetensors as st
+    from ream_hf.release.evaluation.cache import cache_key
+
+    one = torch.ones(64, 512)
+    changed = one.clone()
+    changed[40, 300] = 1.5
+    first, second = _expert_output(tmp_path / "a", one), _expert_output(tmp_path / "b", changed)
+    assert st.header_bytes(first / "model.safetensors") == st.header_bytes(second / "model.safetensors")
+    hashed, file_sha256 = [], st.file_sha256
+    monkeypatch.setattr(st, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+    settings = {"limit": 8}
+    cache = tmp_path / "cache"
+    keys = [cache_key(ev.model_hash(folder, cache), "gsm8k", settings) for folder in (first, second)]
+    assert keys[0] != keys[1] and hashed == [], "the manifest's digests, no weight read"
+    assert cache_key(ev.model_hash(first, cache), "gsm8k", {"limit": 9}) != keys[0], "the settings are in the key"
+    for folder in (first, second):  # a source model: no manifest
+        (folder / "ream_manifest.json").unlink()
+    bare = [ev.model_hash(folder, cache) for folder in (first, second)]
+    assert bare[0] != bare[1] and len(hashed) == 2
+    assert [ev.model_hash(folder, cache) for folder in (first, second)] == bare and len(hashed) == 2, "kept"
+    with open(second / "model.safetensors", "r+b") as handle:  # rewritten in place: hashed again
+        handle.seek(-4, os.SEEK_END)
+        handle.write(struct.pack("<f", 2.0))
+    stat = os.stat(second / "model.safetensors")  # a later mtime, whatever the clock's granularity
+    os.utime(second / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert ev.model_hash(second, cache) not in bare and len(hashed) == 3
+
+
 def test_retention():
     assert ev.retention({"a": 0.5, "b": 0.0, "c": 0.8}, {"a": 0.25, "b": 0.3, "c": 0.8}) == {
         "a": 50.0, "b": None, "c": 100.0}

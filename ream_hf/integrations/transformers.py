@@ -115,7 +115,7 @@ class ReamHfQuantizer(HfQuantizer):
         if self.mtp_layers is not None:
             set_expert_count(result.family, model.config, result.experts_after, self.mtp_layers)
         # what ran: in memory, whatever `streaming` said
-        model.config.ream_config = replace(compressor.config, streaming=False).to_dict()
+        model.config.ream_config = replace(compressor.config, streaming=False).to_published_dict()
         model.ream_manifest = compressor.manifest()
         logger.info("compressed %s: %d -> %d experts in %d MoE layers", model.name_or_path, result.experts_before,
                     result.experts_after, len(result.layers))

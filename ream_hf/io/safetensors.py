@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from ..config import content_sha256
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -134,3 +137,27 @@ def data_offset(path: str | os.PathLike) -> int:
     minus the tensors' bytes."""
     size = Path(path).stat().st_size
     return size - sum(info.nbytes for info in read_header(path).values())
+
+
+def header_bytes(path: str | os.PathLike) -> bytes:
+    """A shard's raw header (its 8-byte length and the JSON after it: names, dtypes, shapes, offsets, metadata)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"cannot read the safetensors header of {path}: the file is shorter than 8 bytes")
+        (length,) = struct.unpack("<Q", head)
+        body = handle.read(length)
+    if len(body) < length:
+        raise ValueError(f"cannot read the safetensors header of {path}: it is cut short")
+    return head + body
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the digest the Hub shows for an LFS file)."""
+    return content_sha256(Path(path))
+
+
+def shard_digests(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every .safetensors file in `folder`, by file name: what the manifest records, so that a checkpoint
+    is identified by its manifest (the evaluation cache's key) without reading its weights again."""
+    return {path.name: file_sha256(path) for path in sorted(Path(folder).glob("*.safetensors"))}

@@ -275,7 +275,11 @@ def _calibration_context(config: dict[str, Any], manifest: dict[str, Any]) -> di
     rows = []
     for source, ratio in zip(sources, ratios):
         path = str(source.get("path"))
+        if looks_local(path):  # by name: an output written before names were recorded may hold a local path
+            path = Path(path).name
         detail = [f"name={source['name']}"] if source.get("name") else []
+        if source.get("sha256"):
+            detail.append(f"sha256 {source['sha256']}")
         if source.get("split") and source.get("split") != "train":
             detail.append(f"split={source['split']}")
         for key, values in (source.get("filter") or {}).items():
@@ -408,7 +412,7 @@ def render_model_card(
         template_path=str(TEMPLATE_PATH),
         model_name=model_name,
         base_model=base_model,
-        load_id=repo_id or str(output),
+        load_id=repo_id or model_name,  # never a path of this machine: the card is published
         ream_hf_version=manifest.get("ream_hf_version", __version__),
         method={"key": method_key, "label": method.label, "kind": method.kind, "description": method.description},
         family=manifest.get("family", text_config.get("model_type")),

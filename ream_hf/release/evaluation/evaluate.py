@@ -111,13 +111,13 @@ def evaluate_model(
     model_dir = Path(model_dir)
     files = normalise_data_files(data_files)
     server_args = dict(server_args or {})
-    digest = model_hash(model_dir)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digest = model_hash(model_dir, cache_root)
     versions = package_versions()
     sources = {task: data_source(task, files.get(task)) for task in tasks}
     common = {"limit": limit, "enable_thinking": enable_thinking, "max_tokens": max_tokens,
               "gsm8k_variant": gsm8k_variant, "num_fewshot": num_fewshot, "humaneval_max_tokens": humaneval_max_tokens,
               "humaneval_timeout": humaneval_timeout, "server": _server_settings(server_args), "versions": versions}
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     per_task: dict[str, dict[str, Any]] = {}
     keys: dict[str, tuple[dict[str, Any], str, Path]] = {}
