@@ -450,7 +450,8 @@ class ReamCompressor(OptimumQuantizer):
         return {
             "format": "ream-hf manifest v1",
             "ream_hf_version": __version__,
-            "source": published_source(result.source_name),
+            "source": result.source_name if result.source is not None and result.source.revision is not None
+            else published_source(result.source_name),  # a Hub id as given; a local folder by name
             "source_revision": result.source.revision if result.source is not None else None,
             "family": result.family.name,
             "method": self.config.method,
