@@ -52,7 +52,7 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequence-length", type=int, default=DEFAULTS.sequence_length)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    parser.add_argument("--device", default=DEFAULTS.device)
+    parser.add_argument("--device", default=DEFAULTS.device, help="cpu (the default), cuda or cuda:N")
     parser.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype)
     parser.add_argument("--output-dtype", choices=OUTPUT_DTYPES,
                         help="fp8: write every linear weight of the decoder layers FP8 with 128x128 block scales (the "
@@ -142,7 +142,7 @@ def _compress(args: argparse.Namespace) -> int:
     output_path = Path(args.output)
     work_dir = Path(args.work_dir) if args.work_dir else output_path.parent / f".{output_path.name}.ream-work"
     check_paths(args.source, output=output_path, work=work_dir)
-    ranks = distributed.setup(config.device)
+    ranks = distributed.setup(config.run_device)
     try:
         with contextlib.ExitStack() as held:
 

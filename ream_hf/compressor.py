@@ -129,8 +129,8 @@ class ReamCompressor(OptimumQuantizer):
         Under torchrun (WORLD_SIZE > 1) the processes share the work (pipeline/distributed.py); each must call
         this with the same arguments, and rank 0 writes the work folder and, in `save_pretrained`, the output."""
         config = self.config
-        ranks = distributed.setup(config.device)
-        device = resolve_device(config.device, ranks.local_rank)
+        ranks = distributed.setup(config.run_device)
+        device = resolve_device(config.run_device, ranks.local_rank)
         self._space = None
         if isinstance(model_or_path, (str, os.PathLike)):
             check_paths(model_or_path, work=work_dir)  # before a Hub download

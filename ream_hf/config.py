@@ -179,7 +179,7 @@ class ReamConfig(QuantizationConfigMixin):
     max_shard_size: int = 5 * 2**30  # bytes per output safetensors shard
     batch_size: int = 8
     token_chunk_size: int = 2048
-    device: str = "cpu"
+    device: str | None = None  # None: the CPU, or under transformers' from_pretrained the device of its device_map
     dtype: str = "auto"
     # None: the source's own storage (a quantized source, FP8 block or MXFP4, in its format); "fp8": FP8 block-wise,
     # 128 x 128 scales, for a plain source too; a dtype: a quantized source dequantized to it
@@ -222,7 +222,7 @@ class ReamConfig(QuantizationConfigMixin):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         try:
-            torch.device(self.device)
+            torch.device(self.run_device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device {self.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
         if self.output_dtype is not None and self.output_dtype not in OUTPUT_DTYPES:
@@ -301,6 +301,11 @@ class ReamConfig(QuantizationConfigMixin):
         return self.group_size
 
     @property
+    def run_device(self) -> str:
+        """The device the compression runs on: `device`, or the CPU when none was given."""
+        return self.device or "cpu"
+
+    @property
     def is_merging(self) -> bool:
         return self.method in MERGING_METHODS
 
@@ -329,8 +334,9 @@ class ReamConfig(QuantizationConfigMixin):
 
     def to_published_dict(self) -> dict[str, Any]:
         """`to_dict` as written into an output's config.json (`ream_config`): calibration files by name and content
-        digest (`CalibrationSource.published`), so that nothing written holds a path of this machine."""
-        return {**self.to_dict(), "calibration": [s.published() for s in self.calibration]}
+        digest (`CalibrationSource.published`), so that nothing written holds a path of this machine; the device it ran
+        on."""
+        return {**self.to_dict(), "calibration": [s.published() for s in self.calibration], "device": self.run_device}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

@@ -188,6 +188,95 @@ def test_from_pretrained_refuses_before_loading_weights(case, message, qwen3_sou
         AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
 
 
+WHOLE_MODULES = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
+
+
+@pytest.mark.parametrize("device_map, device, gpus, message", [
+    (dict(zip(WHOLE_MODULES, ["cpu", "disk", "cpu", "cpu"])), None, 0, "on cpu, disk: .*without offload"),
+    (dict(zip(WHOLE_MODULES, [0, 1, 1, 0])), None, 2, "on cuda:0, cuda:1: .*one device"),
+    (dict(zip(WHOLE_MODULES, [0, "cpu", "cpu", 0])), None, 1, "on cpu, cuda:0: .*without offload"),
+    ("auto", None, 2, "this machine's 2 GPUs"),
+    ("cuda", "cpu", 1, "places the model on cuda:0 but ReamConfig.device is 'cpu'"),
+    ("cpu", "cuda:1", 2, "places the model on cpu but ReamConfig.device is 'cuda:1'"),
+])
+def test_from_pretrained_refuses_device_maps_before_loading(device_map, device, gpus, message, qwen3_source,
+                                                             calibration_txt, monkeypatch, no_weight_reads):
+    """Several devices, offload, or a map that contradicts ReamConfig.device: one line each, before a shard is opened
+    (the number of GPUs this machine has is what `device_map="auto"` decides on; faked, nothing runs on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(str(qwen3_source), device_map=device_map,
+                                             quantization_config=hf_config(calibration_txt, device=device))
+
+
+def test_the_config_device_follows_a_single_device_map(calibration_txt):
+    from ream_hf.integrations.transformers import ReamHfQuantizer
+
+    config = hf_config(calibration_txt)
+    quantizer = ReamHfQuantizer(config, pre_quantized=False)
+    quantizer.validate_environment(device_map={"": torch.device("cuda:1")})
+    assert quantizer.quantization_config.device == "cuda:1" and config.device is None, "the caller's config untouched"
+    assert quantizer.update_device_map({"": torch.device("cuda:1")}) == {"": "cuda:1"}
+    given = ReamHfQuantizer(hf_config(calibration_txt, device="cuda:0"), pre_quantized=False)
+    given.validate_environment(device_map={"": 0})  # the same device, spelt otherwise
+    assert given.update_device_map(None) == {"": "cuda:0"}, "ReamConfig.device alone places the model"
+    assert ReamHfQuantizer(hf_config(calibration_txt), pre_quantized=False).update_device_map(None) is None, "transformers' CPU load"
+
+
+def test_device_map_auto_on_one_device_compresses_there(qwen3_source, calibration_txt, tmp_path):
+    """`device_map="auto"` where there is one device (this machine's CPU): the whole model there, compressed."""
+    model = AutoModelForCausalLM.from_pretrained(str(qwen3_source), device_map="auto",
+                                                 quantization_config=hf_config(calibration_txt))
+    assert model.config.num_experts == 8 and model.config.ream_config["device"] == "cpu"
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_the_tokenizer_comes_from_the_models_revision_and_subfolder(qwen3_source, calibration_txt, tmp_path,
+                                                                   monkeypatch, no_weight_reads):
+    """revision, token, subfolder and trust_remote_code reach the tokenizer (the first thing loaded: a fake
+    records its arguments and stops the load)."""
+    import transformers
+
+    root = tmp_path / "repo"
+    shutil.copytree(qwen3_source, root / "sub")
+    calls = []
+
+    def record(name, **kwargs):
+        calls.append((name, kwargs))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
+    with pytest.raises(ValueError, match="cannot load the tokenizer.*recorded"):
+        AutoModelForCausalLM.from_pretrained(str(root), subfolder="sub", revision="v1.0", token="hf_test",
+                                             trust_remote_code=True, quantization_config=hf_config(calibration_txt))
+    assert calls == [(str(root), {"revision": "v1.0", "token": "hf_test", "subfolder": "sub",
+                                  "local_files_only": True, "trust_remote_code": True})]
+
+
+@pytest.fixture(scope="module")
+def fp8_source(qwen3_source, tmp_path_factory) -> Path:
+    from ream_hf.fixtures import fp8_block_checkpoint
+
+    return fp8_block_checkpoint(qwen3_source, tmp_path_factory.mktemp("fp8") / "source")
+
+
+def test_from_pretrained_refuses_a_quantized_source_in_one_line(fp8_source, qwen3_source, calibration_txt, tmp_path,
+                                                                no_weight_reads):
+    """An FP8 checkpoint (transformers would otherwise raise its class-mismatch error between FineGrainedFP8Config
+    and ReamConfig) and one in a format transformers has no quantizer for: ream-hf's line, naming `ream-hf compress`."""
+    fp8 = fp8_source
+    with pytest.raises(ValueError, match=r"is a fp8 checkpoint, which from_pretrained cannot compress.*ream-hf compress"):
+        AutoModelForCausalLM.from_pretrained(str(fp8), quantization_config=hf_config(calibration_txt))
+    other = tmp_path / "other"
+    shutil.copytree(qwen3_source, other)
+    config = json.loads((other / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "made_up_int3"}
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"is a made_up_int3 checkpoint, which from_pretrained cannot compress"):
+        AutoModelForCausalLM.from_pretrained(str(other), quantization_config=hf_config(calibration_txt))
+
+
 def test_from_pretrained_refuses_mtp_layers_it_cannot_keep(glm_with_mtp, calibration_txt, no_weight_reads):
     for mode in ("compress", "keep"):
         with pytest.raises(ValueError, match=rf"multi-token-prediction layers \(model\.layers\.3\.\*\).*cannot {mode} them.*mtp='drop'"):

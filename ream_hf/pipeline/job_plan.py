@@ -294,7 +294,7 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     refit_bytes = 4 * refit_tokens * (top_k * inner + 4 * hidden)
     notes.append("FLOPs count the experts only (attention and routers are small beside them)")
 
-    run_device = torch.device(device or config.device)
+    run_device = torch.device(device or config.run_device)
     cuda = run_device.type == "cuda"
     gpu_memory = memory_bytes(torch.device("cuda", 0)) if torch.cuda.is_available() else None
     operand = size if cuda and working in (torch.float16, torch.bfloat16) else 4
