@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.arch import family_for_config, parse_moe_name
+from ream_hf.arch import decoder_layers, family_for_config, moe_block, parse_moe_name, router_tensors
 from ream_hf.fixtures import build_tiny_tokenizer, hub_style_config
 from tests.conftest import tensors
 
@@ -50,7 +50,27 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt_oss": ("GptOssConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_local_experts=16,
                                      num_experts_per_tok=4, sliding_window=32)),
 }
-FAMILIES = tuple(FAMILY_CONFIGS)
+FAMILIES = tuple(FAMILY_CONFIGS)  # the families whose outputs tests/output_digests.json pins byte for byte
+DSA_ATTENTION = dict(MLA_ATTENTION, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                     v_head_dim=16, index_topk=8, index_head_dim=16, index_n_heads=2)
+DEEPSEEK_MOE = dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16, n_shared_experts=1,
+                    num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
+# issue 21's families, in order of demand (tests/test_families.py runs them with the 9 above)
+MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "minimax_m2": ("MiniMaxM2Config", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_local_experts=16,
+                                           num_experts_per_tok=4)),
+    "deepseek_v32": ("DeepseekV32Config", dict(DSA_ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=3,
+                                               first_k_dense_replace=1)),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", dict(DSA_ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=3, first_k_dense_replace=1)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(ATTENTION, intermediate_size=128, moe_intermediate_size=32,
+                                                num_hidden_layers=3, moe_num_experts=16, moe_k=4,
+                                                moe_num_shared_experts=1, moe_layer_start_index=1)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_experts=16,
+                                                  moe_topk=4)),
+    "dots1": ("Dots1Config", dict(ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=2, first_k_dense_replace=0)),
+}
+FAMILY_CONFIGS.update(MORE_FAMILY_CONFIGS)
+MORE_FAMILIES = tuple(MORE_FAMILY_CONFIGS)
 # keys transformers re-serialises under another name than the family's Hub checkpoints use
 HUB_KEY_RENAMES = {"qwen3_moe": {"num_local_experts": "num_experts"}}
 
@@ -75,6 +95,11 @@ def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: 
             bias = getattr(module, "e_score_correction_bias", None)
             if isinstance(bias, torch.Tensor):
                 bias.copy_(torch.randn(bias.shape) * 0.3)
+        arch = family_for_config(config.to_dict())
+        for layer in decoder_layers(model):  # a router transformers initialises to zeros (ERNIE): as trained
+            weight = None if (block := moe_block(arch, layer)) is None else router_tensors(arch, block)["weight"]
+            if weight is not None and not weight.any():
+                weight.copy_(torch.randn(weight.shape) * 0.1)
         for name, param in model.named_parameters():  # GPT-OSS experts carry biases: as published, not zeros
             if name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):
                 param.copy_(torch.randn(param.shape) * 0.05)
@@ -119,8 +144,9 @@ def assert_pruned_bit_exact(source, output):
             want = src[name]
         elif parsed.kind == "expert":
             want = src[f"{parsed.experts_prefix}{centroids[parsed.layer_key][parsed.expert]}.{parsed.proj}.{parsed.param}"]
-        else:  # fused experts or a router tensor: indexed by expert on dim 0
-            want = src[name][centroids[parsed.layer_key]]
+        else:  # fused experts (dim 0) or a router tensor (on the family's expert dimension)
+            dim = arch.router_expert_dims.get(parsed.param, 0) if parsed.kind == "router" else 0
+            want = src[name].index_select(dim, torch.tensor(centroids[parsed.layer_key]))
         down = parsed is not None and (parsed.proj == arch.disk_proj_names["down"] if parsed.kind == "expert"
                                        else parsed.kind == "fused" and parsed.param.startswith("down"))
         if "down" in refit and down:

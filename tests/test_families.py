@@ -7,14 +7,29 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from ream_hf.arch import family_for_config
+from ream_hf.arch import family_for_config, parse_moe_name, router_tensors
+from ream_hf.pipeline.streaming import fp32_tensors
 from tests.conftest import tensors
-from tests.families import FAMILIES, assert_pruned_bit_exact, build_family_checkpoint, compress
+from tests.families import FAMILIES, MORE_FAMILIES, assert_pruned_bit_exact, build_family_checkpoint, compress
+
+ALL_FAMILIES = FAMILIES + MORE_FAMILIES
+
+
+class Checkpoints(dict):
+    """Family -> its tiny checkpoint, built on first use (a `-k` run builds only the families it tests)."""
+
+    def __init__(self, folder, **kwargs):
+        super().__init__()
+        self.folder, self.kwargs = folder, kwargs
+
+    def __missing__(self, family):
+        self[family] = build_family_checkpoint(family, self.folder(family) / "source", **self.kwargs)
+        return self[family]
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    return {family: build_family_checkpoint(family, tmp_path_factory.mktemp(family) / "source") for family in FAMILIES}
+    return Checkpoints(tmp_path_factory.mktemp)
 
 
 def names_and_shapes(folder):
@@ -26,7 +41,7 @@ def names_and_shapes(folder):
 
 
 @pytest.mark.parametrize("method", ["reap", "frequency", "ream"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_family_compresses_saves_and_reloads(family, method, sources, calibration_txt, tmp_path):
     source = sources[family]
     compressor = compress(source, calibration_txt, tmp_path / "out", method=method, streaming=True)
@@ -44,7 +59,7 @@ def test_family_compresses_saves_and_reloads(family, method, sources, calibratio
     else:  # per-expert on disk: experts 8..15 gone, 0..7 kept
         assert dropped and all(int(n.split(".experts.")[1].split(".")[0]) >= 8 for n in dropped)
     for name, shape in out.items():
-        if ".experts." not in name and name.split(".")[-2] not in ("gate", "router"):
+        if parse_moe_name(arch, name) is None:
             assert shape == src[name], name
     moe_layers = [r.index for r in compressor.result.layers]
     assert moe_layers, "the family's MoE layers were found"
@@ -52,12 +67,12 @@ def test_family_compresses_saves_and_reloads(family, method, sources, calibratio
     for index in moe_layers:
         block = getattr(model.model.layers[index], arch.block_attr)
         assert getattr(block, arch.experts_attr).down_proj.shape[0] == 8
-        assert getattr(block, arch.router_attr).weight.shape[0] == 8
+        assert router_tensors(arch, block)["weight"].shape[0] == 8
     logits = model(torch.tensor([[5, 6, 7, 8, 9, 10]])).logits
     assert logits.shape == (1, 6, 512) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_same_expert_count_reproduces_logits_exactly(family, sources, calibration_txt, tmp_path):
     source = sources[family]
     compress(source, calibration_txt, tmp_path / "out", target=16, streaming=True, allow_full_width=True)
@@ -67,7 +82,7 @@ def test_same_expert_count_reproduces_logits_exactly(family, sources, calibratio
     assert torch.equal(before, after)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_routed_forward_is_bit_identical_to_the_family_experts_module(family):
     """The compressor re-forwards calibration data through `routed_forward` instead of transformers' experts
     loop (faster on CPU); the next layer's statistics depend on it being exactly the same computation."""
@@ -96,11 +111,10 @@ def test_routed_forward_is_bit_identical_to_the_family_experts_module(family):
 # -- bfloat16 checkpoints, as most families are published ------------------------------------------------------
 @pytest.fixture(scope="module")
 def bf16_sources(tmp_path_factory):
-    return {family: build_family_checkpoint(family, tmp_path_factory.mktemp(f"{family}-bf16") / "source",
-                                            dtype=torch.bfloat16) for family in FAMILIES}
+    return Checkpoints(lambda family: tmp_path_factory.mktemp(f"{family}-bf16"), dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_bfloat16_family_prunes_bit_exact_streaming_and_in_memory(family, bf16_sources, calibration_txt, tmp_path):
     """Both paths route exactly as transformers does in bfloat16 (float32 e_score_correction_bias, GPT-OSS router
     and expert biases, Qwen2-MoE's shared-expert gate) and write the same checkpoint: kept rows bit-exact."""
@@ -118,5 +132,18 @@ def test_bfloat16_family_prunes_bit_exact_streaming_and_in_memory(family, bf16_s
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed"), dtype=torch.bfloat16).eval()
     logits = model(torch.tensor([[5, 6, 7, 8, 9, 10]])).logits
     assert torch.isfinite(logits).all()
-    biases = [b for m in model.modules() if isinstance(b := getattr(m, "e_score_correction_bias", None), torch.Tensor)]
-    assert all(b.dtype == torch.float32 for b in biases) and (family in ("deepseek_v3", "glm4_moe")) == bool(biases)
+    biases = {n: b for n, b in model.state_dict().items() if n.endswith("e_score_correction_bias")}
+    assert bool(biases) == ("e_score_correction_bias" in family_for_config(model.config.to_dict()).router_tensors)
+    kept_fp32 = fp32_tensors(model, torch.bfloat16)  # as transformers keeps them: MiniMax-M2's is bfloat16
+    assert all((b.dtype == torch.float32) == bool(kept_fp32 and kept_fp32.search(n)) for n, b in biases.items())
+    assert (family in ("deepseek_v3", "glm4_moe", "deepseek_v32", "glm_moe_dsa", "dots1", "ernie4_5_moe")) == \
+        any(b.dtype == torch.float32 for b in biases.values())
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_ream_streaming_equals_in_memory(family, sources, calibration_txt, tmp_path):
+    """REAM (merging) writes the same bytes whether the layers stream from disk or the model is loaded whole."""
+    compress(sources[family], calibration_txt, tmp_path / "streamed", method="ream", streaming=True)
+    compress(sources[family], calibration_txt, tmp_path / "in-memory", method="ream", streaming=False)
+    streamed, in_memory = tensors(tmp_path / "streamed"), tensors(tmp_path / "in-memory")
+    assert streamed.keys() == in_memory.keys() and all(torch.equal(streamed[n], in_memory[n]) for n in streamed)

@@ -14,6 +14,7 @@ from .families import (
     MoEFamily,
     check_text_architecture,
     expert_count,
+    experts_per_token,
     family_for_config,
     set_expert_count,
     supported_families,
@@ -29,6 +30,7 @@ from .layout import (
     disk_expert_name,
     disk_expert_names,
     disk_expert_tensors,
+    disk_router_names,
     expert_shapes,
     fused_expert_params,
     in_memory_key,
@@ -38,14 +40,14 @@ from .layout import (
     read_expert_weights,
     write_expert_weights,
 )
-from .modules import decoder_layers, experts, moe_block, router
+from .modules import RouterView, decoder_layers, experts, moe_block, router, router_tensors, set_router_tensor
 
 __all__ = [
     "EXPERT_COUNT_KEYS", "FAMILIES", "FUSED_PARAMS", "MTP_STYLES", "NATIVE_ARCHITECTURES", "TEXT_ARCHITECTURES",
     "ExpertWeights", "MTPStyle", "check_text_architecture",
     "MoEFamily", "MoETensorName", "config_mtp_prefixes", "decoder_layers", "disk_expert_name", "disk_expert_names",
-    "disk_expert_tensors",
-    "expert_count", "expert_shapes", "experts", "family_for_config", "fused_expert_params", "in_memory_key",
+    "disk_expert_tensors", "disk_router_names", "RouterView", "router_tensors", "set_router_tensor",
+    "expert_count", "experts_per_token", "expert_shapes", "experts", "family_for_config", "fused_expert_params", "in_memory_key",
     "moe_block", "mtp_prefix", "mtp_tensor_names", "parse_moe_name", "read_expert_weights", "router",
     "set_expert_count", "supported_families", "text_config_dict", "write_expert_weights",
 ]

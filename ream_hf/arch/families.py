@@ -24,7 +24,8 @@ class MoEFamily:
     block_attr: str = "mlp"
     router_attr: str = "gate"
     experts_attr: str = "experts"
-    router_tensors: tuple[str, ...] = ("weight",)  # router parameters/buffers indexed by expert on dim 0
+    router_tensors: tuple[str, ...] = ("weight",)  # router parameters/buffers indexed by expert (on dim 0 unless
+    #                                                router_expert_dims says otherwise)
     expert_layout: str = "gate_up"  # "gate_up": gate_up_proj (E,2D,H) gate rows first; "gpt_oss": interleaved, biased
     scoring: str = "softmax"  # how logits become per-expert gate values over all experts
     disk_block_attr: str | None = None  # on-disk name of the block when it differs (Mixtral: block_sparse_moe)
@@ -36,6 +37,17 @@ class MoEFamily:
     mtp_style: str | None = None  # "layers": model.layers.{N+i}; "mtp": mtp.layers.{i}
     shared_expert_attrs: tuple[str, ...] = ()
     vision_prefixes: tuple[str, ...] = ()  # tensors copied through untouched
+    # where transformers' module differs from the common shape (router tensors on `<router_attr>.<name>`, router
+    # called with the hidden states alone, the same names in memory and on disk):
+    router_paths: dict[str, str] = field(default_factory=dict)  # in-memory path of a router tensor, relative to the
+    #                                                             block (Hunyuan: gate.wg.weight; MiniMax-M2's bias)
+    router_args: tuple[str, ...] = ()  # block attributes the router takes after the hidden states (MiniMax-M2)
+    router_expert_dims: dict[str, int] = field(default_factory=dict)  # expert dimension where not 0 (ERNIE's (1, E))
+    disk_renames: tuple[tuple[str, str], ...] = ()  # (in-memory, on-disk) name fragments under a layer's block
+
+    def router_path(self, name: str) -> str:
+        """Where router tensor `name` sits in memory, relative to the MoE block."""
+        return self.router_paths.get(name, f"{self.router_attr}.{name}")
 
     @property
     def on_disk_block(self) -> str:
@@ -44,6 +56,7 @@ class MoEFamily:
 
 _QWEN_SHARED = ("shared_expert", "shared_expert_gate")
 _DEEPSEEK_ROUTER = ("weight", "e_score_correction_bias")
+_BLOCK_BIAS = "e_score_correction_bias"  # MiniMax-M2 keeps it on the block and hands it to the router
 _DEEPSEEK_V3: dict[str, Any] = dict(
     num_experts_attr="n_routed_experts", expert_count_keys=("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
     scoring="sigmoid", group_keys=("n_group", "topk_group"), mtp_layers_key="num_nextn_predict_layers",
@@ -79,6 +92,31 @@ FAMILIES: tuple[MoEFamily, ...] = (
         "GPT-OSS", ("gpt_oss",), "num_local_experts", ("num_local_experts",),
         router_attr="router", router_tensors=("weight", "bias"), expert_layout="gpt_oss",
     ),
+    # -- families whose transformers modules are the same fused experts + (logits, weights, indices) router, each
+    #    declaring only what differs. Sigmoid + correction bias, grouped top-k and scaling stay inside their routers.
+    MoEFamily(
+        "MiniMax-M2", ("minimax_m2",), "num_local_experts", ("num_local_experts",), scoring="sigmoid",
+        router_tensors=("weight", _BLOCK_BIAS), router_paths={_BLOCK_BIAS: _BLOCK_BIAS}, router_args=(_BLOCK_BIAS,),
+        disk_block_attr="block_sparse_moe", disk_proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+    ),
+    # DeepSeek-V3.2 and GLM-5: DeepSeek-V3's MoE under sparse attention (the indexer's tensors are attention's,
+    # copied as stored)
+    MoEFamily("DeepSeek-V3.2", ("deepseek_v32",), **_DEEPSEEK_V3),
+    MoEFamily("GLM-5 (GlmMoeDsa)", ("glm_moe_dsa",), **_DEEPSEEK_V3),
+    MoEFamily(
+        "ERNIE-4.5-MoE", ("ernie4_5_moe",), "num_experts", ("moe_num_experts",),
+        router_tensors=("weight", _BLOCK_BIAS), router_paths={_BLOCK_BIAS: "gate.moe_statics.e_score_correction_bias"},
+        router_expert_dims={_BLOCK_BIAS: 1}, disk_renames=(("gate.moe_statics.", "moe_statics."),),
+        shared_expert_attrs=("shared_experts",),
+    ),
+    MoEFamily(
+        "Hunyuan-MoE", ("hunyuan_v1_moe",), "num_experts", ("num_experts",), router_paths={"weight": "gate.wg.weight"},
+        shared_expert_attrs=("shared_mlp",),
+    ),
+    MoEFamily(
+        "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
+        scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
+    ),
 )
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
@@ -90,6 +128,16 @@ NATIVE_ARCHITECTURES = {"kimi_k2": "deepseek_v3"}
 # model the method runs is built from text_config alone; the vision tower is never built, its tensors copied as stored
 TEXT_ARCHITECTURES = {"kimi_k25": "deepseek_v3"}
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")  # config.json keys of the router's top-k (ERNIE, Hunyuan)
+
+
+def experts_per_token(config_dict: dict[str, Any]) -> int:
+    """The router's top-k from config.json, under whichever key the family writes it."""
+    text = text_config_dict(config_dict)
+    for key in TOP_K_KEYS:
+        if isinstance(text.get(key), int):
+            return int(text[key])
+    raise ValueError(f"config has none of {TOP_K_KEYS} (the router's top-k)")
 
 
 def check_text_architecture(config_dict: dict[str, Any], streaming: bool) -> None:

@@ -99,7 +99,7 @@ def write_expert_weights(family: MoEFamily, experts_module: nn.Module, weights: 
 # <prefix><layer>.<block>.experts.<expert>.<proj>.<param>  |  <prefix><layer>.<block>.experts.<fused>
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*?)(?P<layer>\d+)\.(?P<block>\w+)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<param>weight|bias)$")
 _FUSED = re.compile(rf"^(?P<prefix>.*?)(?P<layer>\d+)\.(?P<block>\w+)\.experts\.(?P<param>{'|'.join(FUSED_PARAMS)})$")
-_ROUTER = re.compile(r"^(?P<prefix>.*?)(?P<layer>\d+)\.(?P<block>\w+)\.(?P<router>gate|router)\.(?P<param>\w+)$")
+_IN_BLOCK = re.compile(r"^(?P<prefix>.*?)(?P<layer>\d+)\.(?P<block>\w+)\.(?P<rest>.+)$")
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,17 @@ def parse_moe_name(family: MoEFamily, name: str) -> MoETensorName | None:
         if m := _FUSED.match(name):
             return MoETensorName(m["prefix"], int(m["layer"]), m["block"], "fused", None, None, m["param"])
         return None
-    if (m := _ROUTER.match(name)) and m["router"] == family.router_attr and m["param"] in family.router_tensors:
-        return MoETensorName(m["prefix"], int(m["layer"]), m["block"], "router", None, None, m["param"])
+    if (m := _IN_BLOCK.match(name)) and (param := disk_router_names(family).get(m["rest"])) is not None:
+        return MoETensorName(m["prefix"], int(m["layer"]), m["block"], "router", None, None, param)
     return None
+
+
+def disk_router_names(family: MoEFamily) -> dict[str, str]:
+    """The family's router tensors by their on-disk name relative to the block (`gate.weight`; MiniMax-M2's
+    `e_score_correction_bias` on the block; ERNIE's `moe_statics.e_score_correction_bias`) -> router tensor name."""
+    block = family.on_disk_block + "."
+    return {in_memory_key(family, f"{family.block_attr}.{family.router_path(name)}")[len(block):]: name
+            for name in family.router_tensors}
 
 
 def disk_expert_tensors(family: MoEFamily, experts_prefix: str, weights: ExpertWeights,
@@ -178,11 +186,15 @@ def expert_shapes(family: MoEFamily, text_config: dict[str, Any]) -> tuple[dict[
 
 def in_memory_key(family: MoEFamily, key: str) -> str:
     """The on-disk name (relative to a layer) of an in-memory state-dict key: Mixtral's block is
-    `block_sparse_moe` on disk and `mlp` in memory."""
+    `block_sparse_moe` on disk and `mlp` in memory; ERNIE's routing bias is `mlp.moe_statics.*` on disk and
+    `mlp.gate.moe_statics.*` in memory (`MoEFamily.disk_renames`, as transformers' conversion mapping renames it)."""
     block, dot, rest = key.partition(".")
-    if block == family.block_attr and dot:
-        return f"{family.on_disk_block}.{rest}"
-    return key
+    if block != family.block_attr or not dot:
+        return key
+    for in_memory, on_disk in family.disk_renames:
+        if rest.startswith(in_memory):
+            rest = on_disk + rest[len(in_memory):]
+    return f"{family.on_disk_block}.{rest}"
 
 
 # -- MTP layers --------------------------------------------------------------------------------------

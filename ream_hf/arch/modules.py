@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .families import MoEFamily
@@ -30,8 +31,56 @@ def moe_block(family: MoEFamily, layer: nn.Module) -> nn.Module | None:
     return block
 
 
+class RouterView(nn.Module):
+    """A router called as every family's is, `router(x) -> (logits, top-k weights, top-k indices)`, where the
+    family's own module needs more (MiniMax-M2 passes its block's `e_score_correction_bias`) or keeps its weight
+    deeper (Hunyuan: `gate.wg.weight`). The tensors are the block's own (a live view, nothing copied): `weight`
+    is the router's weight, and a deep copy sharing the tensors keeps routing as it was before surgery."""
+
+    def __init__(self, family: MoEFamily, block: nn.Module) -> None:
+        super().__init__()
+        self.gate = getattr(block, family.router_attr)
+        for name in family.router_args:
+            self.register_buffer(name, getattr(block, name), persistent=False)
+        self.arg_names = family.router_args
+        self.weight_path = family.router_path("weight")[len(family.router_attr) + 1:]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.gate.get_parameter(self.weight_path)
+
+    def forward(self, hidden_states: torch.Tensor):
+        return self.gate(hidden_states, *(getattr(self, name) for name in self.arg_names))
+
+
 def router(family: MoEFamily, block: nn.Module) -> nn.Module:
+    """The block's router, callable on hidden states alone (a `RouterView` where the family's is not)."""
+    if family.router_args or family.router_path("weight") != f"{family.router_attr}.weight":
+        return RouterView(family, block)
     return getattr(block, family.router_attr)
+
+
+def router_tensors(family: MoEFamily, block: nn.Module) -> dict[str, torch.Tensor]:
+    """The block's tensors indexed by expert on the router side (weight, bias, routing-bias correction), by
+    name, wherever the family keeps them (`MoEFamily.router_path`)."""
+    found = {}
+    for name in family.router_tensors:
+        owner, _, attr = family.router_path(name).rpartition(".")
+        tensor = getattr(block.get_submodule(owner), attr, None)
+        if isinstance(tensor, torch.Tensor):
+            found[name] = tensor
+    return found
+
+
+def set_router_tensor(family: MoEFamily, block: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace router tensor `name` (a parameter stays a frozen parameter, a buffer a buffer of the same
+    persistence)."""
+    owner_path, _, attr = family.router_path(name).rpartition(".")
+    owner = block.get_submodule(owner_path)
+    if isinstance(getattr(owner, attr), nn.Parameter):
+        setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+    else:
+        owner.register_buffer(attr, tensor, persistent=attr not in owner._non_persistent_buffers_set)
 
 
 def experts(family: MoEFamily, block: nn.Module) -> nn.Module:

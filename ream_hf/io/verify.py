@@ -13,6 +13,7 @@ source stores that projection (the same tensors, the same dtypes: none written p
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -131,9 +132,11 @@ def verify_checkpoint(
             raise CheckpointError(f"layer {layer} has a router but no expert tensors")
         if params.get("weight") != (want, hidden):
             raise CheckpointError(f"layer {layer} router weight has shape {params.get('weight')}, expected {(want, hidden)}")
-        for param, shape in params.items():
-            if param != "weight" and shape != (want,):
-                raise CheckpointError(f"layer {layer} router {param} has shape {shape}, expected {(want,)}")
+        for param, shape in params.items():  # one value per expert, on the family's expert dimension (ERNIE: (1, E))
+            dim = family.router_expert_dims.get(param, 0)
+            if param != "weight" and (not shape or shape[dim] != want or math.prod(shape) != want):
+                raise CheckpointError(f"layer {layer} router {param} has shape {shape}, expected {want} values on "
+                                      f"dimension {dim}")
     missing_router = set(counts) - set(routers)
     if missing_router:
         raise CheckpointError(f"layers {sorted(missing_router)} have experts but no router weight")

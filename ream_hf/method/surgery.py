@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import ExpertWeights, MoEFamily, experts, read_expert_weights, router, write_expert_weights
+from ..arch import (ExpertWeights, MoEFamily, experts, read_expert_weights, router_tensors, set_router_tensor,
+                    write_expert_weights)
 
 
 def check_grouped_routing(family: MoEFamily, config, target: int, top_k: int) -> None:
@@ -35,18 +36,13 @@ def routing_groups(family: MoEFamily, config) -> int:
     return int(getattr(config, family.group_keys[0], 1) or 1)
 
 
-def replace_router_rows(family: MoEFamily, router_module: nn.Module, keep: list[int]) -> None:
+def replace_router_rows(family: MoEFamily, block: nn.Module, keep: list[int]) -> None:
+    """The block's router tensors cut to rows `keep` (on each tensor's expert dimension), wherever they live."""
     index = torch.tensor(keep, dtype=torch.long)
-    for name in family.router_tensors:
-        tensor = getattr(router_module, name, None)
-        if tensor is None:
-            continue
-        sliced = tensor.detach()[index.to(tensor.device)].clone()
-        if isinstance(tensor, nn.Parameter):
-            setattr(router_module, name, nn.Parameter(sliced, requires_grad=False))
-        else:
-            router_module.register_buffer(name, sliced, persistent=name in dict(router_module.named_buffers()))
-    router_module.num_experts = len(keep)
+    for name, tensor in router_tensors(family, block).items():
+        dim = family.router_expert_dims.get(name, 0)
+        set_router_tensor(family, block, name, tensor.detach().index_select(dim, index.to(tensor.device)).clone())
+    getattr(block, family.router_attr).num_experts = len(keep)
 
 
 def apply_layer_plan(
@@ -56,6 +52,6 @@ def apply_layer_plan(
     experts_module = experts(family, block)
     weights = merged if merged is not None else read_expert_weights(family, experts_module).select(centroids)
     write_expert_weights(family, experts_module, weights)
-    replace_router_rows(family, router(family, block), centroids)
+    replace_router_rows(family, block, centroids)
     if hasattr(block, "num_experts"):
         block.num_experts = len(centroids)

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from ..arch import (decoder_layers, expert_count, experts, family_for_config, moe_block, parse_moe_name, router,
-                    text_config_dict)
+from ..arch import (decoder_layers, expert_count, experts, experts_per_token, family_for_config, moe_block,
+                    parse_moe_name, router_tensors, text_config_dict)
 from ..config import TORCH_DTYPES, ReamConfig
 from ..io import safetensors as st
 from ..io.names import looks_like_hub_id
@@ -211,7 +211,7 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     family = family_for_config(config_dict)
     num_experts = expert_count(family, config_dict)
     text = text_config_dict(config_dict)
-    top_k = int(text["num_experts_per_tok"])
+    top_k = experts_per_token(config_dict)
     target = config.resolve_target(num_experts, top_k)
     recorded = config_dict.get("dtype") or config_dict.get("torch_dtype") or text.get("dtype") \
         or text.get("torch_dtype") or "float32"
@@ -235,10 +235,9 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     if not moe:
         raise ValueError(f"{folder} has no MoE layer the {family.name} adapter recognises")
     block = moe[0][1]
-    experts_module, router_module = experts(family, block), router(family, block)
+    experts_module = experts(family, block)
     expert_numel = sum(p.numel() for p in experts_module.parameters()) // num_experts
-    router_numel = sum(t.numel() for name, t in router_module.state_dict().items()
-                       if name.split(".")[-1] in family.router_tensors) // num_experts
+    router_numel = sum(t.numel() for t in router_tensors(family, block).values()) // num_experts
     hidden = int(text["hidden_size"])
     inner = int(experts_module.down_proj.shape[-1] if family.expert_layout != "gpt_oss" else experts_module.down_proj.shape[1])
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ..arch import ExpertWeights, MoEFamily, experts, moe_block, read_expert_weights, router, write_expert_weights
+from ..arch import (ExpertWeights, MoEFamily, experts, moe_block, read_expert_weights, router, router_tensors,
+                    write_expert_weights)
 from ..config import ReamConfig
 from ..io.writer import LayerOutput
 from ..kill_points import kill_point
@@ -349,11 +350,9 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
     if forward is not None and config.sequential:
         forward()
         clock = stage("forward", clock)
-    router_module = router(family, block)
     output = LayerOutput(
         experts=read_expert_weights(family, experts(family, block)),
-        router={name: getattr(router_module, name) for name in family.router_tensors
-                if getattr(router_module, name, None) is not None},
+        router=router_tensors(family, block),
         centroids=plan.centroids,
         # per projection: a refit down projection is new even where the group is one expert, its gate and up are not
         unchanged=[frozenset(("gate", "up") if refit and "down" in config.refit else ("gate", "up", "down"))
