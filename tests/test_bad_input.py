@@ -238,6 +238,18 @@ def unknown_moe(ctx: Ctx) -> Case:
     return Case(target("--output", ctx.out), "unsupported MoE architecture 'fancy_moe'", source=folder)
 
 
+def identity_experts(ctx: Ctx) -> Case:
+    """LongCat-Flash's zero-computation experts: refused, naming the family and what the method lacks."""
+    from transformers import LongcatFlashConfig
+
+    folder = ctx.tmp / "longcat"
+    folder.mkdir()
+    LongcatFlashConfig(num_layers=2, n_routed_experts=8, zero_expert_num=2).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    return Case(target("--output", ctx.out), "LongCat-Flash routes tokens to zero-computation (identity) experts",
+                source=folder)
+
+
 def work_folder_of_another_job(ctx: Ctx) -> Case:
     from ream_hf.pipeline.streaming import WorkFolder
 
@@ -339,6 +351,7 @@ ROWS: dict[str, Callable[[Ctx], Case]] = {
     "dense (non-MoE) source": lambda c: Case(target("--output", c.out), "not a Mixture-of-Experts model",
                                              source=dense_model(c.tmp / "dense")),
     "unknown MoE architecture": unknown_moe,
+    "identity experts (LongCat-Flash)": identity_experts,
     # the disk (#13.4)
     "disk full while writing a layer": full_disk,
     "permission denied writing the output": unwritable_manifest,

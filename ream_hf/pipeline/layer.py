@@ -80,13 +80,15 @@ def routed_experts(family: MoEFamily, layer, device: torch.device):
 
 
 def forward_in_place(family: MoEFamily, layer, hidden: list[torch.Tensor], calls, store: HiddenStateStore | None,
-                     generation: int, device: torch.device, numbers: list[int] | None = None) -> None:
+                     generation: int, device: torch.device, numbers: list[int] | None = None,
+                     next_calls: list | None = None) -> None:
     """Replace each batch's inputs in `hidden` by the layer's outputs (the next layer's inputs; persisted when
-    resumable, under the batches' global `numbers`) as soon as they exist, so one generation is held, not two."""
+    resumable, under the batches' global `numbers`) as soon as they exist, so one generation is held, not two.
+    `next_calls`: the next layer's calls, given what this one hands on (`MoEFamily.layer_carry`)."""
     numbers = list(range(len(calls))) if numbers is None else numbers
     with routed_experts(family, layer, device):
         for b, (inputs, call) in enumerate(zip(Placement.of(device).feed(hidden), calls)):
-            out = run_layer(layer, inputs, call)
+            out = run_layer(layer, inputs, call, family.layer_carry, None if next_calls is None else next_calls[b])
             hidden[b] = out if store is None else store.write(generation, numbers[b], out)
 
 

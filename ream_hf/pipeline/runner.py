@@ -30,9 +30,13 @@ class LayerCall:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: list[CalibrationBatch], device: torch.device
+    model: nn.Module, layers: nn.ModuleList, batches: list[CalibrationBatch], device: torch.device,
+    carry: str | None = None,
 ) -> tuple[list[torch.Tensor], list[list[LayerCall]]]:
-    """Embeddings per batch, and per batch the call arguments of every layer (hidden states excluded)."""
+    """Embeddings per batch, and per batch the call arguments of every layer (hidden states excluded). `carry`: the
+    keyword argument through which a layer takes a value its predecessor returns beside the hidden states
+    (`MoEFamily.layer_carry`); the recorder hands on what it was given, and `forward_layer_carrying` fills it in
+    as each layer actually runs."""
     base = model.model if hasattr(model, "model") else model
     calls: dict[int, LayerCall] = {}
     first_hidden: list[torch.Tensor] = []
@@ -46,7 +50,7 @@ def capture_layer_inputs(
                 first_hidden.append(hidden_states.detach())
             if index == len(layers) - 1:
                 raise StopLayer  # nothing after the layers is needed (and may still be on the meta device)
-            return hidden_states
+            return hidden_states if carry is None else (hidden_states, kwargs.get(carry))
 
         return recorder
 
@@ -67,8 +71,13 @@ def capture_layer_inputs(
     return first_hidden, per_batch
 
 
-def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+def run_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall, carry: str | None = None,
+              next_call: LayerCall | None = None) -> torch.Tensor:
+    """The layer's output hidden states; with `carry`, what it returns beside them goes into `next_call`'s
+    keyword argument of that name (GLM-5's shared top-k), so the next layer runs as in the whole model."""
     out = layer(hidden, *call.args, **call.kwargs)
+    if carry is not None and next_call is not None:
+        next_call.kwargs[carry] = out[1]
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -107,7 +107,7 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
     numbers = list(share.numbers)
     if statistics is None:
         embedding = tqdm(own, desc="Embedding calibration", leave=False, disable=not ranks.is_main)
-        hidden, calls = capture_layer_inputs(model, layers, embedding, device)
+        hidden, calls = capture_layer_inputs(model, layers, embedding, device, family.layer_carry)
         kill_point("calibration-embedded")
     else:
         hidden, calls = [], [[] for _ in layers]  # per layer: no calibration batches to run
@@ -123,6 +123,9 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
         writer = PartWriter(work.folder, config.max_shard_size, parts=work.state["parts"])
         groups = output_groups(result.source, trunk_prefix, len(layers), result.dropped_prefixes)
         start = work.finished_layers
+        if start and family.layer_carry and start < len(layers):
+            raise ValueError(f"{family.name} runs cannot be resumed mid-way yet: its layers hand {family.layer_carry} "
+                             "on to the next, and that is not saved; delete the work folder and start over")
         if start:
             if start < len(layers) or mtp_loader is not None:  # the last layer's outputs are stored only if used
                 hidden = store.read_batches(start, numbers, device)
@@ -149,8 +152,11 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
             # its outputs are some layer's inputs (not when every layer is planned from saved statistics)
             feeds_next = (index < last or mtp_loader is not None) and statistics is None
 
-            def forward(layer=layer, layer_calls=layer_calls, generation=index + 1) -> None:
-                forward_in_place(family, layer, hidden, layer_calls, store, generation, device, numbers)
+            next_calls = [per_batch[index + 1] for per_batch in calls] \
+                if family.layer_carry and statistics is None and index < last else None
+
+            def forward(layer=layer, layer_calls=layer_calls, generation=index + 1, next_calls=next_calls) -> None:
+                forward_in_place(family, layer, hidden, layer_calls, store, generation, device, numbers, next_calls)
 
             if block is None:
                 if feeds_next:
