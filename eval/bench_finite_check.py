@@ -1,4 +1,4 @@
-"""Cost of the NaN/inf check on source weights (`ream_hf.pipeline.streaming.check_finite`), measured where it runs:
+"""Cost of the NaN/inf check on source weights (`ream_hf.pipeline.loading.check_finite`), measured where it runs:
 `LayerLoader.fill`, which reads each decoder layer's tensors from the source shards into the model.
 
 The check is one `torch.aminmax` pass over each tensor right after it is read (no temporary the size of the
@@ -75,18 +75,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import ream_hf.pipeline.streaming as streaming
+    import ream_hf.pipeline.loading as loading
+    import ream_hf.pipeline.skeleton as skeleton
     from ream_hf.arch import family_for_config
     from ream_hf.io.source import SourceCheckpoint
     from transformers import AutoConfig
 
-    checked = streaming.check_finite
+    checked = loading.check_finite
     with tempfile.TemporaryDirectory(prefix="ream-bench-finite-") as temp:
         folder = build_source(Path(temp) / "source", args)
         source = SourceCheckpoint(folder)
         family = family_for_config(source.config)
-        loader = streaming.LayerLoader(source, family, torch.device("cpu"))
-        model = streaming.build_skeleton(AutoConfig.from_pretrained(folder), getattr(torch, args.dtype),
+        loader = loading.LayerLoader(source, family, torch.device("cpu"))
+        model = skeleton.build_skeleton(AutoConfig.from_pretrained(folder), getattr(torch, args.dtype),
                                          torch.device("cpu"), loader)
         layer_bytes = sum(info.nbytes for name, info in source.tensor_infos.items()
                           if name.startswith("model.layers.0."))
@@ -101,10 +102,10 @@ def main() -> None:
 
         for _ in range(args.repeat):
             for mode in runs:
-                streaming.check_finite = timed if mode == "with check" else (lambda *a, **k: None)
+                loading.check_finite = timed if mode == "with check" else (lambda *a, **k: None)
                 for seconds in fill_seconds_each(model, loader, "model.layers.", inside, mode == "with check"):
                     runs[mode].append(seconds)
-        streaming.check_finite = checked
+        loading.check_finite = checked
 
         big = torch.randn(64 * 2**20 // 4).to(getattr(torch, args.dtype))  # 64 Mi float32 elements' worth
         copy_times, check_times = [], []

@@ -136,7 +136,7 @@ def _compress(args: argparse.Namespace) -> int:
     from .compressor import ReamCompressor
     from .io.folders import check_output_dir, check_paths, output_lock, recover_output
     from .pipeline import distributed
-    from .pipeline.streaming import WorkFolder
+    from .pipeline.work_folder import WorkFolder
 
     config = _config_from_args(args)
     output_path = Path(args.output)

@@ -45,7 +45,9 @@ from .pipeline.mtp import check_mtp_layers, mtp_prefixes
 from .pipeline.job_plan import check_fits, plan_job
 from .pipeline.sequential import CompressionResult, run_layers
 from .pipeline.saved_statistics import StatisticsReader, StatisticsWriter
-from .pipeline.streaming import LayerLoader, WorkFolder, build_skeleton, default_work_root, fingerprint
+from .pipeline.loading import LayerLoader
+from .pipeline.skeleton import build_skeleton
+from .pipeline.work_folder import WorkFolder, default_work_root, fingerprint
 from .release.report import write_layer_report
 
 logger = logging.getLogger(__name__)

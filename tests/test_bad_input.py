@@ -251,7 +251,7 @@ def identity_experts(ctx: Ctx) -> Case:
 
 
 def work_folder_of_another_job(ctx: Ctx) -> Case:
-    from ream_hf.pipeline.streaming import WorkFolder
+    from ream_hf.pipeline.work_folder import WorkFolder
 
     WorkFolder.open(ctx.tmp / "work", "another-job", resume=False).release()
     return Case(target("--output", ctx.out, "--work-dir", ctx.tmp / "work"), "different source or settings")
@@ -448,7 +448,7 @@ def test_impossible_plans_are_refused_before_work(name, qwen3_source, deepseek_s
 
 def test_unfinished_or_foreign_work_folder_is_refused_before_work(qwen3_source, calibration_txt, tmp_path, capsys,
                                                                   no_work_started):
-    from ream_hf.pipeline.streaming import WorkFolder
+    from ream_hf.pipeline.work_folder import WorkFolder
 
     WorkFolder.open(tmp_path / "work", "another-job", resume=False).commit(1, [], [])
     args = ["compress", str(qwen3_source), "--target-experts", "8", "--calibration", str(calibration_txt),

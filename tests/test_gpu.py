@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.pipeline import streaming
+from ream_hf.pipeline import hidden_states, work_folder
 from ream_hf.pipeline.device import Placement
 
 try:
@@ -31,18 +31,18 @@ class Interrupted(Exception):
 @contextlib.contextmanager
 def stop_after_first_commit():
     """The run dies right after layer 0 is recorded as finished (in the writer thread; compress() raises)."""
-    commit = streaming.WorkFolder.commit
+    commit = work_folder.WorkFolder.commit
 
     def commit_then_stop(self, finished_layers, parts, entries):
         commit(self, finished_layers, parts, entries)
         if finished_layers == 1:
             raise Interrupted
 
-    streaming.WorkFolder.commit = commit_then_stop
+    work_folder.WorkFolder.commit = commit_then_stop
     try:
         yield
     finally:
-        streaming.WorkFolder.commit = commit
+        work_folder.WorkFolder.commit = commit
 
 
 def build_bf16_source(folder: Path) -> Path:
@@ -115,7 +115,7 @@ def check_cuda_pipeline(source: Path, calibration: Path, workdir: Path) -> None:
 def check_feed(workdir: Path) -> None:
     """Batches still being written (futures) and host tensors reach the GPU, in order, through the feed."""
     placement = Placement.of("cuda")
-    store = streaming.HiddenStateStore(workdir, in_memory=False)
+    store = hidden_states.HiddenStateStore(workdir, in_memory=False)
     host = [torch.randn(4, 8, 16) for _ in range(5)]
     items = [store.write(1, b, t.cuda()) for b, t in enumerate(host[:3])] + host[3:]
     fed = list(placement.feed(items))

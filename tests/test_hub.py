@@ -507,7 +507,7 @@ def test_hub_refusals_come_before_the_weights(fake_hub, hub_cache, qwen3_source,
 
 def test_the_revision_is_part_of_the_job(qwen3_source):
     from ream_hf.io.source import SourceCheckpoint
-    from ream_hf.pipeline.streaming import fingerprint
+    from ream_hf.pipeline.work_folder import fingerprint
 
     jobs = {fingerprint(SourceCheckpoint(qwen3_source, revision=r), {"target_experts": 8}) for r in (None, "a", "b")}
     assert len(jobs) == 3

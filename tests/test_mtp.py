@@ -32,7 +32,7 @@ from ream_hf.arch import parse_moe_name
 from ream_hf.io.source import SourceCheckpoint
 from ream_hf.pipeline.runner import capture_layer_inputs, forward_layer
 from ream_hf.pipeline.mtp import build_mtp_block, mtp_layer_specs, run_mtp_layers
-from ream_hf.pipeline.streaming import LayerLoader
+from ream_hf.pipeline.loading import LayerLoader
 from ream_hf.io.verify import verify_checkpoint
 from ream_hf.release.serve import NO_MTP, mtp_speculation, vllm_server_command
 from tests.conftest import expert_abs_sums, run_vllm_script, tensors

@@ -17,7 +17,7 @@ import torch
 
 from ream_hf.cli import main
 from ream_hf.io import folders
-from ream_hf.pipeline import streaming
+from ream_hf.pipeline import background_writer, hidden_states, loading, work_folder
 from tests.conftest import snapshot
 
 
@@ -79,12 +79,12 @@ def inject(where: str, monkeypatch) -> str:
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 0 vs 64")
             return real_save(obj, file, *args, **kwargs)
 
-        monkeypatch.setattr(streaming, "open", opener, raising=False)
+        monkeypatch.setattr(hidden_states, "open", opener, raising=False)
         monkeypatch.setattr(torch, "save", torch_save)
         return "hidden-00001"
     if where == "commit":  # the third state write: the second layer's commit
-        real = streaming.WorkFolder._write_state
-        monkeypatch.setattr(streaming.WorkFolder, "_write_state",
+        real = work_folder.WorkFolder._write_state
+        monkeypatch.setattr(work_folder.WorkFolder, "_write_state",
                             fail_on_call(3, errno.ENOSPC, real, lambda args: args[0].folder / "state.json.tmp"))
         return "state.json.tmp"
     assert where == "side files"  # the final save
@@ -109,7 +109,7 @@ def test_failed_write_then_resume_is_byte_identical(where, message, qwen3_source
     assert "the run needs about" in lines[-1] and "free there now" in lines[-1] and "--resume" in lines[-1]
     assert [line for line in lines if line.startswith("error:")] == lines[-1:]
     assert not out.exists(), "no partial output folder"
-    assert json.loads((work / "state.json").read_text())["format"] == streaming.FORMAT, "a resumable work folder"
+    assert json.loads((work / "state.json").read_text())["format"] == work_folder.FORMAT, "a resumable work folder"
 
     assert main(cli_args(qwen3_source, calibration_txt, out, "--resume")) == 0, capsys.readouterr().err
     assert snapshot(out) == reference
@@ -141,7 +141,7 @@ def test_the_first_failed_write_is_what_surfaces(tmp_path):
     run reports (a RuntimeError would end in a traceback); the full disk is. `drain` waits without raising."""
     import threading
 
-    writer = streaming.BackgroundWriter(workers=3)
+    writer = background_writer.BackgroundWriter(workers=3)
     release = threading.Event()
     writer.submit(lambda: release.wait(5))  # a slow write
     skipped = writer.submit(lambda: None, after_all=True)  # a commit, waiting for the slow write
@@ -167,7 +167,7 @@ def test_the_first_failed_write_is_what_surfaces(tmp_path):
 # -- locks ------------------------------------------------------------------------------------------------------
 def test_a_second_run_on_the_work_folder_is_refused_naming_the_first(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom ream_hf.pipeline.streaming import WorkFolder\n"
+        [sys.executable, "-c", "import sys\nfrom ream_hf.pipeline.work_folder import WorkFolder\n"
                                f"WorkFolder.open({str(tmp_path / 'work')!r}, 'job', False)\nprint('held', flush=True)\n"
                                "sys.stdin.readline()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -175,11 +175,11 @@ def test_a_second_run_on_the_work_folder_is_refused_naming_the_first(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match=rf"in use by another ream-hf run \(pid {holder.pid} on host \S+, started "
                                              r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)"):
-            streaming.WorkFolder.open(tmp_path / "work", "job", resume=True)
+            work_folder.WorkFolder.open(tmp_path / "work", "job", resume=True)
     finally:
         holder.communicate("\n")
     # its process is gone: the lock died with it, the record it left is taken over
-    work = streaming.WorkFolder.open(tmp_path / "work", "job", resume=True)
+    work = work_folder.WorkFolder.open(tmp_path / "work", "job", resume=True)
     assert json.loads((tmp_path / "work" / "run.lock").read_text())["pid"] == os.getpid()
     work.remove()
     assert not (tmp_path / "work").exists()
@@ -238,18 +238,18 @@ def test_atomic_exchange_keeps_a_complete_folder(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_check_finite(dtype):
     tensor = torch.randn(64, 32).to(dtype)
-    streaming.check_finite("w", tensor, "shard")
-    streaming.check_finite("ids", torch.arange(10), "shard")  # integers hold neither
+    loading.check_finite("w", tensor, "shard")
+    loading.check_finite("ids", torch.arange(10), "shard")  # integers hold neither
     for bad in (float("nan"), float("inf"), float("-inf")):
         broken = tensor.clone()
         broken[7, 3] = bad
         with pytest.raises(ValueError, match=r"^source tensor w \(shard\) has 1 NaN or infinite value\(s\) out of 2048"):
-            streaming.check_finite("w", broken, "shard")
+            loading.check_finite("w", broken, "shard")
     fp8 = torch.randn(8, 8).to(torch.float8_e4m3fn)
-    streaming.check_finite("w8", fp8, "shard")
+    loading.check_finite("w8", fp8, "shard")
     fp8[0, 0] = float("nan")
     with pytest.raises(ValueError, match="w8"):
-        streaming.check_finite("w8", fp8, "shard")
+        loading.check_finite("w8", fp8, "shard")
 
 
 def test_a_nan_read_ahead_is_refused_when_its_layer_is_filled(qwen3_source, calibration_txt, tmp_path, monkeypatch,
@@ -271,13 +271,13 @@ def test_a_nan_read_ahead_is_refused_when_its_layer_is_filled(qwen3_source, cali
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
     monkeypatch.setattr(Placement, "prefetch_weights", property(lambda self: True))
     checked_in = {}
-    check = streaming.check_finite
+    check = loading.check_finite
 
     def spy(name, tensor, where):
         checked_in[name] = threading.current_thread().name
         check(name, tensor, where)
 
-    monkeypatch.setattr(streaming, "check_finite", spy)
+    monkeypatch.setattr(loading, "check_finite", spy)
     capsys.readouterr()
     assert main(cli_args(source, calibration_txt, tmp_path / "out")) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]

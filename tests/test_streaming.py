@@ -145,7 +145,7 @@ def test_every_kill_point_is_passed_and_killed_at():
 
 def test_resume_discards_what_no_commit_names(qwen3_source, calibration_txt, tmp_path):
     """Parts and hidden states written after the last commit, and temporary files, are removed on resume."""
-    from ream_hf.pipeline.streaming import WorkFolder
+    from ream_hf.pipeline.work_folder import WorkFolder
 
     work = WorkFolder.open(tmp_path / "work", "job", resume=False)
     (work.folder / "part-00000.safetensors").write_bytes(b"committed")
@@ -207,7 +207,8 @@ def test_skeleton_keeps_float32_tensors_as_transformers_does(tmp_path):
 
     from ream_hf.arch import decoder_layers, family_for_config
     from ream_hf.io.source import SourceCheckpoint
-    from ream_hf.pipeline.streaming import LayerLoader, build_skeleton
+    from ream_hf.pipeline.loading import LayerLoader
+    from ream_hf.pipeline.skeleton import build_skeleton
     from tests.conftest import tensors
 
     source = build_family_checkpoint("deepseek_v3", tmp_path / "source", dtype=torch.bfloat16)

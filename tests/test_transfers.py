@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ream_hf import ReamCompressor, ReamConfig
-from ream_hf.pipeline import streaming
+from ream_hf.pipeline import loading, work_folder
 from ream_hf.pipeline.device import Placement
-from ream_hf.pipeline.streaming import BackgroundWriter, HiddenStateStore
+from ream_hf.pipeline.background_writer import BackgroundWriter
+from ream_hf.pipeline.hidden_states import HiddenStateStore
 from tests.conftest import snapshot
 from tests.test_streaming import same_output
 
@@ -37,19 +38,19 @@ def test_spilled_and_resumed_equals_in_memory(method, sequential, qwen3_source, 
     in_memory.compress(str(qwen3_source))
     in_memory.save_pretrained(tmp_path / "memory")
 
-    commit = streaming.WorkFolder.commit
+    commit = work_folder.WorkFolder.commit
 
     def commit_then_stop(self, finished_layers, parts, entries):
         commit(self, finished_layers, parts, entries)
         if finished_layers == 1:
             raise Interrupted  # in the writer thread: everything queued after it is skipped, compress() raises
 
-    monkeypatch.setattr(streaming.WorkFolder, "commit", commit_then_stop)
+    monkeypatch.setattr(work_folder.WorkFolder, "commit", commit_then_stop)
     spilled = config(calibration_txt, method, sequential, hidden_states_budget_gb=0.0)
     with pytest.raises(Interrupted):
         ReamCompressor(spilled).compress(str(qwen3_source), work_dir=tmp_path / "work")
     assert (tmp_path / "work" / "hidden-00001").is_dir()  # the next layer's inputs, spilled
-    monkeypatch.setattr(streaming.WorkFolder, "commit", commit)
+    monkeypatch.setattr(work_folder.WorkFolder, "commit", commit)
     resumed = ReamCompressor(spilled)
     resumed.compress(str(qwen3_source), work_dir=tmp_path / "work", resume=True)
     resumed.save_pretrained(tmp_path / "resumed")
@@ -63,9 +64,9 @@ def test_weights_read_ahead_give_the_same_output(qwen3_source, calibration_txt, 
     plain.compress(str(qwen3_source))
     plain.save_pretrained(tmp_path / "plain")
     claimed = []
-    claim = streaming.LayerLoader._claim
+    claim = loading.LayerLoader._claim
     monkeypatch.setattr(Placement, "prefetch_weights", property(lambda self: True))
-    monkeypatch.setattr(streaming.LayerLoader, "_claim", lambda self, prefix: claimed.append(prefix) or claim(self, prefix))
+    monkeypatch.setattr(loading.LayerLoader, "_claim", lambda self, prefix: claimed.append(prefix) or claim(self, prefix))
     ahead = ReamCompressor(run)
     ahead.compress(str(qwen3_source))
     ahead.save_pretrained(tmp_path / "ahead")

@@ -42,7 +42,7 @@ from ..io.quantization import FP8_OUTPUT, Fp8BlockOutput
 from ..io.source import SourceCheckpoint
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
-from .streaming import WRITER_PENDING_BYTES
+from .background_writer import WRITER_PENDING_BYTES
 
 # throughput assumed by the estimate when none is given, in executed FLOP per second of the whole layer (statistics,
 # merge, re-forward): on CUDA the rate eval/bench_gpu.py measured end to end on one H100 80GB HBM3 and on one H200

@@ -29,7 +29,7 @@ from .device import Placement
 from .distributed import BatchShare
 from .runner import feed_block_inputs, run_layer
 from .saved_statistics import StatisticsReader, StatisticsWriter
-from .streaming import HiddenStateStore
+from .hidden_states import HiddenStateStore
 
 
 @dataclass

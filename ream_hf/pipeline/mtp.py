@@ -36,7 +36,8 @@ from ..io.source import SourceCheckpoint
 from .calibration import CalibrationBatch
 from .device import Placement
 from .runner import LayerCall, run_layer
-from .streaming import LayerLoader, final_norm, fp32_tensors, keep_fp32
+from .loading import LayerLoader
+from .skeleton import final_norm, fp32_tensors, keep_fp32
 
 
 @dataclass(frozen=True)

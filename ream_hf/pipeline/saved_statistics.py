@@ -23,7 +23,7 @@ from ..config import ReamConfig
 from ..io import safetensors as st
 from ..io.source import SourceCheckpoint
 from ..method.stats import SALIENCY_VARIANTS, LayerStatistics, sub_sample
-from .streaming import fingerprint
+from .work_folder import fingerprint
 
 FORMAT = "ream-hf statistics v1"
 INDEX_NAME = "statistics.json"

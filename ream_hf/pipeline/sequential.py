@@ -29,7 +29,9 @@ from .layer import LayerReport, compress_moe_layer, forward_in_place, layer_samp
 from .mtp import run_mtp_layers, shifted_batch
 from .runner import capture_layer_inputs
 from .saved_statistics import StatisticsReader, StatisticsWriter
-from .streaming import HiddenStateStore, LayerLoader, WorkFolder, check_finite
+from .hidden_states import HiddenStateStore
+from .loading import LayerLoader, check_finite
+from .work_folder import WorkFolder
 
 logger = logging.getLogger(__name__)
 
