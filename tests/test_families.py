@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from ream_hf.arch import family_for_config, parse_moe_name, router_tensors
-from ream_hf.pipeline.streaming import fp32_tensors
+from ream_hf.pipeline.skeleton import fp32_tensors
 from tests.conftest import tensors
 from tests.families import FAMILIES, MORE_FAMILIES, assert_pruned_bit_exact, build_family_checkpoint, compress
 
