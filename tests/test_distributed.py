@@ -55,6 +55,9 @@ def test_two_ranks_write_the_single_process_output(job):
     assert snapshot(folder / "two") == snapshot(folder / "single")
     manifest = json.loads((folder / "two" / "ream_manifest.json").read_text())
     assert [entry["layer"] for entry in manifest["layers"]] == ["model.layers.1", "model.layers.2", "model.layers.3"]
+    # the down refit (computed on rank 0, broadcast) ran and changed weights, so the equality above covers it
+    checks = [entry["refit"] for entry in manifest["layers"]]
+    assert all(c["mode"] == "down" and c["heldout_tokens"] > 0 for c in checks) and any(c["kept"] for c in checks), checks
 
 
 def test_two_ranks_resume_after_a_rank_is_killed(job):

@@ -10,9 +10,12 @@ from ream_hf.method.experts import Activation
 from ream_hf.method.refit import (
     LeastSquaresSums,
     Routing,
+    checked_down_refit,
     group_logit_targets,
+    heldout_sequences,
     merges_worth_keeping,
     refit_down_projections,
+    ridge_rows,
     ridge_solve,
 )
 
@@ -202,6 +205,10 @@ def test_refit_changes_only_the_down_projections_of_the_plan(family, calibration
         outputs[refit] = (compressor.manifest()["layers"], tensors(tmp_path / refit))
     (plan, plain), (refit_plan, refit) = outputs["none"], outputs["down"]
     assert plan[0]["groups"] == refit_plan[0]["groups"]  # the first MoE layer sees the same inputs
+    checks = [layer["refit"] for layer in refit_plan]  # the held-out check's record, per layer
+    assert all(layer["refit"] is None for layer in plan) and all(c["mode"] == "down" for c in checks)
+    assert all(c["heldout_error_after"] <= c["heldout_error_before"] and c["heldout_tokens"] > 0 for c in checks)
+    assert any(c["kept"] for c in checks), checks
     changed = [n for n in plain if not torch.equal(plain[n], refit[n])]
     assert changed and all("down_proj" in n or f".layers.{plan[0]['index']}." not in n for n in changed), changed
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "down"))
@@ -228,3 +235,94 @@ def test_a_merge_is_kept_only_where_it_reproduces_its_group_better_than_the_cent
     same = merges_worth_keeping(twin, copy, SILU, x, original, Routing(torch.ones(400, 1), torch.zeros(400, 1, dtype=torch.long)),
                                 [[0, 1], [4]], 1e-3, margin=0.05)
     assert same == [False, True]
+
+
+def test_heldout_sequences_hold_out_whole_sequences_never_all():
+    sequence = torch.arange(400) // 25  # 16 sequences of 25 tokens
+    held = heldout_sequences(sequence, 0.25, 0)
+    assert held.sum() == 4 * 25
+    for s in range(16):  # a sequence is held out whole or not at all
+        assert held[sequence == s].all() or not held[sequence == s].any()
+    assert not heldout_sequences(torch.zeros(30, dtype=torch.long), 0.25, 0).any()  # one sequence: nothing to hold out
+    assert heldout_sequences(torch.tensor([0, 0, 1]), 0.9, 0).sum() in (1, 2)  # never every sequence
+
+
+def test_residual_ridge_stays_anchored_to_the_merged_weights_over_steps():
+    """Top-1 routing: every step's target is the source output, so the anchored ridge gives the same closed-form
+    answer, (sum t u^T + lam W0)(G + lam I)^-1, at every step. Re-centring the prior on the previous step's
+    weights would walk, step by step, to the unregularised least squares instead."""
+    source = experts(3, seed=21)
+    damaged = ExpertWeights(source.gate, source.up, 0.5 * source.down)
+    generator = torch.Generator().manual_seed(22)
+    x = torch.randn(90, 6, generator=generator)
+    routing = Routing(torch.rand(90, 1, generator=generator) + 0.5, torch.arange(90).remainder(3).unsqueeze(1))
+    one, _ = refit_down_projections(source, damaged, SILU, x, routing, routing, [[0], [1], [2]], "residual", 1.0, 1)
+    many, _ = refit_down_projections(source, damaged, SILU, x, routing, routing, [[0], [1], [2]], "residual", 1.0, 6)
+    assert torch.allclose(one, many, atol=1e-5)
+    for expert in range(3):
+        rows = routing.index[:, 0] == expert
+        a = SILU(x[rows] @ source.gate[expert].T, x[rows] @ source.up[expert].T).double()
+        u = routing.weights[rows].double() * a
+        expected = direct_ridge(u, u @ source.down[expert].T.double(), damaged.down[expert].double(), 1.0)
+        assert torch.allclose(many[expert].double(), expected, atol=1e-4)
+    assert not torch.allclose(many, source.down, atol=1e-2)  # a ridge of 1 does not reach the least squares
+
+
+def layer_output(weights, x, routing):
+    """sum_k w_k f_{i_k}(x) per token, written out expert by expert (independent of method/refit.py)."""
+    out = torch.zeros(x.shape[0], weights.down.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for w, e in zip(routing.weights[t].tolist(), routing.index[t].tolist()):
+            a = SILU(x[t] @ weights.gate[e].T, x[t] @ weights.up[e].T)
+            out[t] += w * (a @ weights.down[e].T).double()
+    return out
+
+
+@pytest.mark.parametrize("tokens", [24, 60, 240, 2000])
+def test_checked_refit_is_never_worse_than_no_refit_on_held_out_sequences(tokens):
+    """REAP-like: 6 experts pruned to 4, top-2 routing, at 0.6 to 50 routed rows per unknown. Whatever the rows,
+    the held-out error of what the check returns is at most the unrefit layer's (recomputed here from the returned
+    weights), and with plenty of rows the refit is kept and lowers it."""
+    hidden, inner = 6, 5
+    source = experts(6, inner, hidden, seed=30)
+    kept = [0, 1, 2, 3]
+    pruned = ExpertWeights(*(t[kept] for t in (source.gate, source.up, source.down)))
+    generator = torch.Generator().manual_seed(31)
+    x = torch.randn(tokens, hidden, generator=generator)
+    router = torch.randn(6, hidden, generator=generator)
+    scores = torch.softmax(x @ router.T, dim=1)
+    top = scores.topk(2, dim=1)
+    original = Routing(top.values, top.indices)
+    kept_scores = torch.softmax(x @ router[kept].T, dim=1).topk(2, dim=1)
+    compressed = Routing(kept_scores.values, kept_scores.indices)
+    held = heldout_sequences(torch.arange(tokens) // 6, 0.25, 3)
+    down, _, check = checked_down_refit(source, pruned, SILU, x, held, original, compressed, [[0], [1], [2], [3]],
+                                        "residual", [0.01, 0.1, 1.0, 10.0], 3)
+    target = layer_output(source, x[held], Routing(original.weights[held], original.index[held]))
+    held_routing = Routing(compressed.weights[held], compressed.index[held])
+
+    def error(weights):
+        return float(((target - layer_output(weights, x[held], held_routing)) ** 2).sum() / (target ** 2).sum())
+
+    before = error(pruned)
+    after = error(ExpertWeights(pruned.gate, pruned.up, down))
+    assert after <= before + 1e-9
+    assert check.heldout_error_before == pytest.approx(before, rel=1e-4)
+    assert check.heldout_error_after == pytest.approx(after, rel=1e-4)
+    assert check.train_tokens + check.heldout_tokens == tokens
+    if not check.kept:
+        assert torch.equal(down, pruned.down) and check.experts_refit == 0
+    if tokens >= 2000:
+        assert check.kept and after < 0.9 * before and check.ridge is not None and check.steps in (1, 2, 3)
+
+
+@pytest.mark.parametrize("rows", [7, 40])
+def test_ridge_rows_solves_the_primal_or_the_dual_alike(rows):
+    """Fewer rows than unknowns (published MoEs at a few thousand tokens) takes the dual, more the primal: both
+    the ridge answer towards zero written out."""
+    generator = torch.Generator().manual_seed(40)
+    u = torch.randn(rows, 12, generator=generator, dtype=torch.float64)
+    m = torch.randn(rows, 3, generator=generator, dtype=torch.float64)
+    assert torch.allclose(ridge_rows(u, m, 0.3), direct_ridge(u, m, torch.zeros(3, 12, dtype=torch.float64), 0.3),
+                          atol=1e-10)
+    assert torch.equal(ridge_rows(torch.zeros(rows, 12), m, 0.3), torch.zeros(3, 12, dtype=torch.float64))

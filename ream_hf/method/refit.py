@@ -16,6 +16,12 @@ compressed weights, solved in closed form from sums accumulated over token chunk
                 experts share the error in proportion to their weights (one damped Jacobi step of the joint
                 least squares over all experts). It needs no groups, so it also lets a kept expert absorb pruned
                 experts' contribution.
+  The ridge stays anchored to the merged/pruned W_0 over every step. A least-squares fit generalises only with
+  enough routed rows per unknown (rows per output expert / D): thousands on a toy model, below 1 on published
+  MoEs with a few thousand sample tokens, where the fit learns the sample and makes the model worse.
+  `checked_down_refit` therefore fits on some calibration sequences and keeps the refit (per layer, and per
+  output expert) only where it lowers the layer output's error on the held-out sequences, choosing the ridge and
+  the number of steps there too: it cannot make a layer worse on text it did not fit.
 - **Router refit** (cf. router-only distillation after pruning, arXiv 2603.02217, here in closed form): the kept
   rows R (k', H) are fit by least squares on logits, R = (sum t x^T + lam R_0)(sum x x^T + lam I)^-1, to the
   target logit of each output expert's group: log sum_{i in group} exp z_i(x) for softmax routers (softmax over
@@ -26,7 +32,9 @@ compressed weights, solved in closed form from sums accumulated over token chunk
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,26 +70,6 @@ def ridge_solve(gram: Tensor, cross: Tensor, prior: Tensor, ridge: float) -> Ten
     if bool(live.any()):
         solution[live] = torch.linalg.solve(system[live], rhs[live].transpose(1, 2)).transpose(1, 2)
     return solution
-
-
-class RidgeSystem:
-    """`ridge_solve` with a zero prior for one (d, d) gram and many right-hand sides over time: the system
-    G + lam I is factorised once (Cholesky; it is symmetric positive definite for lam > 0)."""
-
-    def __init__(self, gram: Tensor, ridge: float) -> None:
-        gram = gram.double()
-        scale = float(torch.diagonal(gram).mean())
-        self.factor = None
-        if scale > 0:
-            system = gram + ridge * scale * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-            self.factor = torch.linalg.cholesky(system)
-
-    def solve(self, cross: Tensor) -> Tensor:
-        """argmin_W sum ||W u - t||^2 + lam ||W||^2 from cross = sum t u^T (h, d); zero where no token came."""
-        cross = cross.double()
-        if self.factor is None:
-            return torch.zeros_like(cross)
-        return torch.cholesky_solve(cross.T, self.factor).T
 
 
 class LeastSquaresSums:
@@ -241,62 +229,286 @@ def merges_worth_keeping(source: ExpertWeights, merged: ExpertWeights, activatio
     return keep
 
 
+RIDGE_GRID = (1.0, 10.0, 100.0, 1000.0)  # the down refit's ridges, in units of `refit_ridge`, chosen on held-out data
+HELDOUT_FRACTION = 0.25  # share of the sample's calibration sequences the down refit holds out to check itself
+
+
+def heldout_sequences(sequence_of: Tensor, fraction: float, seed: int) -> Tensor:
+    """(T,) bool: the tokens whose whole calibration sequence is held out, round(fraction * sequences) of the
+    distinct ids in `sequence_of` (at least one, never all; none when there is one sequence), drawn with `seed`.
+    Whole sequences, not alternate tokens: neighbouring tokens of one text are near-copies of each other, so a
+    check on them would reward a fit that learnt the sample."""
+    ids = torch.unique(sequence_of)
+    if ids.numel() < 2:
+        return torch.zeros(sequence_of.shape, dtype=torch.bool, device=sequence_of.device)
+    count = min(ids.numel() - 1, max(1, round(fraction * ids.numel())))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = ids[torch.randperm(ids.numel(), generator=generator)[:count].to(ids.device)]
+    return torch.isin(sequence_of, chosen)
+
+
+def _rows(routing: Routing, mask: Tensor) -> Routing:
+    return Routing(routing.weights[mask], routing.index[mask])
+
+
+def ridge_rows(inputs: Tensor, targets: Tensor, ridge: float) -> Tensor:
+    """argmin_D sum ||D u - m||^2 + lam ||D||^2 over the rows u of `inputs` (n, d) and m of `targets` (n, h):
+    D = M^T U (U^T U + lam I)^-1 (h, d) in float64, lam = ridge * mean(diag(U^T U)). Solved in the dual,
+    M^T (U U^T + lam I)^-1 U, where rows are fewer than unknowns (n < d: the regime of published MoEs), so the
+    work and memory are n^2 d, not d^3 and d^2; zero where the rows are all zero."""
+    u, m = inputs.double(), targets.double()
+    rows, width = u.shape
+    lam = ridge * float((u * u).sum()) / width
+    if lam <= 0:
+        return torch.zeros(m.shape[1], width, dtype=torch.float64, device=u.device)
+    if rows < width:
+        system = u @ u.T
+        system.diagonal().add_(lam)
+        return (torch.cholesky_solve(m, torch.linalg.cholesky(system)).T @ u)
+    system = u.T @ u
+    system.diagonal().add_(lam)
+    return torch.cholesky_solve((m.T @ u).T, torch.linalg.cholesky(system)).T
+
+
+def _delta_dtype(merged: ExpertWeights) -> torch.dtype:
+    """What the refit keeps each expert's change in: float32, or the merged weights' 16-bit dtype (the change is
+    recomputed from the targets at every step, not accumulated, so its rounding does not add up)."""
+    return merged.down.dtype if merged.down.element_size() < 4 and merged.down.is_floating_point() else torch.float32
+
+
+class DownRefit:
+    """One layer's down-projection refit problem on its fit tokens x (T, H): each output expert's routed rows
+    u = w a (n, D [+1]) and what they must reproduce, built once and shared by every ridge and step tried.
+    Pure tensors in and out: `solutions` yields each expert's change of [down | bias] from the merged weights.
+
+    The ridge is anchored to the merged (or pruned) weights W0 at every step: W = W0 + Delta with
+    argmin ||W u - t||^2 + lam ||Delta||^2 for the step's target t. (Re-centring it on the previous step's weights
+    lets the steps walk to the unregularised least squares, which over-fits where rows per unknown are few.)
+
+    Memory (`refit_bytes` counts it): the routed pairs' (T * k, D) rows, four (T, H) layer outputs, one (H, D)
+    change per output expert, and one expert's Gram (the smaller of n^2 and D^2) at a time."""
+
+    def __init__(self, source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
+                 original: Routing, compressed: Routing, groups: list[list[int]], target: str) -> None:
+        if target not in REFIT_TARGETS:
+            raise ValueError(f"refit target must be one of {', '.join(REFIT_TARGETS)}; got {target!r}")
+        x = x.float()
+        self.target, self.delta_dtype = target, _delta_dtype(merged)
+        self.compressed_out, pairs = _routed_pass(merged, activation, x, compressed, keep=True)
+        self.experts = []  # (expert, routed token, inputs (n, D [+1]) float32)
+        self.moved = []  # "group": goal - W0 u per expert; "residual": the token's share of the layer's error
+        if target == "residual":
+            total = compressed.weights.float().sum(dim=1, keepdim=True)
+            share_of = compressed.weights.float() / total.clamp(min=1e-20)  # the token's error shared by weight
+        for n, (expert, routed) in enumerate(pairs):
+            pairs[n] = None  # the activations become the inputs in place: one copy of the routed rows
+            inputs = _inputs(routed.weight, routed.acts, merged.down_bias is not None)
+            self.experts.append((expert, routed.token, inputs))
+            if target == "group":
+                goal = _member_outputs(source, activation, x, original, groups[expert], routed.token)
+                self.moved.append(goal - inputs @ _anchor(merged, expert).T.float())
+            else:
+                self.moved.append(share_of[routed.token, routed.slot].unsqueeze(1))
+        if target == "residual":
+            self.original_out = _routed_pass(source, activation, x, original, keep=False)[0]
+
+    def solutions(self, ridge: float, steps: int) -> Iterator[dict[int, Tensor]]:
+        """After each of `steps` steps (one for "group" targets, which do not depend on the other experts), every
+        routed output expert's change Delta of [down | bias] (H, D [+1]) from the merged weights. The dict is
+        updated in place from one step to the next. "residual": each step recomputes the layer's error with the
+        previous step's weights and shares it again (block Jacobi on the joint least squares)."""
+        delta: dict[int, Tensor] = {}
+        if self.target == "group":
+            for (expert, _, inputs), goal in zip(self.experts, self.moved):
+                delta[expert] = ridge_rows(inputs, goal, ridge).to(self.delta_dtype)
+            yield delta
+            return
+        out = self.compressed_out
+        for step in range(steps):
+            residual = self.original_out - out
+            following = step < steps - 1
+            if following:
+                out = self.compressed_out.clone()
+            for (expert, token, inputs), share in zip(self.experts, self.moved):
+                # target t = W u + s r; anchored at W0: Delta' = argmin ||Delta' u - (Delta u + s r)||^2 + lam ||Delta'||^2
+                moved = share * residual[token]
+                if expert in delta:
+                    moved += inputs @ delta[expert].T.float()
+                delta[expert] = ridge_rows(inputs, moved, ridge).to(self.delta_dtype)
+                if following:
+                    out.index_add_(0, token, inputs @ delta[expert].T.float())
+            del residual
+            yield delta
+
+
+def _anchor(merged: ExpertWeights, expert: int) -> Tensor:
+    """Output expert's merged [down | bias] (H, D [+1])."""
+    if merged.down_bias is None:
+        return merged.down[expert]
+    return torch.cat([merged.down[expert], merged.down_bias[expert].unsqueeze(1)], dim=1)
+
+
+def _inputs(weight: Tensor, acts: Tensor, biased: bool) -> Tensor:
+    """The rows u = w a (n, D), with a column w for a down bias (fitted as one more column), from the routed
+    activations, which are overwritten."""
+    inputs = acts.mul_(weight)
+    return torch.cat([inputs, weight], dim=1) if biased else inputs
+
+
+def _apply(merged: ExpertWeights, delta: dict[int, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The merged down projections (n, H, D) and biases plus `delta`'s changes, in the merged dtype."""
+    inner = merged.down.shape[2]
+    down = merged.down.detach().clone()
+    bias = None if merged.down_bias is None else merged.down_bias.detach().clone()
+    for expert, change in delta.items():
+        change = change.double()
+        down[expert] = (down[expert].double() + change[:, :inner]).to(down.dtype)
+        if bias is not None:
+            bias[expert] = (bias[expert].double() + change[:, inner]).to(bias.dtype)
+    return down, bias
+
+
 def refit_down_projections(source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
                            original: Routing, compressed: Routing, groups: list[list[int]], target: str,
                            ridge: float, steps: int = 1) -> tuple[Tensor, Tensor | None]:
-    """Each output expert's down projection (and down bias, if any) refit by ridge least squares on the tokens
-    `x` (T, H) that `compressed` routes to it, towards the `target` ("residual" or "group", see the module
-    docstring); `original` is the source router's choice on the same tokens, `groups[j]` the source experts
-    output expert j stands for. Returns the new down (n, H, D) and bias (n, H) in the merged dtype.
+    """Each output expert's down projection (and down bias, if any) refit by ridge least squares, anchored to the
+    merged weights, on the tokens `x` (T, H) that `compressed` routes to it, towards the `target` ("residual" or
+    "group", see the module docstring); `original` is the source router's choice on the same tokens, `groups[j]`
+    the source experts output expert j stands for. Unchecked: `checked_down_refit` is the one that keeps a refit
+    only where it helps held-out tokens. Returns the new down (n, H, D) and bias (n, H) in the merged dtype."""
+    last: dict[int, Tensor] = {}
+    for last in DownRefit(source, merged, activation, x, original, compressed, groups, target).solutions(ridge, steps):
+        pass
+    return _apply(merged, last)
 
-    "residual" may take several `steps`: each recomputes the layer's error with the weights of the step before
-    and shares it again (block Jacobi towards the joint least squares over all experts, ridge towards the
-    previous step's weights). "group" targets do not depend on the other experts: one step.
 
-    Memory: two (T, H) layer outputs, the routed pairs' (T * k, D) activations, and one expert's (D, D) and (H, D)
-    sums at a time; `x` is a fixed-size token sample, so none of it grows with the calibration."""
-    if target not in REFIT_TARGETS:
-        raise ValueError(f"refit target must be one of {', '.join(REFIT_TARGETS)}; got {target!r}")
-    x = x.float()
-    inner = merged.down.shape[2]
-    has_bias = merged.down_bias is not None
-    compressed_out, pairs = _routed_pass(merged, activation, x, compressed, keep=True)
-    down = merged.down.detach().clone()
-    bias = merged.down_bias.detach().clone() if has_bias else None
+@dataclass
+class RefitCheck:
+    """What the down refit's held-out check found in one layer (the manifest's per-layer "refit" entry). Errors
+    are relative: sum ||Y - Y'||^2 / sum ||Y||^2 of the layer output Y over the held-out tokens."""
 
-    def design(expert: int, routed: RoutedPairs) -> tuple[Tensor, Tensor]:
-        return _design(routed.weight, routed.acts, down[expert], bias[expert] if has_bias else None)
+    kept: bool
+    experts_refit: int  # output experts whose refit was kept
+    heldout_error_before: float | None  # the merged/pruned layer's (None: nothing to check on)
+    heldout_error_after: float | None  # the returned weights'
+    ridge: float | None  # the ridge and steps chosen on the held-out tokens (None when not kept)
+    steps: int | None
+    train_tokens: int
+    heldout_tokens: int
 
-    def store(expert: int, solved: Tensor) -> None:
-        down[expert] = solved[:, :inner].to(down.dtype)
-        if has_bias:
-            bias[expert] = solved[:, inner].to(bias.dtype)
+    def manifest_entry(self, mode: str) -> dict[str, Any]:
+        return {"mode": mode, **asdict(self)}
 
-    if target == "group":
-        for expert, routed in pairs:
-            inputs, current = design(expert, routed)
-            goal = _member_outputs(source, activation, x, original, groups[expert], routed.token)
-            store(expert, ridge_solve((inputs.T @ inputs).double()[None], (goal.T @ inputs).double()[None],
-                                      current[None], ridge)[0])
-        return down, bias
-    original_out = _routed_pass(source, activation, x, original, keep=False)[0]
-    total = compressed.weights.float().sum(dim=1, keepdim=True)
-    share_of = compressed.weights.float() / total.clamp(min=1e-20)  # the token's error shared by weight
-    # each expert's design rows and ridge system do not change between steps: built and factorised once
-    systems = []
-    for expert, routed in pairs:
-        inputs, _ = design(expert, routed)
-        systems.append((expert, routed, inputs, RidgeSystem(inputs.T @ inputs, ridge),
-                        share_of[routed.token, routed.slot].unsqueeze(1)))
-    for step in range(steps):
-        residual = original_out - compressed_out
-        last = step == steps - 1
-        compressed_out = None if last else torch.zeros_like(compressed_out)  # the next step's error needs it
-        for expert, routed, inputs, system, share in systems:
-            _, current = design(expert, routed)
-            # target w f(x) + s r(x) with w f(x) = current u: the solution is current + (sum s r u^T)(G + lam I)^-1
-            solved = current + system.solve((share * residual[routed.token]).T @ inputs)
-            store(expert, solved)
-            if not last:
-                compressed_out.index_add_(0, routed.token, inputs @ solved.T.float())
-    return down, bias
+
+class _HeldOut:
+    """The held-out tokens' layer-output error (T_h, H) under the merged weights and the compressed layer's routed
+    rows, to score candidate changes."""
+
+    def __init__(self, source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
+                 original: Routing, compressed: Routing) -> None:
+        x = x.float()
+        target = _routed_pass(source, activation, x, original, keep=False)[0].double()
+        self.scale = float((target ** 2).sum())
+        base, pairs = _routed_pass(merged, activation, x, compressed, keep=True)
+        self.base_error = target.sub_(base.double())
+        del base
+        self.rows = {}
+        for n, (expert, routed) in enumerate(pairs):
+            pairs[n] = None
+            self.rows[expert] = (routed.token, _inputs(routed.weight, routed.acts, merged.down_bias is not None))
+
+    def change(self, expert: int, delta: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The expert's held-out tokens and its output change there (float64) for a change `delta` of [down | bias]."""
+        if expert not in self.rows:
+            return None
+        token, inputs = self.rows[expert]
+        return token, (inputs @ delta.T.float()).double()
+
+    def error(self, delta: dict[int, Tensor]) -> Tensor:
+        """(T_h, H) layer-output error Y - Y' of the merged layer changed by `delta`."""
+        error = self.base_error.clone()
+        for expert, change in delta.items():
+            moved = self.change(expert, change)
+            if moved is not None:
+                error.index_add_(0, moved[0], -moved[1])
+        return error
+
+
+def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
+                       held_out: Tensor, original: Routing, compressed: Routing, groups: list[list[int]], target: str,
+                       ridges: Sequence[float], steps: int) -> tuple[Tensor, Tensor | None, RefitCheck]:
+    """`refit_down_projections` fitted on the tokens of x not `held_out` (whole sequences: `heldout_sequences`)
+    and kept only where it lowers the held-out error of the layer output, so it can never make a layer worse on
+    text it did not fit. The ridge (of `ridges`) and the number of steps (1..`steps`) are those with the lowest
+    held-out error; then each output expert whose refit does not lower the held-out error (given the others) gets
+    its merged weights back, and the layer keeps its merged weights outright unless the result beats them.
+    Returns the down (n, H, D), bias (n, H) or None, and the check's record."""
+    fit = ~held_out
+    train_tokens, heldout_tokens = int(fit.sum()), int(held_out.sum())
+    if train_tokens == 0 or heldout_tokens == 0:
+        return (*_apply(merged, {}), RefitCheck(False, 0, None, None, None, None, train_tokens, heldout_tokens))
+    problem = DownRefit(source, merged, activation, x[fit], _rows(original, fit), _rows(compressed, fit), groups,
+                        target)
+    check = _HeldOut(source, merged, activation, x[held_out], _rows(original, held_out), _rows(compressed, held_out))
+    scale = max(check.scale, 1e-30)
+    before = float((check.base_error ** 2).sum())
+    best = (before, None, None)
+    for ridge in ridges:
+        for step, delta in enumerate(problem.solutions(ridge, steps), start=1):
+            error = float((check.error(delta) ** 2).sum())
+            if error < best[0]:
+                best = (error, ridge, step)
+    _, ridge, chosen_steps = best
+    delta: dict[int, Tensor] = {}
+    if ridge is not None:  # the best candidate again (kept once, not one copy of the weights per candidate)
+        for step, delta in enumerate(problem.solutions(ridge, chosen_steps), start=1):
+            if step == chosen_steps:
+                break
+    del problem
+    error = check.error(delta)
+    for expert in sorted(delta):  # an expert's refit stays only where the held-out tokens it serves gain
+        moved = check.change(expert, delta[expert])
+        if moved is None:
+            del delta[expert]  # no held-out token reaches it: nothing says its refit helps
+            continue
+        token, change = moved
+        reverted = error[token] + change
+        if float((reverted ** 2).sum()) <= float((error[token] ** 2).sum()):
+            error[token] = reverted
+            del delta[expert]
+    after = float((error ** 2).sum())
+    kept = bool(delta) and after < before
+    down, bias = _apply(merged, delta if kept else {})
+    return down, bias, RefitCheck(kept, len(delta) if kept else 0, before / scale,
+                                  (after if kept else before) / scale, ridge if kept else None,
+                                  chosen_steps if kept else None, train_tokens, heldout_tokens)
+
+
+def refit_bytes(tokens: int, top_k: int, inner: int, hidden: int, experts: int, weight_size: int = 4,
+                heldout: float = HELDOUT_FRACTION) -> int:
+    """Peak working memory of `checked_down_refit` on a `tokens`-token sample of one layer kept to `experts`
+    output experts of width `inner` (weights of `weight_size` bytes), counted from what it holds at once: the
+    larger of the fit phase (the sample split in two, the fit pairs' rows and indices, four (T, H) layer outputs,
+    the held-out rows and error, every expert's change, the busiest expert's solve) and the end (the held-out
+    part, the changes and the new down projections). Checked against a measurement in tests/test_refit.py."""
+    fit = tokens - round(tokens * heldout)
+    held = tokens - fit
+    rows, held_rows = fit * top_k, held * top_k
+    delta = experts * hidden * inner * (weight_size if weight_size < 4 else 4)
+    busiest = min(rows, 2 * -(-rows // max(experts, 1)))  # a routed expert's rows, with room for skew
+    solve = 8 * (busiest * (inner + 2 * hidden) + 2 * min(busiest, inner) ** 2 + 2 * hidden * inner)
+    held_part = held_rows * (4 * inner + 8) + 3 * 8 * held * hidden
+    fitting = 4 * tokens * hidden + rows * (4 * inner + 24) + 4 * 4 * fit * hidden + held_part + delta + solve
+    ending = held_part + delta + experts * hidden * inner * weight_size
+    return max(fitting, ending)
+
+
+def refit_flops(tokens: int, top_k: int, inner: int, hidden: int, experts: int, candidates: int) -> float:
+    """Multiply-adds x 2 of `checked_down_refit`: the routed passes of the original and the compressed experts
+    on the sample (three GEMMs each), then per candidate (ridge x steps, plus the chosen one again) each expert's
+    rows times its change, its ridge solve (the dual where rows are fewer than `inner`) and its output."""
+    pairs = tokens * top_k
+    rows = pairs / max(experts, 1)
+    small = min(rows, inner)  # the dual's n or the primal's D
+    per_expert = 2 * rows * small * inner + small ** 3 / 3 + 2 * small ** 2 * hidden + 8 * rows * hidden * inner
+    return 12.0 * hidden * inner * pairs + (candidates + 1) * experts * per_expert

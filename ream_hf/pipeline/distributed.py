@@ -232,15 +232,32 @@ class BatchShare:
     numbers: tuple[int, ...]
     first_tokens: tuple[int, ...]
     total_tokens: int
+    # every calibration sequence's real tokens, all batches in order (empty: unknown), so a token's global position
+    # tells its sequence: the refit holds out whole sequences (`sequence_of`)
+    sequence_lengths: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, token_counts: Sequence[int], ranks: Ranks | None = None) -> BatchShare:
+    def of(cls, token_counts: Sequence[int], ranks: Ranks | None = None,
+           sequence_lengths: Sequence[int] = ()) -> BatchShare:
         ranks = ranks or Ranks()
         starts, total = [], 0
         for count in token_counts:
             starts.append(total)
             total += int(count)
-        return cls(tuple(ranks.owned(len(starts))), tuple(starts), total)
+        return cls(tuple(ranks.owned(len(starts))), tuple(starts), total, tuple(int(n) for n in sequence_lengths))
+
+    @classmethod
+    def of_masks(cls, masks: Sequence[torch.Tensor], ranks: Ranks | None = None) -> BatchShare:
+        """From every batch's (B, S) attention mask (1 on real tokens)."""
+        return cls.of([int(m.sum()) for m in masks], ranks, [n for m in masks for n in m.sum(dim=1).tolist()])
+
+    def sequence_of(self, positions: torch.Tensor, sequence_length: int) -> torch.Tensor:
+        """The calibration sequence of each global token position; without `sequence_lengths`, blocks of
+        `sequence_length` positions (sequences are at most that long, so a block overlaps two at most)."""
+        if not self.sequence_lengths:
+            return positions // sequence_length
+        ends = torch.tensor(self.sequence_lengths, dtype=torch.long).cumsum(0)
+        return torch.searchsorted(ends, positions.cpu(), right=True)
 
 
 def broadcast_results(ranks: Ranks, results: list, like: Callable[[int], list[torch.Tensor]]) -> list:

@@ -21,7 +21,17 @@ from ..method.experts import Activation, activation_for, expert_hidden, routed_f
 from ..method.merging import ActivationGram, keeps_centroid, merge_expert_group, weight_features
 from ..method.planning import LayerPlan, plan_layer
 from ..method.grouping import ExpertGroup
-from ..method.refit import LeastSquaresSums, Routing, group_logit_targets, merges_worth_keeping, refit_down_projections
+from ..method.refit import (
+    HELDOUT_FRACTION,
+    RIDGE_GRID,
+    LeastSquaresSums,
+    RefitCheck,
+    Routing,
+    checked_down_refit,
+    group_logit_targets,
+    heldout_sequences,
+    merges_worth_keeping,
+)
 from ..method.stats import LayerStatistics, LayerStatsAccumulator, token_sample
 from ..method.surgery import apply_layer_plan
 from . import distributed
@@ -46,6 +56,7 @@ class LayerReport:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: statistics, plan, merge, forward
     gemm: dict[str, str] = field(default_factory=dict)  # the statistics GEMMs' dtypes (GemmPolicy.describe)
     routing_weight: list[float] | None = None  # per source expert: the calibration's summed routing weight
+    refit: dict[str, Any] | None = None  # the down refit's held-out check (method/refit.py RefitCheck), if it ran
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -60,6 +71,7 @@ class LayerReport:
             "frequency": self.frequency,
             "routing_weight": self.routing_weight,
             "saliency": self.saliency,
+            "refit": self.refit,
         }
 
 
@@ -136,7 +148,7 @@ def layer_statistics(config: ReamConfig, family: MoEFamily, layer, block, hidden
     if gemm is not None:
         gemm.update(policy.describe())
     if share is None:
-        share = BatchShare.of([int(b.attention_mask.sum()) for b in batches])
+        share = BatchShare.of_masks([b.attention_mask for b in batches])
     reduction = distributed.OrderedReduction(accumulator, share.first_tokens, share.total_tokens, distributed.current())
     numbers = iter(share.numbers)
 
@@ -208,14 +220,16 @@ class OriginalModules:
         return cls(sharing_copy(experts(family, block)), sharing_copy(router(family, block)))
 
 
-def refit_sample(config: ReamConfig, stats: LayerStatistics) -> torch.Tensor:
+def refit_sample(config: ReamConfig, stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
     """The refit's tokens: `refit_tokens` rows of the layer's token sample (a random subset when the sample is
-    larger because alignment needs more), fixed size whatever the calibration."""
+    larger because alignment needs more), and their global token positions (`token_sample`'s)."""
     inputs = stats.sample_inputs
+    positions = token_sample(stats.num_tokens, inputs.shape[0], config.seed)
     if inputs.shape[0] <= config.refit_tokens:
-        return inputs
+        return inputs, positions
     generator = torch.Generator().manual_seed(config.seed + 1)
-    return inputs[torch.randperm(inputs.shape[0], generator=generator)[: config.refit_tokens].sort().values]
+    rows = torch.randperm(inputs.shape[0], generator=generator)[: config.refit_tokens].sort().values
+    return inputs[rows], positions[rows]
 
 
 def routing(router_module, x: torch.Tensor, rows: int) -> Routing:
@@ -243,18 +257,24 @@ def refit_router(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, 
     output_of = torch.full((original.router.weight.shape[0],), -1, dtype=torch.long, device=weight.device)
     for j, group in enumerate(plan.groups):
         output_of[list(group.members)] = j
-    sums = LeastSquaresSums(len(plan.groups), weight.shape[1] + int(has_bias), device=weight.device)
-    for start in range(0, x.shape[0], config.token_chunk_size):
-        chunk = x[start : start + config.token_chunk_size].to(weight.device)
-        logits = original.router(chunk.to(weight.dtype))[0]
-        inputs = chunk.float()
-        if has_bias:
-            inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
-        sums.add(inputs, group_logit_targets(logits, output_of, len(plan.groups), family.scoring))
     prior = weight.detach().double()
     if has_bias:
         prior = torch.cat([prior, router_module.bias.detach().double().unsqueeze(1)], dim=1)
-    solved = sums.solve(prior.unsqueeze(1), config.refit_ridge).squeeze(1)
+
+    def compute() -> list[torch.Tensor]:
+        sums = LeastSquaresSums(len(plan.groups), weight.shape[1] + int(has_bias), device=weight.device)
+        for start in range(0, x.shape[0], config.token_chunk_size):
+            chunk = x[start : start + config.token_chunk_size].to(weight.device)
+            logits = original.router(chunk.to(weight.dtype))[0]
+            inputs = chunk.float()
+            if has_bias:
+                inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
+            sums.add(inputs, group_logit_targets(logits, output_of, len(plan.groups), family.scoring))
+        return [sums.solve(prior.unsqueeze(1), config.refit_ridge).squeeze(1)]
+
+    ranks = distributed.current()  # computed on rank 0 and broadcast, as the down refit
+    solved = distributed.broadcast_results(ranks, [compute() if ranks.is_main else None],
+                                           lambda _: [torch.empty_like(prior)])[0][0]
     with torch.no_grad():
         weight.copy_(solved[:, : weight.shape[1]].to(weight.dtype))
         if has_bias:
@@ -262,15 +282,34 @@ def refit_router(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, 
 
 
 def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
-               x: torch.Tensor) -> None:
-    """Each output expert's down projection (and bias) refit on the sample tokens x (method/refit.py)."""
+               x: torch.Tensor, sequence: torch.Tensor) -> RefitCheck:
+    """Each output expert's down projection (and bias) refit on the sample tokens x (method/refit.py), fitted on
+    some calibration sequences and kept only where it lowers the layer's output error on the others (`sequence`:
+    each token's calibration sequence). Returns the check's record."""
     experts_module = experts(family, block)
-    merged, x, before, after = sample_routings(config, family, block, original, x)
-    down, bias = refit_down_projections(
-        read_expert_weights(family, original.experts), merged, activation_for(family, experts_module), x, before,
-        after, [list(g.members) for g in plan.groups], config.refit_target, config.refit_ridge, config.refit_steps)
-    write_expert_weights(family, experts_module, ExpertWeights(merged.gate, merged.up, down, merged.gate_bias,
-                                                               merged.up_bias, bias))
+    merged = read_expert_weights(family, experts_module)
+    solved: list[torch.Tensor] = []
+
+    def compute() -> RefitCheck:
+        _, sample, before, after = sample_routings(config, family, block, original, x)
+        held_out = heldout_sequences(sequence, HELDOUT_FRACTION, config.seed + 2).to(sample.device)
+        down, bias, check = checked_down_refit(
+            read_expert_weights(family, original.experts), merged, activation_for(family, experts_module), sample,
+            held_out, before, after, [list(g.members) for g in plan.groups], config.refit_target,
+            [config.refit_ridge * g for g in RIDGE_GRID], config.refit_steps)
+        solved.extend(t for t in (down, bias) if t is not None)
+        return check
+
+    # computed once, on rank 0, and broadcast as merges are: every rank writes and re-forwards the same weights
+    # (index_add_ on CUDA does not add in a fixed order, so a recomputation could differ in the last bits)
+    ranks = distributed.current()
+    check = distributed.on_main(ranks, compute)
+    if check.kept:
+        like = [torch.empty_like(t) for t in (merged.down, merged.down_bias) if t is not None]
+        down, *bias = distributed.broadcast_results(ranks, [solved if ranks.is_main else None], lambda _: like)[0]
+        write_expert_weights(family, experts_module, ExpertWeights(merged.gate, merged.up, down, merged.gate_bias,
+                                                                   merged.up_bias, bias[0] if bias else None))
+    return check
 
 
 def prune_bad_merges(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
@@ -318,6 +357,8 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         timings[name] = timings.get(name, 0.0) + now - since
         return now
 
+    if share is None:
+        share = BatchShare.of_masks([b.attention_mask for b in batches])
     if statistics is not None:
         stats = statistics.read(key)
     else:
@@ -340,14 +381,16 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
     original = OriginalModules.capture(family, block) if refit or fallback else None
     apply_layer_plan(family, block, plan.centroids, merged)
     clock = stage("merge", clock)
+    check = None
     if refit or fallback:
-        x = refit_sample(config, stats)
+        x, positions = refit_sample(config, stats)
         if fallback:
             prune_bad_merges(config, family, block, plan, original, x)
         if "router" in config.refit:
             refit_router(config, family, block, plan, original, x)
         if "down" in config.refit:
-            refit_down(config, family, block, plan, original, x)
+            check = refit_down(config, family, block, plan, original, x,
+                               share.sequence_of(positions, config.sequence_length))
         clock = stage("refit", clock)
     if forward is not None and config.sequential:
         forward()
@@ -357,7 +400,7 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         router=router_tensors(family, block),
         centroids=plan.centroids,
         # per projection: a refit down projection is new even where the group is one expert, its gate and up are not
-        unchanged=[frozenset(("gate", "up") if refit and "down" in config.refit else ("gate", "up", "down"))
+        unchanged=[frozenset(("gate", "up") if check is not None and check.kept else ("gate", "up", "down"))
                    if merged is None or keeps_centroid(config.merge, len(g.members)) else frozenset()
                    for g in plan.groups],
     )
@@ -366,5 +409,6 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         None if config.saliency == "frequency" else [round(float(s), 8) for s in plan.scores],
         time.perf_counter() - started, stats_seconds, timings, gemm,
         None if stats.routing_weight is None else [round(float(w), 6) for w in stats.routing_weight],
+        None if check is None else check.manifest_entry(config.refit),
     )
     return report, output

@@ -104,7 +104,7 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
     ranks = distributed.current()
     placement = Placement.of(device)
     layers = decoder_layers(model)
-    share = BatchShare.of([int(b.attention_mask.sum()) for b in batches], ranks)
+    share = BatchShare.of_masks([b.attention_mask for b in batches], ranks)
     own = [batches[b] for b in share.numbers]
     numbers = list(share.numbers)
     if statistics is None:
@@ -229,7 +229,7 @@ def run_mtp(config: ReamConfig, model, family: MoEFamily, batches: list[Calibrat
         started = time.perf_counter()
         kill_point("mtp-layer")
         shift = item.index - num_hidden_layers + 1  # position t is fed token t + shift
-        share = BatchShare.of([int(shifted_batch(b, shift).attention_mask.sum()) for b in batches], ranks)
+        share = BatchShare.of_masks([shifted_batch(b, shift).attention_mask for b in batches], ranks)
         sample = layer_sample_positions(config, share.total_tokens) if config.layer_sample_tokens else None
         report, output = compress_moe_layer(config, family, item.layer, block, item.key, item.index, item.hidden,
                                             item.calls, item.batches, sample, target, groups_per_layer, started,
