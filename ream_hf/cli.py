@@ -1,4 +1,5 @@
-"""`ream-hf` command line: `compress` a model, `report` what each layer lost, `push`, `serve`, or run the `demo`.
+"""`ream-hf` command line: `compress` a model, `eval` it against its source, `report` what each layer lost, `push`,
+`serve`, or run the `demo`.
 
 User errors print one line (`error: ...`) and exit with status 2, before any work starts; a failed write or upload
 prints one line and exits with status 1, saying how to continue.
@@ -247,6 +248,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .release.card import CARD_NAME, EVAL_RESULTS_NAME
+    from .release.evaluate_output import eval_kwargs, evaluate_output, results_table
+    from .release.evaluation import EvaluationError
+    from .release.serve import signals_raise_keyboard_interrupt
+
+    try:
+        with signals_raise_keyboard_interrupt():  # SIGTERM too: the vLLM server is stopped, not orphaned
+            results = evaluate_output(args.output, args.original, **eval_kwargs(args))
+    except (EvaluationError, FileNotFoundError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(results_table(results))
+    print(f"wrote {Path(args.output) / EVAL_RESULTS_NAME} and the model card {Path(args.output) / CARD_NAME}")
+    return 0
+
+
 def _push(args: argparse.Namespace) -> int:
     from .release.hub import UploadError, push_folder
 
@@ -270,9 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(commands.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server "
                                                           "(adds MTP speculative decoding when the checkpoint has it)"))
+    from .release.evaluate_output import add_eval_arguments
+
+    evaluate = commands.add_parser("eval", help="score a compressed output and its source on IFEval, GSM8K and "
+                                                "HumanEval (vLLM + lm-eval); write eval_results.json and the model "
+                                                "card with the scores and their retention")
+    evaluate.add_argument("output", help="the output folder of `ream-hf compress`")
+    evaluate.add_argument("--original", required=True, help="the source checkpoint folder (the output records only "
+                                                            "its name)")
+    add_eval_arguments(evaluate)
     push = commands.add_parser("push", help="upload a compressed checkpoint folder to the Hub; run it again to retry "
                                             "an interrupted upload (nothing is compressed again)")
-    push.add_argument("folder", help="the output folder of `ream-hf compress` (or of compress_and_push)")
+    push.add_argument("folder", help="the output folder of `ream-hf compress` (or of compress_and_push); its model card "
+                                     "is written first if it has none")
     push.add_argument("repo_id", help="owner/name of the model repo (created if missing)")
     push.add_argument("--private", action="store_true", help="create the repo private")
     # no --token: a token on the command line ends up in shell history and `ps`; HF_TOKEN or `hf auth login`
@@ -301,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args)
         if args.command == "push":
             return _push(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "report":
             return _report(args)
         return _compress(args) if args.command == "compress" else _demo(args)

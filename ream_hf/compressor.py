@@ -358,6 +358,7 @@ class ReamCompressor(OptimumQuantizer):
             # byte of the output (the evaluation cache's key, release/evaluation/cache.py)
             write_json(folder / MANIFEST_NAME, {**self.manifest(), "shards": shard_digests(folder)})
             write_layer_report(folder)
+            self._write_card(folder, Path(output_dir))
             self._verify(folder)
             if result.work is not None:  # a kill after the move below is then seen as complete (cli --resume)
                 digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
@@ -368,6 +369,13 @@ class ReamCompressor(OptimumQuantizer):
         self._saved = Path(output_dir).resolve()
         logger.info("wrote %s", output_dir)
         return Path(output_dir)
+
+    def _write_card(self, folder: Path, final: Path) -> None:
+        """The model card (README.md): method, sizes, calibration, the layer plot; no scores until `ream-hf eval`."""
+        from .release.card import render_model_card  # deferred: the card pulls in huggingface_hub's card module
+
+        source = self.result.source
+        render_model_card(folder, source_dir=source.folder if source is not None else None, location=final)
 
     def _space_needed(self) -> SpaceNeeded:
         """What the output needs: the plan's figures for a source (set in compress), else the model's tensors."""
@@ -416,6 +424,7 @@ class ReamCompressor(OptimumQuantizer):
             for item in sorted(previous.iterdir()):
                 if item.is_file():
                     shutil.copy2(item, folder / item.name)
+            self._write_card(folder, Path(output_dir))  # its title and usage snippets name this folder
             self._verify(folder)
         logger.info("copied %s to %s", previous, output_dir)
         return Path(output_dir)

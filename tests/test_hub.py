@@ -587,3 +587,26 @@ def test_push_failure_is_one_line(fake_hub, compressed, tmp_path, monkeypatch, c
     assert main(["push", str(compressed), "me/tiny-reap"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: upload of") and "\n" not in err and "503" in err and TOKEN not in err
+
+
+def test_push_writes_the_card_of_a_folder_without_one_and_refuses_a_folder_it_cannot_write_one_for(
+        fake_hub, compressed, tmp_path, monkeypatch, capsys):
+    from ream_hf.cli import main
+
+    folder = tmp_path / "tiny-reap"
+    shutil.copytree(compressed, folder)
+    (folder / "README.md").unlink()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert main(["push", str(folder), "me/tiny-reap"]) == 0
+    card = fake_hub.files["README.md"].decode()
+    assert card == (folder / "README.md").read_text()
+    assert "vllm serve me/tiny-reap" in card and "](layer_report.png)" in card
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    commits = len(fake_hub.commit_headers)
+    assert main(["push", str(plain), "me/plain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "README.md" in err and "\n" not in err
+    assert len(fake_hub.commit_headers) == commits and not (plain / "README.md").exists()

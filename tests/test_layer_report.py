@@ -56,7 +56,16 @@ def output(qwen3_source, calibration_txt, tmp_path_factory):
     return compressor.save_pretrained(tmp_path_factory.mktemp("report") / "output")
 
 
-def test_every_save_writes_the_plot(output):
+def test_every_save_writes_the_plot_and_the_card_embeds_it(output):
+    """`save_pretrained` writes the model card too: method, sizes, calibration by name, the plot; no scores yet."""
+    card = (output / "README.md").read_text()
+    assert f"![What each MoE layer lost: routing mass kept, held-out error before and after the refit, merge-group " \
+           f"sizes]({LAYER_PLOT_NAME})" in card
+    assert "reduced from **16 to 8**" in card and "with **REAM**" in card
+    assert "| Parameters |" in card and "| Size on disk (safetensors) |" in card
+    assert "calibration.txt" in card and "8 sequences x 48 tokens" in card
+    assert "No benchmark results were recorded" in card and "model-index" not in card
+    assert f"model_id = \"{output.name}\"" in card, "the snippets name the output, not the temporary folder"
     path = output / LAYER_PLOT_NAME
     with Image.open(path) as image:
         image.load()

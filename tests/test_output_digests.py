@@ -5,9 +5,11 @@ Qwen3.5 VLM layout where a writer path depends on them), compresses it (REAM and
 bfloat16) and takes the SHA-256 of every file of the output folder: config.json, the index, the shards, the
 manifest, the side files. A refactor that must not change behaviour must leave every digest as it is.
 
-Nothing is excluded from the digests but the per-layer plot (`layer_report.png`): it is drawn from the manifest,
-which is digested, and its pixels depend on the installed matplotlib's text rendering, which changes between its
-releases (tests/test_layer_report.py checks the plot). The only things that differed between two runs were paths: the manifest's
+Nothing is excluded from the digests but the per-layer plot (`layer_report.png`) and the model card (`README.md`):
+both are drawn from files that are digested (the manifest; config.json and the shard headers), the plot's pixels depend
+on the installed matplotlib's text rendering, which changes between its releases (tests/test_layer_report.py checks
+the plot), and the card's text changes with its template, not with what the compressor wrote (tests/test_hub.py and
+tests/test_layer_report.py check the card). The only things that differed between two runs were paths: the manifest's
 `source` and config.json's `ream_config.calibration` record the paths they were given. So every case runs in its
 own folder holding `source` and `calibration.txt` (links to the built fixtures) and is given those relative
 names: two runs then write identical files, wherever their folders are.
@@ -114,11 +116,13 @@ SOURCES: dict[str, Callable[[Path], Path]] = {}
 
 
 def folder_digests(folder: Path) -> dict[str, str]:
-    """File name (relative) -> SHA-256 of its bytes, for every file under `folder` but the plot (module docstring)."""
+    """File name (relative) -> SHA-256 of its bytes, for every file under `folder` but the plot and the card (module
+    docstring)."""
+    from ream_hf.release.card import CARD_NAME
     from ream_hf.release.report import LAYER_PLOT_NAME
 
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != LAYER_PLOT_NAME}
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name not in (LAYER_PLOT_NAME, CARD_NAME)}
 
 
 @contextlib.contextmanager

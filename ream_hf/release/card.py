@@ -1,8 +1,9 @@
 """The model card of a compressed checkpoint, from what its folder records.
 
 `render_model_card` reads only the output folder (config.json with `ream_config`, `ream_manifest.json`, the
-safetensors index and shard headers, an optional `eval_results.json`), fills the Jinja template shipped in
-`ream_hf/model_cards/` and writes `README.md`.
+safetensors index and shard headers, `layer_report.png`, an optional `eval_results.json`), fills the Jinja template
+shipped in `ream_hf/model_cards/` and writes `README.md`. Every entry point writes one: `save_pretrained` (no scores
+yet), `ream-hf eval` (again, with the scores), `ream-hf push` (when the folder has none) and `compress_and_push`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from ..config import CONFIG_KEY, looks_local
 from ..io import safetensors as st
 from ..io.folders import short_bytes
 from ..io.quantization import read_quantization, real_shapes
-from ..io.names import MANIFEST_NAME
+from ..io.names import HUB_CACHE_FOLDER, MANIFEST_NAME, looks_like_hub_id
 from .evaluation import SCHEMA as EVAL_SCHEMA
+from .evaluation.lm_eval_tasks import has_chat_template
+from .report import LAYER_PLOT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,20 @@ METHODS = {
         "the experts the router selects most often on the calibration data are kept, the others removed",
     ),
 }
+
+
+def hub_id_for_source(source: Any) -> str | None:
+    """The Hub repo id a source stands for: the id itself, or a folder in the Hub cache (`models--owner--name`)."""
+    if not isinstance(source, (str, os.PathLike)):
+        name = getattr(source, "name_or_path", None)
+        return hub_id_for_source(name) if name else None
+    path = Path(source).expanduser()
+    if path.exists():
+        for part in path.resolve().parts:
+            if m := HUB_CACHE_FOLDER.match(part):
+                return f"{m['owner']}/{m['name']}"
+        return None
+    return str(source) if looks_like_hub_id(source) else None
 
 
 # -- reading a checkpoint folder -------------------------------------------------------------------
@@ -321,35 +338,26 @@ def _mtp_context(names: tuple[str, ...], text_config: dict[str, Any], manifest: 
     return {"present": bool(found), "count": len(found), "mode": mode, "description": description, "vllm_flag": flag}
 
 
-def _has_chat_template(folder: Path) -> bool:
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    tokenizer_config = folder / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        try:
-            return bool(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"))
-        except (OSError, ValueError):
-            return False
-    return False
-
-
 def render_model_card(
     output_dir: str | os.PathLike,
     *,
-    base_model: str,
+    base_model: str | None = None,
     source_dir: str | os.PathLike | None = None,
     results: dict[str, Any] | str | os.PathLike | None = None,
     repo_id: str | None = None,
     license_info: dict[str, str] | None = None,
+    location: str | os.PathLike | None = None,
 ):
     """Write `README.md` (a Hub model card) into a compressed checkpoint folder and return the `ModelCard`.
 
-    `base_model`: the source's Hub repo id (front matter and links). `source_dir`: the source checkpoint
-    folder, for its parameter count, size and license (default: the manifest's `source` when it is a
-    local folder). `results`: evaluation results (dict or JSON path, schema `ream-hf eval results v1`);
+    `base_model`: the source's Hub repo id (front matter and links); default: the manifest's source when it is a
+    Hub id or a Hub-cache folder, else none (the card names the source folder, without a link). `source_dir`: the
+    source checkpoint folder, for its parameter count, size and license (default: the manifest's `source` when it
+    is a local folder). `results`: evaluation results (dict or JSON path, schema `ream-hf eval results v1`);
     default: `eval_results.json` in `output_dir` when present. `repo_id`: where the card will live (used
     in the usage snippets). `license_info`: `{"license": ..., "license_name": ..., "license_link": ...}`
-    to use instead of reading the source's.
+    to use instead of reading the source's. `location`: where the folder will be once in place (a save renders
+    the card in its temporary folder), for the card's title and usage snippets when there is no `repo_id`.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -363,6 +371,9 @@ def render_model_card(
     if method_key not in METHODS:
         raise ValueError(f"unknown method {method_key!r} in {output / 'config.json'}")
     method = METHODS[method_key]
+    source_name = str(manifest.get("source") or "")
+    if base_model is None:
+        base_model = hub_id_for_source(source_name) if source_name else None
     if results is None and (output / EVAL_RESULTS_NAME).is_file():
         results = output / EVAL_RESULTS_NAME
     results = load_results(results) if results is not None else None
@@ -394,7 +405,9 @@ def render_model_card(
         for layer in layers
     ]
     text_config = text_config_dict(config_json)
-    model_name = repo_id or output.resolve().name
+    location = Path(location) if location is not None else output
+    model_name = repo_id or location.resolve().name
+    original = base_model or Path(source_name).name or "the original model"
     license_info = dict(license_info) if license_info else source_license(source_dir)
 
     results_context, eval_results = _results_context(results) if results is not None else (None, None)
@@ -413,6 +426,9 @@ def render_model_card(
         model_name=model_name,
         base_model=base_model,
         load_id=repo_id or model_name,  # never a path of this machine: the card is published
+        original=original,
+        original_link=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{original}`",
+        layer_plot=LAYER_PLOT_NAME if (output / LAYER_PLOT_NAME).is_file() else None,
         ream_hf_version=manifest.get("ream_hf_version", __version__),
         method={"key": method_key, "label": method.label, "kind": method.kind, "description": method.description},
         family=manifest.get("family", text_config.get("model_type")),
@@ -426,7 +442,7 @@ def render_model_card(
         calibration=_calibration_context(config, manifest),
         mtp=_mtp_context(after.names, text_config, manifest),
         results=results_context,
-        chat_template=_has_chat_template(output),
+        chat_template=has_chat_template(output),
         license=license_info.get("license"),
         license_name=license_info.get("license_name"),
     )

@@ -22,8 +22,9 @@ from typing import Any
 
 from ..version import __version__
 from ..io.folders import check_output_dir, check_paths
-from ..io.names import HUB_CACHE_FOLDER, looks_like_hub_id
-from .card import CARD_NAME, EVAL_RESULTS_NAME, METHODS, hub_license, render_model_card, short_bytes
+from ..io.names import MANIFEST_NAME
+from .card import (CARD_NAME, EVAL_RESULTS_NAME, METHODS, hub_id_for_source, hub_license, render_model_card,
+                   short_bytes)
 from .evaluation import TASKS, evaluate_pair, preflight
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,12 @@ def push_folder(
     commit_message: str = f"Upload a checkpoint compressed with ream-hf {__version__}",
     large_folder_bytes: int = LARGE_FOLDER_BYTES,
 ) -> str:
-    """Create `repo_id` if needed (a model repo) and upload `folder` to it; returns the repo URL."""
+    """Create `repo_id` if needed (a model repo) and upload `folder` to it; returns the repo URL.
+
+    A folder without `README.md` gets its model card first (`render_model_card`, with `repo_id` in the usage
+    snippets and the scores of its `eval_results.json` if any); a folder the card cannot be rendered for (not a
+    ream-hf output) is refused: nothing is uploaded without a card.
+    """
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -94,6 +100,8 @@ def push_folder(
         raise ValueError(f"{folder} is not a folder")
     _check_repo_id(repo_id)
     token = resolve_token(token)
+    if not (folder / CARD_NAME).is_file():
+        render_card_for_push(folder, repo_id, token)
     _refuse_token_in_files(folder, token)
     api = HfApi(token=token)
     size = _folder_bytes(folder)
@@ -116,18 +124,22 @@ def push_folder(
     return str(url)
 
 
-def hub_id_for_source(source: Any) -> str | None:
-    """The Hub repo id a source stands for: the id itself, or a folder in the Hub cache (`models--owner--name`)."""
-    if not isinstance(source, (str, os.PathLike)):
-        name = getattr(source, "name_or_path", None)
-        return hub_id_for_source(name) if name else None
-    path = Path(source).expanduser()
-    if path.exists():
-        for part in path.resolve().parts:
-            if m := HUB_CACHE_FOLDER.match(part):
-                return f"{m['owner']}/{m['name']}"
-        return None
-    return str(source) if looks_like_hub_id(source) else None
+def render_card_for_push(folder: Path, repo_id: str, token: str | None = None) -> None:
+    """The card of an output folder about to be uploaded: the source's license from its folder, else from the Hub."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"{folder} has no model card ({CARD_NAME}) and no {MANIFEST_NAME} to write one from; "
+                         "push the output folder of `ream-hf compress`, or write a README.md") from None
+    source = str(manifest.get("source") or "")
+    base_model = hub_id_for_source(source) if source else None
+    source_dir = Path(source) if source and Path(source).is_dir() else None
+    license_info = None
+    if base_model and (source_dir is None or not (source_dir / CARD_NAME).is_file()):
+        license_info = hub_license(base_model, token)  # Hub downloads skip README.md: ask the Hub
+    logger.info("%s has no model card: writing one", folder)
+    render_model_card(folder, base_model=base_model, source_dir=source_dir, repo_id=repo_id,
+                      license_info=license_info)
 
 
 def compress_and_push(

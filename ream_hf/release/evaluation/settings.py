@@ -6,7 +6,7 @@ import math
 
 SCHEMA = "ream-hf eval results v1"
 TASKS = ("ifeval", "gsm8k", "humaneval")
-LM_EVAL_TASKS = ("ifeval", "gsm8k")
+LM_EVAL_TASKS = ("ifeval", "gsm8k")  # one lm-eval run on the chat endpoint; HumanEval has a run of its own
 
 METRICS = {
     "ifeval": "prompt_level_strict_acc",  # lm-eval key "prompt_level_strict_acc,none"
@@ -25,16 +25,10 @@ GSM8K_VARIANTS = {
     "gsm8k_cot_zeroshot": "gsm8k-cot-zeroshot.yaml",
     "gsm8k_cot_llama": "gsm8k-cot-llama.yaml",
 }
-# The Codex paper's / lm-eval's HumanEval stop strings. vLLM rejects more than 4 `stop` strings, so the
-# first 4 go to the server and the completion is cut client-side at the earliest of all 5: with greedy
-# decoding the result equals a 5-stop request.
-HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-MAX_SERVER_STOPS = 4
 
 DEFAULT_MAX_TOKENS = 8192  # the model card's max_tokens; vLLM clamps it to max_model_len - prompt
 DEFAULT_HUMANEVAL_MAX_TOKENS = 1024
 DEFAULT_HUMANEVAL_TIMEOUT = 10.0
-DEFAULT_HUMANEVAL_MEMORY = 4 << 30
 DEFAULT_CONCURRENCY = 8
 
 
