@@ -61,9 +61,10 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                            num_experts_per_tok=4)),
     "deepseek_v32": ("DeepseekV32Config", dict(DSA_ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=3,
                                                first_k_dense_replace=1)),
-    # layers 1 and 2 take layer 0's and 1's top-k tokens (index_topk < the 48-token calibration: the choice matters)
+    # layer 1 takes layer 0's top-k tokens (index_topk < the 48-token calibration: the choice matters); layer 2 has
+    # its own indexer, the template of the MTP layer tests/test_mtp.py adds
     "glm_moe_dsa": ("GlmMoeDsaConfig", dict(DSA_ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=3, first_k_dense_replace=1,
-                                            indexer_types=["full", "shared", "shared"])),
+                                            indexer_types=["full", "shared", "full"])),
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(ATTENTION, intermediate_size=128, moe_intermediate_size=32,
                                                 num_hidden_layers=3, moe_num_experts=16, moe_k=4,
                                                 moe_num_shared_experts=1, moe_layer_start_index=1)),

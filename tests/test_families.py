@@ -147,3 +147,26 @@ def test_ream_streaming_equals_in_memory(family, sources, calibration_txt, tmp_p
     compress(sources[family], calibration_txt, tmp_path / "in-memory", method="ream", streaming=False)
     streamed, in_memory = tensors(tmp_path / "streamed"), tensors(tmp_path / "in-memory")
     assert streamed.keys() == in_memory.keys() and all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_mtp_layer_compressed_streaming_and_in_memory(family, calibration_txt, tmp_path):
+    """DeepSeek-V3.2's and GLM-5's MTP layer (its indexer included, copied as stored) compressed with the trunk by
+    REAM, the same bytes on both paths; the output reloads with the trunk's 8 experts."""
+    from tests.test_mtp import add_mtp_layers
+
+    source = add_mtp_layers(build_family_checkpoint(family, tmp_path / "source"))
+    compress(source, calibration_txt, tmp_path / "streamed", method="ream", streaming=True)
+    compress(source, calibration_txt, tmp_path / "in-memory", method="ream", streaming=False)
+    streamed, in_memory = tensors(tmp_path / "streamed"), tensors(tmp_path / "in-memory")
+    assert streamed.keys() == in_memory.keys() and all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
+    src = tensors(source)
+    mtp = {n for n in streamed if n.startswith("model.layers.3.")}
+    assert {n for n in mtp if ".experts." in n} == {f"model.layers.3.mlp.experts.{e}.{p}.weight" for e in range(8)
+                                                    for p in ("gate_proj", "up_proj", "down_proj")}
+    indexer = [n for n in src if n.startswith("model.layers.3.self_attn.indexer.")]
+    assert indexer and all(torch.equal(streamed[n], src[n]) for n in indexer), "the indexer is copied as stored"
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed")).eval()
+    assert model.model.layers[2].mlp.experts.down_proj.shape[0] == 8
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()

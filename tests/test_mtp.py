@@ -59,7 +59,8 @@ def add_mtp_layers(folder: Path, *, num_layers: int = 1, fused: bool = False, ec
     n, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
     qwen = config["model_type"].startswith("qwen3")  # "mtp." style, (1 + w) RMSNorm
     layer_types = config.get("layer_types")
-    template = max(i for i, t in enumerate(layer_types) if t == "full_attention") if layer_types else n - 1
+    full = [i for i, t in enumerate(layer_types or []) if t == "full_attention"]  # hybrid (Qwen3-Next): the last
+    template = max(full) if full else n - 1  # full-attention layer; DSA's indexed_attention: the last layer
     dtype = trunk["model.norm.weight"].dtype
     generator = torch.Generator().manual_seed(seed)
 

@@ -117,11 +117,12 @@ class MTPBlock(nn.Module):
 
 def mtp_call_layer(model: nn.Module) -> int:
     """Index of the trunk layer whose call arguments an MTP layer takes: the last full-attention layer
-    (hybrid Qwen3-Next/3.5 models alternate linear and full attention; MTP layers are full attention)."""
+    (hybrid Qwen3-Next/3.5 models alternate linear and full attention; MTP layers are full attention), the last
+    layer where every layer is of one kind."""
     text = model.config.get_text_config()
     layer_types = getattr(text, "layer_types", None)
     count = len(decoder_layers(model))
-    if layer_types:
+    if layer_types and len(set(layer_types[:count])) > 1:  # hybrid; one kind (DSA's indexed_attention): the last
         full = [i for i, kind in enumerate(layer_types[:count]) if kind == "full_attention"]
         if not full:
             raise ValueError("the model has no full-attention layer to take the MTP layer's attention arguments from")
@@ -137,6 +138,25 @@ def _norm_like(model: nn.Module, weight: torch.Tensor) -> nn.Module:
         norm = type(template)(weight.shape[0], eps=eps)
     norm.load_state_dict({"weight": weight}, assign=True)
     return norm
+
+
+# per-layer kind lists that an MTP layer (index N + depth) reads past the trunk's N: the MTP layer's kind where it is
+# not the last trunk layer's (GLM-5's MTP layer runs its own indexer: it has no previous layer's top-k to share)
+_MTP_LAYER_KINDS = {"indexer_types": "full"}
+_PER_LAYER_KINDS = ("layer_types", "mlp_layer_types", "indexer_types")
+
+
+def mtp_layer_config(text, depth: int):
+    """The text config an MTP layer of depth `depth` is built from: per-layer kind lists (DeepSeek-V3.2's and
+    GLM-5's `layer_types`, `mlp_layer_types`, `indexer_types`) reaching its index N + depth."""
+    lists = {key: value for key in _PER_LAYER_KINDS if isinstance(value := getattr(text, key, None), list)}
+    if not lists:
+        return text
+    config = copy.deepcopy(text)
+    size = int(text.num_hidden_layers) + depth + 1
+    for key, kinds in lists.items():
+        setattr(config, key, kinds + [_MTP_LAYER_KINDS.get(key, kinds[-1])] * (size - len(kinds)))
+    return config
 
 
 def build_mtp_block(model: nn.Module, family: MoEFamily, loader: LayerLoader, spec: MTPLayerSpec) -> MTPBlock:
@@ -169,7 +189,7 @@ def build_mtp_block(model: nn.Module, family: MoEFamily, loader: LayerLoader, sp
         config.layer_types = ["full_attention"] * max(int(text.num_hidden_layers), spec.depth + 1)
         layer_index = spec.depth
     else:
-        config, layer_index = text, int(text.num_hidden_layers) + spec.depth
+        config, layer_index = mtp_layer_config(text, spec.depth), int(text.num_hidden_layers) + spec.depth
     with torch.device("meta"):
         layer = type(trunk_layer)(config, layer_index).to(dtype)
     # float32 where transformers would keep it so in a trunk layer (e_score_correction_bias in bfloat16)
