@@ -252,3 +252,32 @@ def build_qwen3_5_vlm_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfl
     saved["text_config"]["mtp_num_hidden_layers"] = 1
     (folder / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     return folder
+
+
+GLM4V_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                    image_size=32, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def build_glm4v_moe_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A tiny GLM-4.5V laid out as zai-org/GLM-4.5V is published: Glm4vMoeForConditionalGeneration (model_type
+    glm4v_moe, the decoder's settings in `text_config`), a vision tower under `model.visual.*`, the decoder under
+    `model.language_model.*` with GLM-4.5's MoE (sigmoid + correction bias, grouped top-k, a shared expert)."""
+    folder = Path(folder)
+    tokenizer = build_tiny_tokenizer(folder)
+    _, text = FAMILY_CONFIGS["glm4_moe"]
+    text = dict(text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=None,  # mrope sections sized to the tiny heads
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                     mrope_section=[2, 1, 1]))
+    config = transformers.Glm4vMoeConfig(text_config=text, vision_config=GLM4V_VISION, image_token_id=500,
+                                         video_token_id=501, image_start_token_id=502, image_end_token_id=503,
+                                         video_start_token_id=504, video_end_token_id=505)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for module in model.modules():  # bias-corrected routers: make selection differ from scores
+            if isinstance(bias := getattr(module, "e_score_correction_bias", None), torch.Tensor):
+                bias.copy_(torch.randn(bias.shape) * 0.3)
+    model.save_pretrained(str(folder))
+    transformers.AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype).save_pretrained(str(folder))
+    return folder

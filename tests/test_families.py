@@ -170,3 +170,34 @@ def test_sparse_attention_mtp_layer_compressed_streaming_and_in_memory(family, c
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "streamed")).eval()
     assert model.model.layers[2].mlp.experts.down_proj.shape[0] == 8
     assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
+def test_glm4v_moe_text_model_compressed_vision_tower_kept(calibration_txt, tmp_path):
+    """GLM-4.5V: its text model is built as GLM-4.5 from text_config (the same logits on text, bit for bit) and
+    compressed by REAP and REAM; the vision tower (`model.visual.*`) is copied as stored; the output reloads as the
+    vision-language model with 8 experts. In memory it is refused (the streaming loader reads the published names)."""
+    import transformers
+
+    from ream_hf.io.source import SourceCheckpoint
+    from tests.families import build_glm4v_moe_checkpoint
+
+    source = build_glm4v_moe_checkpoint(tmp_path / "source")
+    vlm = transformers.AutoModelForImageTextToText.from_pretrained(str(source), dtype=torch.float32).eval()
+    text = AutoModelForCausalLM.from_config(SourceCheckpoint(source).transformers_config(), dtype=torch.float32).eval()
+    state = {k.replace("model.language_model.", "model."): v for k, v in vlm.state_dict().items() if ".visual." not in k}
+    text.load_state_dict(state, strict=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    assert torch.equal(vlm(input_ids=ids).logits, text(input_ids=ids).logits)
+
+    src = tensors(source)
+    for method in ("reap", "ream"):
+        compress(source, calibration_txt, tmp_path / method, method=method, streaming=True)
+        out = tensors(tmp_path / method)
+        visual = [n for n in src if n.startswith("model.visual.")]
+        assert visual and all(torch.equal(out[n], src[n]) for n in visual), "vision tower copied as stored"
+    assert_pruned_bit_exact(source, tmp_path / "reap")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "ream")).eval()
+    assert model.model.language_model.layers[1].mlp.experts.down_proj.shape[0] == 8
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    with pytest.raises(ValueError, match="streaming loader only"):
+        compress(source, calibration_txt, tmp_path / "in-memory", streaming=False)

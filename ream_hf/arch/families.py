@@ -115,6 +115,12 @@ FAMILIES: tuple[MoEFamily, ...] = (
         "Hunyuan-MoE", ("hunyuan_v1_moe",), "num_experts", ("num_experts",), router_paths={"weight": "gate.wg.weight"},
         shared_expert_attrs=("shared_mlp",),
     ),
+    # the text model under `model.language_model.*` as GLM-4.5's; the vision tower (`model.visual.*`) copied as stored
+    MoEFamily(
+        "GLM-4.5V / 4.6V", ("glm4v_moe", "glm4v_moe_text"), "n_routed_experts", ("n_routed_experts",),
+        router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid", group_keys=("n_group", "topk_group"),
+        shared_expert_attrs=("shared_experts",), vision_prefixes=("model.visual.",),
+    ),
     MoEFamily(
         "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
         scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
@@ -128,7 +134,10 @@ _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in fa
 NATIVE_ARCHITECTURES = {"kimi_k2": "deepseek_v3"}
 # vision-language model types whose text model (config.json's `text_config`) is compressed as this architecture: the
 # model the method runs is built from text_config alone; the vision tower is never built, its tensors copied as stored
-TEXT_ARCHITECTURES = {"kimi_k25": "deepseek_v3"}
+TEXT_ARCHITECTURES = {"kimi_k25": "deepseek_v3",
+                      # GLM-4.5V's text model on text is GLM-4.5's, bit for bit (its 3-D rope equals 1-D rope on
+                      # text positions: tests/test_families.py checks the logits)
+                      "glm4v_moe": "glm4_moe"}
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")  # config.json keys of the router's top-k (ERNIE, Hunyuan)
 
