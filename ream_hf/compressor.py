@@ -32,7 +32,7 @@ from .io.writer import (
     copy_side_files,
     edit_config_json,
     finalize_parts,
-    group_tensors,
+    output_tensors,
     output_groups,
     write_json,
 )
@@ -397,7 +397,7 @@ class ReamCompressor(OptimumQuantizer):
             writer = PartWriter(folder, config.max_shard_size)
             pending = groups
         for names in pending:
-            writer.write_group(group_tensors(source, result.family, names, result.outputs, result.dequantize_dtype,
+            writer.write_group(output_tensors(source, result.family, names, result.outputs, result.dequantize_dtype,
                                              result.fp8_output))
         finalize_parts(parts_folder, writer.parts, folder)
         mtp_count = 0 if result.dropped_prefixes else None

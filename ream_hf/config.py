@@ -139,6 +139,12 @@ class ReamConfig(QuantizationConfigMixin):
 
     Exactly one of `target_experts` (experts kept per MoE layer) and `compression_ratio`
     (fraction of experts removed, e.g. 0.25 for 128 -> 96) must be given.
+
+    Three token samples, nested: each layer keeps one token sample of its hidden states (`layer_sample_tokens`, the
+    larger of the two it serves; `sample_tokens` in a saved-statistics index), from which the alignment sample
+    (`activation_sample_tokens`: tokens whose activations align neurons before a merge) and the refit sample
+    (`refit_tokens`: tokens the least-squares refit fits on) are drawn. The two public fields keep their names
+    (config.json's `ream_config` and the `--refit-tokens` flag record them).
     """
 
     target_experts: int | None = None

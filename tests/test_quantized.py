@@ -20,7 +20,7 @@ from ream_hf.io.quantization import Fp8BlockFormat, dequantize_fp8_blocks, quant
 from ream_hf.io.safetensors import INDEX_NAME, SINGLE_NAME
 from ream_hf.io.source import SourceCheckpoint
 from ream_hf.io.verify import CheckpointError, verify_checkpoint
-from ream_hf.io.writer import LayerOutput, group_tensors
+from ream_hf.io.writer import LayerOutput, output_tensors
 from ream_hf.release.card import weights_summary
 from tests.conftest import tensors
 from tests.families import build_family_checkpoint
@@ -210,8 +210,8 @@ def test_fused_fp8_experts_keep_unchanged_rows_and_requantize_merged_ones(tmp_pa
     experts = ExpertWeights(gate=gate_up[[2, 0], :96], up=gate_up[[2, 0], 96:], down=down[[2, 0]].clone())
     experts.down[1] *= 0.5  # output expert 1's down projection is refit: changed values, gate and up as they were
     output = LayerOutput(experts=experts, router={"weight": stored[prefix + "gate.weight"][[2, 0]]}, centroids=[2, 0],
-                         unchanged=[frozenset({"gate", "up", "down"}), frozenset({"gate", "up"})])
-    written = dict(group_tensors(source, family, list(source.weight_map), {"model.layers.0": output}))
+                         copy_stored_bytes=[frozenset({"gate", "up", "down"}), frozenset({"gate", "up"})])
+    written = dict(output_tensors(source, family, list(source.weight_map), {"model.layers.0": output}))
     for name in ("experts.gate_up_proj", "experts.down_proj"):
         q, s = written[prefix + name], written[prefix + name + "_scale_inv"]
         assert q.shape[0] == 2 and s.shape == (2, *stored[prefix + name + "_scale_inv"].shape[1:])

@@ -15,7 +15,7 @@ names, how the tensors stored on disk map to the real-valued tensors the method 
   the same format; schemes that need calibration data of their own refused there.
 - Every other format is refused from config.json alone, before any tensor is read, with the way out.
 
-Reading goes through `SourceCheckpoint.iter_real_tensors`; writing through `ream_hf.io.writer.group_tensors`. This
+Reading goes through `SourceCheckpoint.iter_real_tensors`; writing through `ream_hf.io.writer.output_tensors`. This
 module imports neither: formats are what they use.
 """
 

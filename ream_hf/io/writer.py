@@ -49,12 +49,13 @@ class LayerOutput:
     router: dict[str, torch.Tensor]  # router tensor name ("weight", "bias", "e_score_correction_bias") -> (k, ...)
     centroids: list[int] | None = None  # the source expert output expert j stands for (its router row's source)
     # per output expert j, the projections ("gate", "up", "down") that are source expert centroids[j]'s as they are:
-    # their stored tensors are copied (a quantized source's bytes and scales); the others are written afresh
-    unchanged: list[frozenset[str]] | None = None
+    # their stored tensors are copied byte for byte (a quantized source's bytes and scales); the others are written
+    # afresh
+    copy_stored_bytes: list[frozenset[str]] | None = None
 
-    def kept(self, j: int, roles: Iterable[str]) -> bool:
-        """Whether output expert j's `roles` are all its centroid's, unchanged."""
-        return self.unchanged is not None and set(roles) <= self.unchanged[j]
+    def copies_stored(self, j: int, roles: Iterable[str]) -> bool:
+        """Whether output expert j's `roles` are all its centroid's, unchanged: written as the source stores them."""
+        return self.copy_stored_bytes is not None and set(roles) <= self.copy_stored_bytes[j]
 
 
 class PartWriter:
@@ -198,7 +199,7 @@ class _Encoder:
         for name, out in zip(stored, self.fmt.stored_layout(out_name)):
             source_tensor = None
             for j in range(tensor.shape[0]):
-                if output.kept(j, roles):
+                if output.copies_stored(j, roles):
                     source_tensor = self.reader.get(name) if source_tensor is None else source_tensor
                     fresh[out][j] = source_tensor[output.centroids[j]]
             yield out, fresh[out]
@@ -213,11 +214,11 @@ class _Encoder:
         for out_name, (role, j) in disk_expert_names(family, prefix, output.experts.num_experts).items():
             centroid = output.centroids[j] if output.centroids is not None else j
             template = disk_expert_name(family, prefix, centroid, role)
-            copy = output.kept(j, (role,))
+            copy = output.copies_stored(j, (role,))
             yield from self.encode(out_name, getattr(output.experts, role)[j], template, copy)
 
 
-def group_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str], outputs: dict[str, LayerOutput],
+def output_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str], outputs: dict[str, LayerOutput],
                   dequantize_to: torch.dtype | None = None,
                   quantize: Fp8BlockOutput | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The output tensors for a group of source names: copied as they are, or replaced for compressed layers.
@@ -231,7 +232,7 @@ def group_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str],
 
 def _stored_tensors(source: SourceCheckpoint, family: MoEFamily, names: list[str], outputs: dict[str, LayerOutput],
                     dequantize_to: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """`group_tensors` in the source's own storage."""
+    """`output_tensors` in the source's own storage."""
     fmt, reals = source.quantization, source.real_tensors
     if fmt is not None and dequantize_to is None and not fmt.writes_back:
         raise ValueError(f"{fmt.quant_method} checkpoints cannot be written back in their format; pass output_dtype")

@@ -400,9 +400,10 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         router=router_tensors(family, block),
         centroids=plan.centroids,
         # per projection: a refit down projection is new even where the group is one expert, its gate and up are not
-        unchanged=[frozenset(("gate", "up") if check is not None and check.kept else ("gate", "up", "down"))
-                   if merged is None or keeps_centroid(config.merge, len(g.members)) else frozenset()
-                   for g in plan.groups],
+        copy_stored_bytes=[
+            frozenset(("gate", "up") if check is not None and check.kept else ("gate", "up", "down"))
+            if merged is None or keeps_centroid(config.merge, len(g.members)) else frozenset()
+            for g in plan.groups],
     )
     report = LayerReport(
         key, index, before, len(plan.groups), plan, stats.frequency.tolist(),

@@ -18,7 +18,7 @@ from ..arch import MoEFamily, decoder_layers, moe_block
 from ..config import ReamConfig
 from ..io.quantization import Fp8BlockOutput, output_dtype
 from ..io.source import SourceCheckpoint
-from ..io.writer import LayerOutput, PartWriter, group_tensors, output_groups
+from ..io.writer import LayerOutput, PartWriter, output_tensors, output_groups
 from ..kill_points import kill_point
 from ..method.surgery import routing_groups
 from . import distributed
@@ -205,7 +205,7 @@ def commit_layer(result: CompressionResult, store: HiddenStateStore, writer: Par
     written and every rank is there, rank 0 writes the layer's shard part and records the layer as finished."""
     distributed.io_barrier()
     if ranks.is_main:
-        writer.write_group(group_tensors(result.source, result.family, names, outputs, result.dequantize_dtype,
+        writer.write_group(output_tensors(result.source, result.family, names, outputs, result.dequantize_dtype,
                                          result.fp8_output))
         kill_point("layer-written")
         result.work.commit(finished, writer.parts, entries)
