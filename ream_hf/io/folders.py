@@ -8,6 +8,10 @@
   folder (the old or the new), and leftovers of an interrupted run are recovered by the next run on that output.
 - `storage_errors`: a write that fails for space, quota or permission ends in one line naming the path and the
   space the run needs.
+- `fsync_file` / `fsync_folder` / `fsync_tree` / `write_durably`: a rename is atomic against a kill, not against a
+  power loss or a lost VM, after which a renamed file may name bytes that never reached the disk. So a file's bytes
+  are flushed before anything records it (a work folder's commit, the output's final rename), and a folder's entries
+  after a rename in it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,54 @@ from ..kill_points import kill_point
 from .names import HUB_CACHE_FOLDER, MANIFEST_NAME, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
+
+
+# -- durability ----------------------------------------------------------------------------------------------
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (the files created, renamed or removed in it) to the disk. A no-op where folders
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file under `folder`, then every folder, deepest first (each after the entries it holds)."""
+    folder = Path(folder)
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            folders.append(path)
+        elif path.is_file() and not path.is_symlink():
+            fsync_file(path)
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_folder(path)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path` by `text` atomically and durably: a temporary sibling written and flushed, renamed over `path`,
+    then the folder flushed (the rename itself on disk)."""
+    temp = path.with_name(path.name + ".tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    fsync_folder(path.parent)
 
 
 # -- the source is never written ---------------------------------------------------------------------------
@@ -297,14 +349,18 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 
 def move_into_place(temp: Path, output: Path) -> None:
-    """Put the complete folder `temp` at `output`, replacing an existing one without ever leaving no complete folder:
+    """Put the complete folder `temp` at `output` (its files flushed to disk first, the parent folder after),
+    replacing an existing one without ever leaving no complete folder:
     an atomic exchange where the filesystem has one; else old moved aside, new renamed in, old removed (a kill
     between the two renames leaves the old folder aside, which `recover_output` puts back)."""
+    fsync_tree(temp)  # every byte on disk before the rename makes the folder the output
     if not output.exists():
         os.rename(temp, output)
+        fsync_folder(output.parent)
         kill_point("output-renamed")
         return
     if exchange_paths(temp, output):  # output is the new folder, temp the old one
+        fsync_folder(output.parent)
         kill_point("output-renamed")
         shutil.rmtree(temp)
         return
@@ -312,6 +368,7 @@ def move_into_place(temp: Path, output: Path) -> None:
     os.rename(output, aside)
     kill_point("overwrite-moved-aside")
     os.rename(temp, output)
+    fsync_folder(output.parent)
     kill_point("output-renamed")
     shutil.rmtree(aside)
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io.folders import acquire_lock, release_lock
+from ..io.folders import acquire_lock, fsync_file, fsync_folder, fsync_tree, release_lock, write_durably
 from ..io.names import MANIFEST_NAME
 from ..io.source import SourceCheckpoint
 from ..kill_points import kill_point
@@ -53,6 +53,7 @@ class WorkFolder:
         self.folder, self.job = Path(folder), job
         self.state: dict[str, Any] = {"format": FORMAT, "job": job, "finished_layers": 0, "parts": [], "layers": [],
                                       "created": time.time()}
+        self._flushed: set[str] = set()  # parts already flushed to disk by an earlier commit
 
     @staticmethod
     def check(folder: str | os.PathLike) -> None:
@@ -133,16 +134,24 @@ class WorkFolder:
             logger.info("discarded %s: written after the last commit", item)
 
     def _write_state(self) -> None:
-        temp = self.folder / (STATE_NAME + ".tmp")
-        temp.write_text(json.dumps(self.state, indent=1), encoding="utf-8")
-        os.replace(temp, self.folder / STATE_NAME)
+        write_durably(self.folder / STATE_NAME, json.dumps(self.state, indent=1))
 
     @property
     def finished_layers(self) -> int:
         return int(self.state["finished_layers"])
 
     def commit(self, finished_layers: int, parts: list[str], layer_entries: list[dict]) -> None:
-        """Atomically record progress; everything it names was written before."""
+        """Atomically and durably record progress. Everything it names was written before and is flushed to disk
+        first (the parts no earlier commit flushed, the hidden states of generation `finished_layers`, the folder's
+        entries): after a power loss the state never names bytes that did not reach the disk."""
+        for name in parts:
+            if name not in self._flushed:
+                fsync_file(self.folder / name)
+                self._flushed.add(name)
+        hidden = self.folder / HiddenStateStore.generation_name(finished_layers)
+        if hidden.is_dir():
+            fsync_tree(hidden)
+        fsync_folder(self.folder)
         # copies: the caller's lists grow on (the MTP layers' entries) and must not leak into a later state write
         self.state.update(finished_layers=finished_layers, parts=list(parts), layers=list(layer_entries))
         self._write_state()
