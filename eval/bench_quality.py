@@ -28,6 +28,14 @@ prose:code:math for that run, or the diagnostics `merge_weights=uniform|frequenc
 the saliency merge weights after planning) and `alignment_sample=per_expert` (the reference code's alignment
 activations: each expert on its own tokens); neither is a ream_hf option.
 
+`regime=NAME` (NAME in REGIMES: qwen3-30b-a3b, qwen3-235b-a22b, glm-4.5-air, deepseek-v3, kimi-k2) sets the
+refit's sample (`refit_tokens`) so that its routed rows per unknown, refit_tokens * top_k / (kept * D), equal
+those of that published model compressed by the same fraction with the default 8,192-token sample: the regime
+in which the refit has to decide there (0.11 to 1.3 rows per unknown, against 11 to 16 on this model by default).
+`refit_tokens=N` sets the sample directly.
+
+    python eval/bench_quality.py --threads 1 --methods ream ream:refit=none ream:regime=qwen3-30b-a3b
+
 `reference:ream` / `reference:reap` rows (overrides: group_size, mix) run the paper's reference code
 (SamsungSAILMontreal/ream, checked out outside this repository, in its own environment with transformers
 4.57.6) through `reference_ream.py`, on the same calibration token sequences ream_hf loads, and score its
@@ -56,6 +64,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_tiny_moe as tiny  # noqa: E402
 
 DEFAULT_METHODS = ("ream", "reap", "frequency", "hc_smoe", "m_smoe")
+# published MoEs: (experts, top-k, expert width D); a regime= row matches their refit rows per unknown
+REGIMES = {
+    "qwen3-30b-a3b": (128, 8, 768),
+    "qwen3-235b-a22b": (128, 8, 1536),
+    "glm-4.5-air": (128, 8, 1408),
+    "deepseek-v3": (256, 8, 2048),
+    "kimi-k2": (384, 8, 2048),
+}
+PUBLISHED_REFIT_TOKENS = 8192  # ReamConfig's refit_tokens default, the sample those jobs would fit on
+
+
+def rows_per_unknown(tokens: int, top_k: int, kept: int, inner: int) -> float:
+    """The refit's routed rows per unknown of one output channel: tokens * top_k / (kept experts * D)."""
+    return tokens * top_k / (kept * inner)
+
+
+def regime_refit_tokens(name: str, ratio: float, top_k: int, kept: int, inner: int) -> tuple[int, float]:
+    """The sample that gives this model (top_k, kept, inner) the rows per unknown of the published model `name`
+    compressed by the same fraction with the default sample; and that ratio."""
+    experts, published_k, published_inner = REGIMES[name]
+    published_kept = round(experts * (1 - ratio))
+    target = rows_per_unknown(PUBLISHED_REFIT_TOKENS, published_k, published_kept, published_inner)
+    return max(1, round(target * kept * inner / top_k)), target
 REFERENCE = "reference:"  # method prefix: the paper's reference code, run by reference_ream.py
 REDUNDANT = "redundant:"  # method prefix: run on the redundant-expert control model (build_redundant_model)
 ABLATION = (
@@ -125,6 +156,10 @@ def parse_variant(spec: str) -> tuple[str, dict, list[float] | None, dict]:
         elif key == "merge_weights":
             if value not in ("saliency", "uniform", "frequency") and not re.fullmatch(r"centroid:[0-9.]+", value):
                 raise SystemExit(f"merge_weights must be saliency, uniform, frequency or centroid:W, got {value!r}")
+            rule[key] = value
+        elif key == "regime":
+            if value not in REGIMES:
+                raise SystemExit(f"regime must be one of {', '.join(REGIMES)}, got {value!r}")
             rule[key] = value
         elif key == "alignment_sample":
             if value not in ("shared", "per_expert"):
@@ -327,6 +362,10 @@ def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_
         group_size=args.group_size, merge="activations+weights", seed=42, batch_size=8, dtype="float32",
     )
     fields.update(overrides)
+    text = json.loads((Path(paths["model"]) / "config.json").read_text())
+    top_k, inner = int(text["num_experts_per_tok"]), int(text["moe_intermediate_size"])
+    if "regime" in rule:
+        fields["refit_tokens"], _ = regime_refit_tokens(rule["regime"], ratio, top_k, target, inner)
     config = ReamConfig(**fields)
     compressor = ReamCompressor(config)
     with tempfile.TemporaryDirectory(prefix="ream-quality-") as temp:
@@ -345,11 +384,23 @@ def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_
         "method": spec, "ratio": ratio, "experts": target, "compress_seconds": seconds, "save_seconds": save_seconds,
         "calibration_ratios": ratios, "calibration_sequences": compressor.result.calibration_sequences,
         "calibration_tokens": compressor.result.calibration_tokens, **scores, **group_summary(compressor.result),
+        "refit": config.refit, **refit_summary(compressor, config, top_k, target, inner),
     }
     del model, compressor
     gc.collect()
     torch.set_num_threads(args.threads)
     return row
+
+
+def refit_summary(compressor, config, top_k: int, kept: int, inner: int) -> dict:
+    """The down refit's regime, rows per unknown of the sample it drew (at most the calibration's tokens), and
+    per layer whether its held-out check kept it and for how many output experts."""
+    checks = [layer["refit"] for layer in compressor.manifest()["layers"] if layer.get("refit")]
+    if not checks:
+        return {}
+    tokens = checks[0]["train_tokens"] + checks[0]["heldout_tokens"]
+    return {"refit_sample_tokens": tokens, "rows_per_unknown": rows_per_unknown(tokens, top_k, kept, inner),
+            "refit_kept": [c["kept"] for c in checks], "refit_experts": [c["experts_refit"] for c in checks]}
 
 
 def check_reloaded(model, folder: Path) -> None:
@@ -432,13 +483,16 @@ def fmt_row(row: dict) -> str:
     ppl = " | ".join(f"{row['ppl'][d]:.2f}" for d in tiny.DOMAINS)
     seconds = "" if row.get("compress_seconds") is None else f"{row['compress_seconds']:.1f}"
     label = row["method"] if row["ratio"] == 0 else f"{row['method']} @ {row['ratio']:.0%}"
-    return f"| {label} | {row['experts']} | {ppl} | {row['mean_kl']:.4f} | {seconds} |"
+    refit = "" if row.get("rows_per_unknown") is None else \
+        f"{row['rows_per_unknown']:.2f} ({sum(e for e in row['refit_experts'])}/{row['experts'] * len(row['refit_experts'])})"
+    return f"| {label} | {row['experts']} | {ppl} | {row['mean_kl']:.4f} | {refit} | {seconds} |"
 
 
 def print_tables(rows: list[dict], header: str) -> None:
     print(f"\n{header}\n")
-    print("| method @ compression | experts | ppl prose | ppl code | ppl math | mean KL | compress s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method @ compression | experts | ppl prose | ppl code | ppl math | mean KL | refit rows/unknown (experts "
+          "kept refit) | compress s |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(fmt_row(row))
     print("\n| method @ compression | KL prose | KL code | KL math | largest group per layer | experts merged per layer |")

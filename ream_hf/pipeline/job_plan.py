@@ -40,6 +40,8 @@ from ..io import safetensors as st
 from ..io.names import looks_like_hub_id
 from ..io.quantization import FP8_OUTPUT, Fp8BlockOutput
 from ..io.source import SourceCheckpoint
+from ..method.refit import RIDGE_GRID, refit_flops
+from ..method.refit import refit_bytes as refit_bytes_of
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
 from .background_writer import WRITER_PENDING_BYTES
@@ -285,12 +287,13 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     else:
         statistics_flops = executed = 0
     executed += per_layer_exact * top_k * len(moe)  # the re-forward's routed experts (attention not counted)
-    refit_tokens = min(config.refit_tokens, tokens) if config.refit != "none" else 0
-    # the refit (method/refit.py) on its token sample: original and compressed routed passes (three GEMMs each),
-    # then per step the error's cross terms and the new outputs (two GEMMs of the down projection's size)
-    executed += 2 * hidden * inner * top_k * refit_tokens * (6 + 2 * config.refit_steps) * compressed
-    # its working set: the routed pairs' activations, the sample and three (T, H) layer outputs, float32
-    refit_bytes = 4 * refit_tokens * (top_k * inner + 4 * hidden)
+    refit_tokens = min(config.refit_tokens, tokens) if "down" in config.refit else 0
+    refit_bytes = 0
+    if refit_tokens:  # the down refit and its held-out check (method/refit.py), per compressed layer
+        candidates = len(RIDGE_GRID) * (1 if config.refit_target == "group" else config.refit_steps)
+        executed += refit_flops(refit_tokens, top_k, inner, hidden, target, candidates) * compressed
+        refit_bytes = refit_bytes_of(refit_tokens, top_k, inner, hidden, target,
+                                     torch.empty((), dtype=working).element_size())
     notes.append("FLOPs count the experts only (attention and routers are small beside them)")
 
     run_device = torch.device(device or config.run_device)
