@@ -254,24 +254,39 @@ def build_qwen3_5_vlm_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfl
     return folder
 
 
-GLM4V_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
-                    image_size=32, spatial_merge_size=2, temporal_patch_size=2)
+# vision-language families whose text model is compressed alone: config class, the text family whose tiny settings
+# its text_config takes, vision settings, text settings changed (mrope sections sized to the tiny heads), image/video
+# token ids
+VLM_CHECKPOINTS: dict[str, tuple[str, str, dict, dict, dict]] = {
+    "glm4v_moe": ("Glm4vMoeConfig", "glm4_moe",
+                  dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                       image_size=32, spatial_merge_size=2, temporal_patch_size=2),
+                  dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                            mrope_section=[2, 1, 1])),
+                  dict(image_token_id=500, video_token_id=501, image_start_token_id=502, image_end_token_id=503,
+                       video_start_token_id=504, video_end_token_id=505)),
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "qwen3_moe",
+                     dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                          num_position_embeddings=64, spatial_merge_size=2, temporal_patch_size=2,
+                          deepstack_visual_indexes=[0]),
+                     # 2D != H: the transposed experts on disk are told apart by shape, as transformers tells them
+                     dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
+                                               mrope_interleaved=True), moe_intermediate_size=16),
+                     dict(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)),
+}
 
 
-def build_glm4v_moe_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """A tiny GLM-4.5V laid out as zai-org/GLM-4.5V is published: Glm4vMoeForConditionalGeneration (model_type
-    glm4v_moe, the decoder's settings in `text_config`), a vision tower under `model.visual.*`, the decoder under
-    `model.language_model.*` with GLM-4.5's MoE (sigmoid + correction bias, grouped top-k, a shared expert)."""
+def build_vlm_checkpoint(family: str, folder: Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A tiny vision-language MoE laid out as its Hub release (zai-org/GLM-4.5V, Qwen/Qwen3-VL-30B-A3B): the
+    ForConditionalGeneration model (the decoder's settings in `text_config`), a vision tower under `model.visual.*`,
+    the decoder under `model.language_model.*` (Qwen3-VL-MoE's experts fused and transposed, as transformers saves
+    them), bias-corrected routers' biases random."""
+    class_name, text_family, vision, text_changes, tokens = VLM_CHECKPOINTS[family]
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer(folder)
-    _, text = FAMILY_CONFIGS["glm4_moe"]
-    text = dict(text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, bos_token_id=None,  # mrope sections sized to the tiny heads
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
-                                     mrope_section=[2, 1, 1]))
-    config = transformers.Glm4vMoeConfig(text_config=text, vision_config=GLM4V_VISION, image_token_id=500,
-                                         video_token_id=501, image_start_token_id=502, image_end_token_id=503,
-                                         video_start_token_id=504, video_end_token_id=505)
+    text = dict(FAMILY_CONFIGS[text_family][1], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **text_changes)
+    config = getattr(transformers, class_name)(text_config=text, vision_config=vision, **tokens)
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(config)
     with torch.no_grad():
@@ -280,4 +295,14 @@ def build_glm4v_moe_checkpoint(folder: Path, *, dtype: torch.dtype = torch.bfloa
                 bias.copy_(torch.randn(bias.shape) * 0.3)
     model.save_pretrained(str(folder))
     transformers.AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype).save_pretrained(str(folder))
+    if family == "qwen3_vl_moe":  # as the Hub's: num_experts (transformers writes its alias), experts transposed
+        from safetensors.torch import load_file, save_file
+
+        saved = json.loads((folder / "config.json").read_text())
+        saved["text_config"]["num_experts"] = saved["text_config"].pop("num_local_experts")
+        (folder / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+        stored = load_file(folder / "model.safetensors")
+        for name in [n for n in stored if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            stored[name] = stored[name].transpose(1, 2).contiguous()  # (E, H, 2D), (E, D, H)
+        save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -172,16 +172,18 @@ def test_sparse_attention_mtp_layer_compressed_streaming_and_in_memory(family, c
     assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
 
 
-def test_glm4v_moe_text_model_compressed_vision_tower_kept(calibration_txt, tmp_path):
-    """GLM-4.5V: its text model is built as GLM-4.5 from text_config (the same logits on text, bit for bit) and
-    compressed by REAP and REAM; the vision tower (`model.visual.*`) is copied as stored; the output reloads as the
-    vision-language model with 8 experts. In memory it is refused (the streaming loader reads the published names)."""
+@pytest.mark.parametrize("family", ["glm4v_moe", "qwen3_vl_moe"])
+def test_vlm_text_model_compressed_vision_tower_kept(family, calibration_txt, tmp_path):
+    """GLM-4.5V and Qwen3-VL-MoE: the text model is built as GLM-4.5 / Qwen3-MoE from text_config (the same logits
+    on text, bit for bit) and compressed by REAP and REAM; the vision tower (`model.visual.*`) is copied as stored;
+    the output reloads as the vision-language model with 8 experts. In memory it is refused (the streaming loader
+    reads the published names)."""
     import transformers
 
     from ream_hf.io.source import SourceCheckpoint
-    from tests.families import build_glm4v_moe_checkpoint
+    from tests.families import build_vlm_checkpoint
 
-    source = build_glm4v_moe_checkpoint(tmp_path / "source")
+    source = build_vlm_checkpoint(family, tmp_path / "source")
     vlm = transformers.AutoModelForImageTextToText.from_pretrained(str(source), dtype=torch.float32).eval()
     text = AutoModelForCausalLM.from_config(SourceCheckpoint(source).transformers_config(), dtype=torch.float32).eval()
     state = {k.replace("model.language_model.", "model."): v for k, v in vlm.state_dict().items() if ".visual." not in k}

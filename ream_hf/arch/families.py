@@ -115,6 +115,12 @@ FAMILIES: tuple[MoEFamily, ...] = (
         "Hunyuan-MoE", ("hunyuan_v1_moe",), "num_experts", ("num_experts",), router_paths={"weight": "gate.wg.weight"},
         shared_expert_attrs=("shared_mlp",),
     ),
+    # the text model under `model.language_model.*` as Qwen3-MoE's, its experts fused on disk, transposed in the
+    # Hub's releases (`layout.fused_as_stored`); the vision tower (`model.visual.*`, deepstack mergers) copied as stored
+    MoEFamily(
+        "Qwen3-VL-MoE", ("qwen3_vl_moe", "qwen3_vl_moe_text"), "num_experts", ("num_experts", "num_local_experts"),
+        vision_prefixes=("model.visual.",),
+    ),
     # the text model under `model.language_model.*` as GLM-4.5's; the vision tower (`model.visual.*`) copied as stored
     MoEFamily(
         "GLM-4.5V / 4.6V", ("glm4v_moe", "glm4v_moe_text"), "n_routed_experts", ("n_routed_experts",),
@@ -137,7 +143,7 @@ NATIVE_ARCHITECTURES = {"kimi_k2": "deepseek_v3"}
 TEXT_ARCHITECTURES = {"kimi_k25": "deepseek_v3",
                       # GLM-4.5V's text model on text is GLM-4.5's, bit for bit (its 3-D rope equals 1-D rope on
                       # text positions: tests/test_families.py checks the logits)
-                      "glm4v_moe": "glm4_moe"}
+                      "glm4v_moe": "glm4_moe", "qwen3_vl_moe": "qwen3_moe"}
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "moe_topk")  # config.json keys of the router's top-k (ERNIE, Hunyuan)
 

@@ -157,6 +157,17 @@ def disk_expert_tensors(family: MoEFamily, experts_prefix: str, weights: ExpertW
             for expert in range(weights.num_experts) for role, proj in family.disk_proj_names.items()}
 
 
+def fused_as_stored(tensor: torch.Tensor, stored_shape: tuple[int, ...]) -> torch.Tensor:
+    """A fused expert tensor (E, a, b) in the orientation a stored one has (its shape after the expert dimension):
+    transposed where the store holds (E, b, a), as Qwen3-VL-MoE's Hub releases hold gate_up_proj (E, H, 2D) and
+    down_proj (E, D, H) against transformers' (E, 2D, H) / (E, H, D); as it is otherwise. Its own inverse. A square
+    tensor is taken as it is, as transformers' loader takes it."""
+    want = tuple(stored_shape[1:])
+    if tensor.dim() == 3 and tuple(tensor.shape[1:]) != want and tuple(tensor.shape[1:]) == want[::-1]:
+        return tensor.transpose(1, 2).contiguous()
+    return tensor
+
+
 def disk_expert_name(family: MoEFamily, experts_prefix: str, expert: int, role: str) -> str:
     """The on-disk name of one expert's projection (`role`: gate, up or down)."""
     return f"{experts_prefix}{expert}.{family.disk_proj_names[role]}.weight"

@@ -122,8 +122,8 @@ def verify_checkpoint(
         counts[layer] = want
     for layer, params in fused_seen.items():
         want = params["down_proj"][0] if layer in full_width_layers else target
-        for param, expected in fused_shapes.items():
-            if params.get(param) != (want, *expected):
+        for param, expected in fused_shapes.items():  # in either orientation (Qwen3-VL-MoE's Hub layout transposed)
+            if params.get(param) not in ((want, *expected), (want, *expected[::-1])):
                 raise CheckpointError(f"layer {layer} {param} has shape {params.get(param)}, expected {(want, *expected)}")
         counts[layer] = want
     for layer, params in routers.items():

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..arch import (ExpertWeights, MoEFamily, MoETensorName, disk_expert_name, disk_expert_names, disk_expert_tensors,
-                    parse_moe_name, set_expert_count)
+                    fused_as_stored, parse_moe_name, set_expert_count)
 from . import safetensors as st
 from .names import WEIGHTS_PREFIX
 from .quantization import Fp8BlockOutput, dequantized_config
@@ -209,7 +209,8 @@ class _Encoder:
         prefix = parsed.experts_prefix
         if parsed.kind == "fused":
             for out_name, tensor in disk_expert_tensors(family, prefix, output.experts, fused=True).items():
-                yield from self.encode_fused(out_name, tensor, output)
+                stored = fused_as_stored(tensor, tuple(self.infos[self.reals[out_name][0]].shape))
+                yield from self.encode_fused(out_name, stored, output)
             return
         for out_name, (role, j) in disk_expert_names(family, prefix, output.experts.num_experts).items():
             centroid = output.centroids[j] if output.centroids is not None else j

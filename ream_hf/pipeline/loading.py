@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from ..arch import FUSED_PARAMS, MoEFamily, disk_expert_names, in_memory_key, read_expert_weights
+from ..arch import FUSED_PARAMS, MoEFamily, disk_expert_names, fused_as_stored, in_memory_key, read_expert_weights
 from ..io.source import SourceCheckpoint
 
 
@@ -118,6 +118,8 @@ class LayerLoader:
         ahead = self._claim(disk_prefix)
         with torch.no_grad():
             for name, tensor in self._tensors(key_of, ahead):
+                if key_of[name].rpartition(".")[2] in FUSED_PARAMS:  # fused on disk, maybe transposed
+                    tensor = fused_as_stored(tensor, tuple(state[key_of[name]].shape))
                 state[key_of[name]].copy_(tensor.to(state[key_of[name]].dtype))
         read = self.stored(wanted.values())
         for head in sorted(fused):
