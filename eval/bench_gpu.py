@@ -10,6 +10,14 @@ streams it from the folder exactly as `ream-hf compress` does (work folder, back
     python eval/bench_gpu.py --layers 4                          # one GPU (about 2 minutes on an H100)
     torchrun --nproc-per-node 8 eval/bench_gpu.py --layers 8     # all GPUs of a node; rank 0 reports
     python eval/bench_gpu.py --tiny                              # toy scale, runs on the CPU (checks the script)
+    python eval/bench_gpu.py --peers --layers 2 --reference-repo ream --reference-path peers/transformers4 \
+        --llm-compressor-path peers/llmcompressor                # the same job by every tool, side by side
+
+--peers times ream-hf (REAM and REAP), the paper's code (reference_ream.py's way) and llm-compressor's
+REAPPruningModifier on the same model, calibration tokens and target, each in a process of its own
+(eval/bench_peers.py), and prints seconds per layer and peak memory as ratios against ream-hf's same method; a tool
+that cannot run prints "not available: why". Their packages are pure Python beside torch: pass folders that
+`pip install --target` filled (carried to the GPU machine with the run) as --reference-path / --llm-compressor-path.
 
 Writes a JSON record with --json (default: $OUT/bench_gpu.json when OUT is set). Exits 3 if a CUDA run's
 statistics GEMMs are not bfloat16 (a silent float32 fallback would be about 15x slower).
@@ -111,6 +119,12 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="toy scale (64 x 64 tokens, hidden 64): runs on a CPU")
     parser.add_argument("--workdir", help="where the model, calibration and output go (default: a temporary folder)")
     parser.add_argument("--json", help="write the results here (default: $OUT/bench_gpu.json when OUT is set)")
+    parser.add_argument("--peers", action="store_true", help="time every tool on the same job (eval/bench_peers.py)")
+    parser.add_argument("--reference-repo", help="--peers: a checkout of SamsungSAILMontreal/ream")
+    parser.add_argument("--reference-path", help="--peers: a package folder put first on the paper's code's path "
+                                                 "(transformers 4.57, huggingface_hub < 1, tokenizers 0.22)")
+    parser.add_argument("--peer-list", nargs="+", help="--peers: these tools only (default: all)")
+    parser.add_argument("--llm-compressor-path", help="--peers: a package folder put first on llm-compressor's path")
     args = parser.parse_args()
     if args.tiny:
         args.layers, args.sequences, args.length, args.batch_size = min(args.layers, 3), 64, 64, 8
@@ -160,6 +174,12 @@ def main() -> int:
         f"{args.sequences} x {args.length} calibration tokens in {built:.1f} s")
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if args.peers:
+        try:
+            return run_peers(args, s, source, calibration, device_name)
+        finally:
+            if temp:
+                shutil.rmtree(temp, ignore_errors=True)
 
     config = ReamConfig(
         target_experts=s["target"], method=args.method, group_size=s["group_size"], calibration=[str(calibration)],
@@ -227,6 +247,57 @@ def main() -> int:
     if device.type == "cuda" and not gemm.get("gate_up", "").startswith("bfloat16"):
         say(f"ERROR: the statistics GEMMs on {card} are {gemm.get('gate_up')}, not bfloat16")
         return 3
+    return 0
+
+
+def run_peers(args, s: dict, source: Path, calibration: Path, device_name: str) -> int:
+    """Every tool of eval/bench_peers.py on the same model, tokens and target, one process each; the table."""
+    import subprocess
+
+    ids = [json.loads(line)["input_ids"] for line in calibration.read_text().splitlines()]
+    tokens = calibration.with_suffix(".pt")
+    torch.save({"input_ids": torch.tensor(ids, dtype=torch.long)}, tokens)  # the same ids, as the reference reads them
+    from bench_peers import PEERS
+
+    paths = {"reference:ream": args.reference_path, "llm-compressor:reap": args.llm_compressor_path}
+    repo = Path(__file__).resolve().parent.parent
+    rows = []
+    for peer in args.peer_list or PEERS:
+        command = [sys.executable, str(Path(__file__).with_name("bench_peers.py")), "--peer", peer, "--model",
+                   str(source), "--jsonl", str(calibration), "--tokens", str(tokens), "--sequences",
+                   str(args.sequences), "--length", str(args.length), "--target", str(s["target"]), "--group-size",
+                   str(s["group_size"]), "--batch-size", str(args.batch_size), "--device", device_name,
+                   "--threads", str(torch.get_num_threads())]
+        if args.reference_repo:
+            command += ["--reference-repo", str(Path(args.reference_repo).resolve())]
+        path = [str(Path(p).resolve()) for p in (paths.get(peer),) if p] + [str(repo)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"peer": peer, "not_available": f"failed (exit {done.returncode}): {tail[:300]}"})
+        else:
+            rows.append(json.loads(lines[-1]))
+    say(f"\n--peers: {args.layers} layers of {s['experts']} experts top-{s['top_k']} (hidden {s['hidden']}, expert "
+        f"{s['inner']}), {s['experts']} -> {s['target']}, {args.sequences} x {args.length} calibration tokens, "
+        f"{device_name}\n")
+    say("| tool | seconds per layer | peak memory GB | time vs ream-hf | memory vs ream-hf |")
+    say("|---|---|---|---|---|")
+    ours = {row["peer"].split(":")[1]: row for row in rows if row["peer"].startswith("ream-hf:") and "seconds" in row}
+    for row in rows:
+        if "not_available" in row:
+            say(f"| {row['peer']} | not available: {row['not_available']} | | | |")
+            continue
+        base = ours.get(row["peer"].split(":")[1])
+        ratio = lambda key: f"{row[key] / base[key]:.2f} x" if base else "-"  # noqa: E731
+        say(f"| {row['peer']} | {row['seconds_per_layer']:.2f} | {row['peak_bytes'] / 1e9:.2f} ({row['memory']}) | "
+            f"{ratio('seconds_per_layer')} | {ratio('peak_bytes')} |")
+    path = args.json or (str(Path(os.environ["OUT"]) / "bench_peers.json") if os.environ.get("OUT") else None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"shape": s, "layers": args.layers, "device": device_name, "peers": rows},
+                                         indent=2) + "\n")
     return 0
 
 

@@ -72,8 +72,13 @@ def load_config(folder: Path):
 
 
 def stub_datasets() -> None:
-    """Their data/calibration_data.py imports `datasets` at module level only to download Hub data."""
-    if importlib.util.find_spec("datasets") is None:
+    """Their data/calibration_data.py imports `datasets` at module level only to download Hub data (stubbed too when
+    the installed one cannot import beside their transformers 4 and its huggingface_hub)."""
+    try:
+        importable = importlib.util.find_spec("datasets") is not None and bool(importlib.import_module("datasets"))
+    except ImportError:
+        importable = False
+    if not importable:
         stub = types.ModuleType("datasets")
 
         def load_dataset(*args, **kwargs):

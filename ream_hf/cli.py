@@ -192,7 +192,8 @@ def _plan(args: argparse.Namespace) -> int:
                   num_calibration_sequences=args.num_sequences, sequence_length=args.sequence_length,
                   dtype=args.dtype, device=args.device, mtp=args.mtp, streaming=not args.no_streaming,
                   hidden_states_budget_gb=args.hidden_states_budget_gb, output_dtype=args.output_dtype)
-    plan = plan_job(args.source, ReamConfig(**kwargs), tflops=args.tflops, disk_gbps=args.disk_gbps)
+    plan = plan_job(args.source, ReamConfig(**kwargs), tflops=args.tflops, disk_gbps=args.disk_gbps,
+                    threads=args.threads, ram_bytes=None if args.ram_gb is None else int(args.ram_gb * 1e9))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else "\n".join(plan.summary_lines()))
     return 0
 
@@ -211,8 +212,10 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dtype", choices=OUTPUT_DTYPES, help="fp8: count the output FP8 block-wise")
     parser.add_argument("--no-streaming", action="store_true")
     parser.add_argument("--hidden-states-budget-gb", type=float, default=DEFAULTS.hidden_states_budget_gb)
-    parser.add_argument("--tflops", type=float, help="throughput for the estimate (default: 400 on cuda, about half "
-                                                     "an H100's bf16 peak; 0.15 on cpu, 2 cores)")
+    parser.add_argument("--tflops", type=float, help="one throughput for every GEMM stage of the estimate (default: "
+                                                     "each stage's rate as measured on an H100 or this project's CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads the job will run with (default: torch's count)")
+    parser.add_argument("--ram-gb", type=float, help="the RAM to plan for (default: this machine's)")
     parser.add_argument("--disk-gbps", type=float, default=2.0, help="disk read speed for the estimate")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 

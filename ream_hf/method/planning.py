@@ -20,6 +20,7 @@ from .grouping import (
     prune_groups,
     pseudo_prune_groups,
 )
+from .refit import RIDGE_GRID, refit_flops
 from .similarity import expert_distance
 from .stats import LayerStatistics, saliency_name
 
@@ -100,3 +101,56 @@ def plan_layer(config: ReamConfig, stats: LayerStatistics, target: int, routing_
     weight_source = merge_saliency(scores) if config.is_merging else scores
     weights = [merge_weights(weight_source, g).tolist() for g in groups]
     return LayerPlan(groups, weights, scores)
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """What one MoE layer's stages compute, counted from the shapes (`ream-hf plan` divides these by measured
+    rates): floating-point operations of each stage's GEMMs, and the Hungarian matchings of the alignment, whose
+    cost grows with D faster than any GEMM's (scipy's `linear_sum_assignment`, cubic in D at worst)."""
+
+    statistics_flops: float  # the statistics pass as executed: gate/up of every expert (merging) or the routed ones
+    feature_flops: float  # the weight features' randomized PCA over every neuron of the layer (merging with weights)
+    alignment_flops: float  # the groups' activations on the alignment sample and their Gram sums
+    matchings: int  # Hungarian matchings of D x D costs: one per merged member that is not its group's centroid
+    refit_flops: float  # the corrections on the refit sample: routed passes, per-step errors, per-expert solves
+    forward_flops: float  # the re-forward of the compressed layer on every calibration token (attention included)
+
+    @property
+    def gemm_flops(self) -> float:
+        return self.statistics_flops + self.feature_flops + self.alignment_flops + self.refit_flops + self.forward_flops
+
+
+def layer_work(config: ReamConfig, *, hidden: int, inner: int, experts: int, target: int, top_k: int, tokens: int,
+               dense_params: int, attention_width: int, sequence_length: int) -> LayerWork:
+    """The work of one compressed MoE layer of `experts` experts (H = `hidden`, D = `inner`) kept to `target`, on
+    `tokens` calibration tokens. `dense_params`: the layer's parameters outside its experts (attention, router,
+    norms), each a multiply-add per token in the re-forward; `attention_width`: query heads x head dim, for the
+    attention scores over `sequence_length` positions."""
+    expert_gemm = 2 * hidden * inner  # one projection of one expert on one token
+    routed = 3 * expert_gemm * top_k  # a token through its top-k experts
+    if config.is_merging:  # gate/up of every expert on every token (the down projection once per expert, linearity)
+        statistics = (2 * expert_gemm * experts + expert_gemm * top_k) * tokens
+    elif config.method == "reap" or config.saliency != "frequency":
+        statistics = routed * tokens
+    else:
+        statistics = 0.0
+    features = alignment = 0.0
+    matchings = 0
+    if config.is_merging and target < experts and config.merge in ("activations+weights", "activations", "weights"):
+        matchings = experts - target  # every expert is in one of `target` groups: the non-centroids are aligned
+        group_size = max(2, config.resolve_group_size(experts, target))
+        members = matchings + -(-matchings // (group_size - 1))  # and the centroids of the multi-member groups
+        if "weights" in config.merge:  # about ten passes of (E D, 3H) neuron rows times (3H, p + 10) bases
+            width = min(config.pca_dim + 10, 3 * hidden)
+            features = 10 * 2 * experts * inner * 3 * hidden * width + matchings * 3 * inner * inner * config.pca_dim
+        if "activations" in config.merge:  # gate/up of each member on the sample, then its columns' dots (D x D)
+            sample = min(config.activation_sample_tokens, tokens)
+            alignment = members * sample * (2 * expert_gemm + 2 * inner * inner)
+    refit = 0.0
+    refit_tokens = min(config.refit_tokens, tokens) if "down" in config.refit else 0
+    if refit_tokens:  # the down refit and its held-out check (method/refit.py counts its work)
+        candidates = len(RIDGE_GRID) * (1 if config.refit_target == "group" else config.refit_steps)
+        refit = refit_flops(refit_tokens, top_k, inner, hidden, target, candidates)
+    forward = (routed + 2 * dense_params + 4 * sequence_length * attention_width) * tokens
+    return LayerWork(float(statistics), float(features), float(alignment), matchings, float(refit), float(forward))

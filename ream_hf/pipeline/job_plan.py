@@ -40,18 +40,119 @@ from ..io import safetensors as st
 from ..io.names import looks_like_hub_id
 from ..io.quantization import FP8_OUTPUT, Fp8BlockOutput
 from ..io.source import SourceCheckpoint
-from ..method.refit import RIDGE_GRID, refit_flops
+from ..method.planning import LayerWork, layer_work
 from ..method.refit import refit_bytes as refit_bytes_of
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
 from .background_writer import WRITER_PENDING_BYTES
 
-# throughput assumed by the estimate when none is given, in executed FLOP per second of the whole layer (statistics,
-# merge, re-forward): on CUDA the rate eval/bench_gpu.py measured end to end on one H100 80GB HBM3 and on one H200
-# (Qwen3-30B-A3B's layer shape, 1.43 PFLOP executed in 7.9 s per layer: 180 TFLOP/s; README, 'Measured on a GPU');
-# on the CPU eval/bench_compress.py's float32 rate on 2 cores
-DEFAULT_TFLOPS = {"cuda": 180.0, "cpu": 0.15}
 DEFAULT_DISK_GBPS = 2.0
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One rate the estimate divides work by, and where it comes from: "measured: <bench, shape, machine>" or
+    "assumed: <why>" (the plan prints which)."""
+
+    value: float
+    source: str
+
+    @property
+    def measured(self) -> bool:
+        return self.source.startswith("measured")
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """Per-device rates of the stages that dominate a layer (method/planning.py `LayerWork` counts their work).
+
+    On the CPU they are one thread's (the estimate scales the GEMM stages by the thread count, an assumption; the
+    Hungarian matchings run in scipy, one thread); `fixed` is the job's cost outside the layers (imports,
+    calibration, skeleton, final writes and verification), `baseline` the process's own resident memory then."""
+
+    statistics_gflops: Rate
+    merge_gflops: Rate  # weight features and alignment activations
+    matching_ns: Rate  # one Hungarian matching of D x D costs takes matching_ns x (D / 256) ** 2.5 nanoseconds
+    refit_gflops: Rate
+    forward_gflops: Rate
+    fixed_seconds: Rate
+    baseline_bytes: Rate
+
+
+RATE_UNITS = {"statistics_gflops": "GFLOP/s", "merge_gflops": "GFLOP/s", "matching_ns": "ns at D 256",
+              "refit_gflops": "GFLOP/s", "forward_gflops": "GFLOP/s", "fixed_seconds": "s", "baseline_bytes": "bytes"}
+MATCHING_EXPONENT = 2.5  # linear_sum_assignment's time on alignment costs grows as D^2.5 (measured D 128-768, below)
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """A run whose seconds per layer by stage calibrate a device's rates: its shape and settings, and where and how
+    it was measured (`source`). Rates are its stages' work (`LayerWork`) over their seconds."""
+
+    source: str
+    hidden: int
+    inner: int
+    experts: int
+    target: int
+    top_k: int
+    tokens: int
+    sequence_length: int
+    dense_params: int
+    attention_width: int
+    config: dict[str, Any]  # the ReamConfig fields that change the work (method, refit, samples)
+    seconds: dict[str, float]  # per layer: statistics, merge, refit, forward
+    matching_ns: float | None = None  # this device's host's matching rate, where the run cannot separate it
+    fixed_seconds: float = 0.0
+    baseline_bytes: int = 0
+
+
+# Qwen3-30B-A3B's layer on one H100 80GB HBM3 (eval/bench_gpu.py --layers 4, README "Measured on a GPU",
+# 2026-11-26): steady seconds per layer, bf16, 3072 x 512 calibration tokens, REAM 128 -> 96, refit down
+H100_RUN = MeasuredRun(
+    "measured: eval/bench_gpu.py, Qwen3-30B-A3B layer shape, one H100 80GB HBM3, 2026-11-26",
+    hidden=2048, inner=768, experts=128, target=96, top_k=8, tokens=3072 * 512, sequence_length=512,
+    dense_params=18_874_624 + 128 * 2048 + 2 * 2048, attention_width=32 * 128,
+    config={"method": "ream", "group_size": 16, "refit": "down"},
+    seconds={"statistics": 5.03, "merge": 1.36, "refit": 0.35, "forward": 1.29},
+    fixed_seconds=15.0, baseline_bytes=2 * 2**30)
+# this project's 2-core CPU, one thread, stages in the compute thread's CPU seconds (eval/bench_plan.py --cpu-clock)
+CPU_RUN = MeasuredRun(
+    "measured: eval/bench_plan.py --threads 1 --cpu-clock, random Qwen3-MoE H 1024 D 512 E 64 top-8, 2-core x86 "
+    "AVX2 CPU, 2026-12-06",
+    hidden=1024, inner=512, experts=64, target=48, top_k=8, tokens=16 * 128, sequence_length=128,
+    dense_params=4 * 1024 * 1024 + 64 * 1024 + 2 * 1024 + 2 * 256, attention_width=1024,
+    config={"method": "ream", "group_size": 16},
+    # 6 layers, 16 x 128 tokens, REAM 64 -> 48 with the default refit: 41.5, 71.6, 45.6 s over 6 layers, the
+    # re-forward 4.7 s over 5 (the last layer has none); 183 CPU s in all; peak RSS 2.58 GB (anonymous 2.32)
+    seconds={"statistics": 41.5 / 6, "merge": 71.6 / 6, "refit": 45.6 / 6, "forward": 4.7 / 5},
+    fixed_seconds=17.0, baseline_bytes=600_000_000)
+MATCHING_NS_CPU = 2.6e6  # scipy linear_sum_assignment at D = 256 on this CPU, one thread (measured, 2026-12-06)
+
+
+def rates_from_run(run: MeasuredRun) -> DeviceRates:
+    """The rates `run` measured: each stage's counted work over its seconds (the merge's matchings first taken
+    out at the host's measured matching rate)."""
+    work = layer_work(ReamConfig(target_experts=run.target, **run.config), hidden=run.hidden, inner=run.inner,
+                      experts=run.experts, target=run.target, top_k=run.top_k, tokens=run.tokens,
+                      dense_params=run.dense_params, attention_width=run.attention_width,
+                      sequence_length=run.sequence_length)
+    matching_ns = run.matching_ns or MATCHING_NS_CPU
+    matching = work.matchings * matching_ns * 1e-9 * (run.inner / 256) ** MATCHING_EXPONENT
+    merge_seconds = max(run.seconds["merge"] - matching, 0.1 * run.seconds["merge"])
+    rate = lambda flops, seconds: Rate(round(flops / seconds / 1e9, 1), run.source)  # noqa: E731
+    return DeviceRates(
+        statistics_gflops=rate(work.statistics_flops, run.seconds["statistics"]),
+        merge_gflops=rate(work.feature_flops + work.alignment_flops, merge_seconds),
+        matching_ns=Rate(matching_ns, "measured: scipy linear_sum_assignment on random D x D costs, D 128-768, "
+                                      "this project's CPU, one thread, 2026-12-06"),
+        refit_gflops=rate(work.refit_flops, run.seconds["refit"]),
+        forward_gflops=rate(work.forward_flops, run.seconds["forward"]),
+        fixed_seconds=Rate(run.fixed_seconds, run.source),
+        baseline_bytes=Rate(run.baseline_bytes, run.source),
+    )
+
+
+def device_rates(device: torch.device) -> DeviceRates:
+    return rates_from_run(H100_RUN if device.type == "cuda" else CPU_RUN)
 
 
 @dataclass
@@ -90,6 +191,10 @@ class JobPlan:
     throughput_tflops: float
     disk_gbps: float
     estimated_seconds: float
+    ram_parts: dict[str, int] = field(default_factory=dict)  # ram_bytes_needed by what holds it
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # estimated_seconds by stage, all layers
+    threads: int = 1
+    rates: dict[str, dict[str, Any]] = field(default_factory=dict)  # each rate's value and source (measured/assumed)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,8 +218,11 @@ class JobPlan:
             f"fits {fits(self.fits_device)}",
             f"this machine RAM  needs {gb(self.ram_bytes_needed)} of {gb(self.ram_bytes)}: fits {fits(self.fits_ram)}"
             + ("" if self.gpu_memory_bytes is None else f"; GPU memory {gb(self.gpu_memory_bytes)}"),
-            f"estimate          {self.estimated_seconds / 60:,.1f} min at {self.throughput_tflops:g} TFLOP/s "
-            f"and {self.disk_gbps:g} GB/s from disk",
+            "  peak RAM        " + ", ".join(f"{part} {n / 1e9:.2f}" for part, n in self.ram_parts.items() if n) + " GB",
+            f"estimate          {self.estimated_seconds / 60:,.1f} min ("
+            + ", ".join(f"{stage} {s:,.0f} s" for stage, s in self.stage_seconds.items())
+            + f"; {self.threads} thread(s), {self.disk_gbps:g} GB/s from disk)",
+            *(f"  rate {name:<17} {r['value']:g} {RATE_UNITS[name]}: {r['source']}" for name, r in self.rates.items()),
             *(f"note: {note}" for note in self.notes),
         ]
 
@@ -199,9 +307,12 @@ def _tensor_bytes(tensors, dtype: torch.dtype) -> int:
 
 
 def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfig, *, device: str | None = None,
-             tflops: float | None = None, disk_gbps: float = DEFAULT_DISK_GBPS) -> JobPlan:
+             tflops: float | None = None, disk_gbps: float = DEFAULT_DISK_GBPS, threads: int | None = None,
+             ram_bytes: int | None = None) -> JobPlan:
     """The job's sizes and needs (module docstring), reading config.json and the index only (`model_path`: a
-    folder, a Hub id, or a source `compress` has opened, whose weights may not be downloaded yet)."""
+    folder, a Hub id, or a source `compress` has opened, whose weights may not be downloaded yet). `threads`: the
+    CPU threads the job will run with (default: torch's); `ram_bytes`: the RAM to plan for (default: this
+    machine's)."""
     from transformers import AutoModelForCausalLM
 
     from ..arch import config_mtp_prefixes, disk_expert_name
@@ -281,20 +392,22 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     per_layer_exact = 3 * 2 * hidden * inner * tokens
     if config.is_merging:
         statistics_flops = per_layer_exact * num_experts * compressed
-        executed = (2 * 2 * hidden * inner * num_experts + 2 * hidden * inner * top_k) * tokens * compressed
     elif config.method == "reap":
-        statistics_flops = executed = per_layer_exact * top_k * compressed
+        statistics_flops = per_layer_exact * top_k * compressed
     else:
-        statistics_flops = executed = 0
-    executed += per_layer_exact * top_k * len(moe)  # the re-forward's routed experts (attention not counted)
+        statistics_flops = 0
+    heads = int(text.get("num_attention_heads") or 1)
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    moe_layer_params = sum(t.numel() for t in layers[moe[0][0]].state_dict().values())
+    work = layer_work(config, hidden=hidden, inner=inner, experts=num_experts, target=target, top_k=top_k,
+                      tokens=tokens, dense_params=moe_layer_params - num_experts * expert_numel,
+                      attention_width=heads * head_dim, sequence_length=config.sequence_length)
+    executed = (work.statistics_flops + work.refit_flops + work.forward_flops) * compressed
     refit_tokens = min(config.refit_tokens, tokens) if "down" in config.refit else 0
     refit_bytes = 0
     if refit_tokens:  # the down refit and its held-out check (method/refit.py), per compressed layer
-        candidates = len(RIDGE_GRID) * (1 if config.refit_target == "group" else config.refit_steps)
-        executed += refit_flops(refit_tokens, top_k, inner, hidden, target, candidates) * compressed
         refit_bytes = refit_bytes_of(refit_tokens, top_k, inner, hidden, target,
                                      torch.empty((), dtype=working).element_size())
-    notes.append("FLOPs count the experts only (attention and routers are small beside them)")
 
     run_device = torch.device(device or config.run_device)
     cuda = run_device.type == "cuda"
@@ -314,18 +427,39 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
         device_need = layer_need + held_hidden
     else:
         device_need = _tensor_bytes([p for _, p in model.named_parameters()], working) + gate_up_copy + workspace + held_hidden
+    rates = device_rates(run_device)
+    ram_parts = _ram_parts(rates, config, cuda=cuda, layer=max(layer_bytes), disk_layer=max(layer_bytes) * disk_size // size,
+                           statistics=gate_up_copy + max(workspace, refit_bytes) + merged, embed=embed_bytes,
+                           hidden_states=held_hidden, sample=4 * hidden * min(tokens, config.layer_sample_tokens),
+                           written=min(target * expert_numel * size + max(layer_bytes) - num_experts * expert_numel * size,
+                                       WRITER_PENDING_BYTES), whole_model=device_need)
+    ram_need = sum(ram_parts.values())
     if cuda:
         device_total = gpu_memory if run_device.index in (None, 0) or gpu_memory is None else memory_bytes(run_device)
-        ram_need = max(layer_bytes) + WRITER_PENDING_BYTES  # the prefetched next layer (pinned) + pending writes
     else:
-        device_total = memory_bytes(torch.device("cpu"))
-        ram_need = device_need
-    ram_total = memory_bytes(torch.device("cpu"))
+        device_total = memory_bytes(torch.device("cpu")) if ram_bytes is None else ram_bytes
+    ram_total = memory_bytes(torch.device("cpu")) if ram_bytes is None else ram_bytes
     if cuda and device_total is None:
         notes.append("no CUDA GPU on this machine: whether the job fits one is not known here")
 
-    throughput = tflops if tflops is not None else DEFAULT_TFLOPS["cuda" if cuda else "cpu"]
-    seconds = executed / (throughput * 1e12) + source_bytes / (disk_gbps * 1e9)
+    threads = max(1, threads or torch.get_num_threads()) if not cuda else 1
+    if tflops is not None:
+        given = Rate(tflops * 1e3, "given: --tflops")
+        rates = DeviceRates(given, given, rates.matching_ns, given, given, rates.fixed_seconds, rates.baseline_bytes)
+    stage_seconds = _stage_seconds(work, rates, inner, threads)
+    stage_seconds = {stage: seconds * compressed for stage, seconds in stage_seconds.items()}
+    dense_layers = len(layers) - len(moe)
+    if dense_layers:  # a dense layer's re-forward: its parameters once per token
+        stage_seconds["forward"] += dense_layers * 2 * max(layer_bytes) / size * tokens / (
+            rates.forward_gflops.value * 1e9 * threads)
+    stage_seconds["load"] = source_bytes / (disk_gbps * 1e9)
+    if cuda:  # read ahead while the GPU computes: only what the compute does not hide
+        stage_seconds["load"] = max(0.0, stage_seconds["load"] - sum(stage_seconds.values()))
+    stage_seconds["fixed"] = rates.fixed_seconds.value
+    seconds = sum(stage_seconds.values())
+    if not cuda and threads > 1:
+        notes.append(f"the CPU rates are one thread's: {threads} threads are assumed {threads} x as fast (the "
+                     "matchings excepted); on a machine shared with other jobs expect longer")
     return JobPlan(
         source=str(source.folder if isinstance(model_path, SourceCheckpoint) else model_path), family=family.name, dtype=str(working).removeprefix("torch."),
         num_layers=len(layers), moe_layers=compressed, experts_before=num_experts, experts_after=target, top_k=top_k,
@@ -338,9 +472,44 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
         fits_device=None if device_total is None else device_need <= device_total,
         layer_fits_device=None if device_total is None else (layer_need if config.streaming else device_need) <= device_total,
         ram_bytes=ram_total, ram_bytes_needed=int(ram_need), fits_ram=ram_need <= ram_total,
-        gpu_memory_bytes=gpu_memory, throughput_tflops=throughput, disk_gbps=disk_gbps,
-        estimated_seconds=float(seconds), notes=notes,
+        gpu_memory_bytes=gpu_memory, throughput_tflops=rates.statistics_gflops.value / 1e3, disk_gbps=disk_gbps,
+        estimated_seconds=float(seconds), ram_parts={k: int(v) for k, v in ram_parts.items()},
+        stage_seconds=stage_seconds, threads=threads, rates={k: asdict(v) for k, v in vars(rates).items()},
+        notes=notes,
     )
+
+
+def _stage_seconds(work: LayerWork, rates: DeviceRates, inner: int, threads: int) -> dict[str, float]:
+    """One MoE layer's seconds by stage: its GEMM work at the device's rates (`threads` CPU threads), the
+    Hungarian matchings at theirs (one thread)."""
+    def at(flops: float, rate: Rate) -> float:
+        return flops / (rate.value * 1e9 * threads)
+
+    matching = work.matchings * rates.matching_ns.value * 1e-9 * (inner / 256) ** MATCHING_EXPONENT
+    return {"statistics": at(work.statistics_flops, rates.statistics_gflops),
+            "merge": at(work.feature_flops + work.alignment_flops, rates.merge_gflops) + matching,
+            "refit": at(work.refit_flops, rates.refit_gflops),
+            "forward": at(work.forward_flops, rates.forward_gflops)}
+
+
+def _ram_parts(rates: DeviceRates, config: ReamConfig, *, cuda: bool, layer: int, disk_layer: int, statistics: int,
+               embed: int, hidden_states: int, sample: int, written: int, whole_model: int) -> dict[str, int]:
+    """The host memory a run holds at its peak, by what holds it. The process itself (torch, transformers and their
+    libraries), then: on the CPU the layer being compressed with its statistics' working set and merged experts,
+    the embeddings, the hidden states (when held in memory) and the layer's token sample; the previous layer's
+    output waiting in the writer's queue; on CUDA the next layer read ahead (pinned) and that queue only."""
+    parts = {"process": int(rates.baseline_bytes.value)}
+    if cuda:
+        parts["layer read ahead"] = disk_layer
+    elif not config.streaming:
+        parts["model and statistics"] = whole_model
+    else:
+        # the layer's shard pages stay mapped (resident, file-backed) while it is read: measured, eval/bench_plan.py
+        parts.update({"layer": layer, "source pages": disk_layer, "statistics and merge": statistics,
+                      "embeddings": embed, "hidden states": hidden_states, "token sample": sample})
+    if config.streaming:
+        parts["writer queue"] = written
+    return parts
 
 
 def check_fits(plan: JobPlan) -> None:
