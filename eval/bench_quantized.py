@@ -59,10 +59,13 @@ def build_sources(workdir: Path, source: str = "fp8", seed: int = 0) -> tuple[Pa
 
 
 def compress(source: Path, calibration: Path, output: Path, method: str, *, target: int = 8, sequences: int = 32,
-             length: int = 64, output_dtype: str | None = None, refit: str = "none") -> Path:
+             length: int = 64, output_dtype: str | None = None, refit: str = "none", **settings) -> Path:
+    """`method` may carry ReamConfig overrides after a colon, e.g. "ream:merge=neurons"; `settings` are more."""
+    method, _, overrides = method.partition(":")
+    settings.update(item.split("=", 1) for item in overrides.split(",") if item)
     config = ReamConfig(target_experts=target, method=method, calibration=[str(calibration)], calibration_ratios=None,
                         num_calibration_sequences=sequences, sequence_length=length, batch_size=8, group_size=4,
-                        output_dtype=output_dtype, refit=refit)
+                        output_dtype=output_dtype, refit=refit, **settings)
     compressor = ReamCompressor(config)
     compressor.compress(str(source), work_dir=output.parent / f".{output.name}.work")
     return compressor.save_pretrained(output)
@@ -110,8 +113,9 @@ class KLScorer:
 
 
 def run(workdir: Path, methods: tuple[str, ...] = ("reap", "ream"), sequences: int = 32, length: int = 64,
-        refit: str = "none", source: str = "fp8") -> list[dict]:
-    """One row per method: the output folder and KL of each mode."""
+        refit: str = "none", source: str = "fp8", **settings) -> list[dict]:
+    """One row per method (a method may carry overrides, see `compress`): the output folder and KL of each mode;
+    `settings` are ReamConfig fields for every compression."""
     workdir = Path(workdir)
     quantized, twin = build_sources(workdir, source)
     calibration = write_demo_calibration(workdir / "calibration.txt")
@@ -123,7 +127,7 @@ def run(workdir: Path, methods: tuple[str, ...] = ("reap", "ream"), sequences: i
             output_dtype = mode.split("->")[1] if "->" in mode else None
             folder = compress(twin if mode == "twin" else quantized, calibration,
                               workdir / f"{method}-{mode.replace('->', '-')}", method, sequences=sequences,
-                              length=length, output_dtype=output_dtype, refit=refit)
+                              length=length, output_dtype=output_dtype, refit=refit, **settings)
             row["folders"][mode], row["kl"][mode] = folder, scorer.score(folder)
         rows.append(row)
     return rows

@@ -89,8 +89,12 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", choices=(*MERGE_MODES, *MERGE_MODE_ALIASES), default=DEFAULTS.merge,
                         metavar="{" + ",".join(MERGE_MODES) + "}",
                         help="how a group's members are aligned before the weighted sum: by their hidden activations "
-                             "and/or weights, not at all (avg), or not merged (none); 'logits+weights' and 'logits' "
-                             "are the old names of the activation modes")
+                             "and/or weights, not at all (avg), or not merged (none); or (neurons) the merged expert "
+                             "keeps D of the group's neurons chosen to fit the group's output, down projection fit "
+                             "by least squares; 'logits+weights' and 'logits' are the old names of the activation modes")
+    parser.add_argument("--no-merge-floor", action="store_true",
+                        help="keep every merge, also one that reproduces its group's output on held-out calibration "
+                             "sequences worse than the group's centroid alone (by default such a group is pruned)")
     parser.add_argument("--pca-dim", type=int, default=DEFAULTS.pca_dim)
     parser.add_argument("--no-sequential", action="store_true", help="statistics from the original model (ablation)")
     parser.add_argument("--no-gated-similarity", action="store_true", help="ablation: plain expert outputs")
@@ -120,7 +124,7 @@ def _config_from_args(args: argparse.Namespace) -> ReamConfig:
         merge=args.merge, pca_dim=args.pca_dim, sequential=not args.no_sequential, saliency=args.saliency,
         saliency_mean=args.saliency_mean, weight_features=args.weight_features, refit=args.refit,
         refit_target=args.refit_target, refit_ridge=args.refit_ridge, refit_steps=args.refit_steps,
-        refit_tokens=args.refit_tokens,
+        refit_tokens=args.refit_tokens, prune_fallback=not args.no_merge_floor,
         gated_similarity=not args.no_gated_similarity, use_router_logits=not args.no_router_logits, mtp=args.mtp,
         max_shard_size=args.max_shard_size, streaming=not args.no_streaming,
         hidden_states_budget_gb=args.hidden_states_budget_gb, output_dtype=args.output_dtype,

@@ -22,7 +22,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 PRUNING_METHODS = ("reap", "frequency")
 MERGING_METHODS = ("ream", "hc_smoe", "m_smoe")
 METHODS = MERGING_METHODS + PRUNING_METHODS
-MERGE_MODES = ("activations+weights", "weights", "activations", "avg", "none")
+MERGE_MODES = ("activations+weights", "weights", "activations", "avg", "neurons", "none")
 # earlier names of the merge modes, still accepted: "logits" meant the experts' hidden activations
 MERGE_MODE_ALIASES = {"logits+weights": "activations+weights", "logits": "activations"}
 MTP_MODES = ("compress", "keep", "drop")
@@ -168,8 +168,8 @@ class ReamConfig(QuantizationConfigMixin):
     refit_ridge: float = 0.01
     refit_tokens: int = 8192  # the refit's sample: tokens per layer it fits on (drawn from the layer's token sample)
     refit_steps: int = 3  # residual refit: how often the layer's error is recomputed and shared again
-    prune_fallback: bool = False  # merging: a group whose merge fits its calibration outputs worse than its centroid
-    # alone (cross-validated least squares on the refit sample) is pruned instead
+    prune_fallback: bool = True  # merging: a group whose merge reproduces its gated output on held-out calibration
+    # sequences of the refit sample worse than its centroid alone is pruned instead (the merge floor, method/floor.py)
     prune_fallback_margin: float = 0.0  # ... unless the merge's held-out error is lower by more than this fraction
     gated_similarity: bool = True
     use_router_logits: bool = True
@@ -326,7 +326,8 @@ class ReamConfig(QuantizationConfigMixin):
         for the alignment sample (`activation_sample_tokens`) and the refit's (`refit_tokens`), which are drawn from
         it (0: neither is needed, no sample)."""
         return max(self.activation_sample_tokens if self.aligns_activations else 0,
-                   self.refit_tokens if self.refit != "none" or (self.is_merging and self.prune_fallback) else 0)
+                   self.refit_tokens if self.refit != "none" or (self.is_merging and (self.prune_fallback or
+                                                                                       self.merge == "neurons")) else 0)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -116,13 +116,13 @@ def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: 
 
 
 def compress(source: Path, calibration: Path, output: Path, *, method: str = "reap", target: int = 8,
-             mtp: str = "compress", streaming: bool = False, **kw) -> ReamCompressor:
+             mtp: str = "compress", streaming: bool = False, settings: dict | None = None, **kw) -> ReamCompressor:
     """Compress a tiny family checkpoint (8 calibration sequences of 48 tokens, group size 4) and save it to
-    `output`; `kw` goes to `ReamCompressor.compress` (allow_full_width, work_dir, ...). In memory unless
-    `streaming` (the library's default)."""
+    `output`; `settings` are more `ReamConfig` fields, `kw` goes to `ReamCompressor.compress` (allow_full_width,
+    work_dir, ...). In memory unless `streaming` (the library's default)."""
     config = ReamConfig(target_experts=target, method=method, calibration=[str(calibration)], calibration_ratios=None,
                         num_calibration_sequences=8, sequence_length=48, batch_size=4, group_size=4, mtp=mtp,
-                        streaming=streaming)
+                        streaming=streaming, **(settings or {}))
     compressor = ReamCompressor(config)
     compressor.compress(str(source), **kw)
     compressor.save_pretrained(output)

@@ -13,8 +13,9 @@ the member's on cost = distance of the neurons' hidden activations (columns norm
 distance of their weight rows. `pca_dim` = 3 * hidden makes the method's PCA of the weight rows a rotation, so
 with `--weight-features plain` that distance is the plain distance of the unit rows, which the reference computes
 without any PCA. Every output expert must then equal the weighted sum of its group's permuted source experts
-(`--refit none`: the refit, which changes the down projections after the merge, is tests/test_refit.py's), and
-every router row the centroid's.
+(`--refit none`: the refit, which changes the down projections after the merge, is tests/test_refit.py's;
+`--no-merge-floor`: the floor, which may prune a group instead, is tests/test_merge_floor.py's), and every router
+row the centroid's.
 
 Calibration: pre-tokenised rows of different lengths (used as they are, so the reference knows every token;
 batches carry padding that must not count), all of them, and an activation sample larger than the tokens
@@ -56,7 +57,7 @@ def run(request, qwen3_source, ragged_calibration, tmp_path_factory):
     code = cli(["compress", str(qwen3_source), "--method", method, "--target-experts", str(TARGET),
                 "--calibration", str(ragged_calibration), "--num-sequences", str(len(rows)), "--batch-size", "4",
                 "--group-size", str(GROUP_SIZE), "--pca-dim", str(3 * hidden), "--weight-features", "plain",
-                "--refit", "none", "--output", str(output)])
+                "--refit", "none", "--no-merge-floor", "--output", str(output)])
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(str(output)).eval()
     inputs = moe_inputs(model, rows)

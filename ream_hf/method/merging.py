@@ -14,7 +14,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from ..arch import ExpertWeights
 from ..config import WEIGHT_FEATURES
+from .refit import ridge_solve
 from .similarity import unit_column_distance
 
 ALIGNMENT_MODES = ("activations+weights", "activations", "weights")
@@ -240,15 +242,17 @@ def merge_expert_group(
     """One output expert from its group (stacked centroid first), per merge mode: "activations+weights" /
     "activations" / "weights" align every member to the centroid, then saliency-weighted sum; "avg" uniform
     average without alignment; "none" the centroid unchanged. Activations come as acts (n, Ts, D) or as
-    their `ActivationGram`; feats (n, D, p)."""
+    their `ActivationGram`; feats (n, D, p). "neurons" also returns the centroid here: its neurons are chosen
+    and its down projection fit (`neuron_merge`) against the compressed router's weights, so only once the
+    router has been cut (pipeline/layer.py `merge_neurons`)."""
     biases = {name: b for name, b in (biases or {}).items() if b is not None}
     count = gate.shape[0]
-    if keeps_centroid(mode, count):
+    if keeps_centroid(mode, count) or mode == "neurons":
         return gate[0], up[0], down[0], {name: b[0] for name, b in biases.items()}
     if mode == "avg":
         return merge_group(gate, up, down, torch.full((count,), 1.0 / count, dtype=torch.float64), biases=biases)
     if mode not in ALIGNMENT_MODES:
-        raise ValueError(f"merge mode must be one of {', '.join((*ALIGNMENT_MODES, 'avg', 'none'))}; got {mode!r}")
+        raise ValueError(f"merge mode must be one of {', '.join((*ALIGNMENT_MODES, 'avg', 'neurons', 'none'))}; got {mode!r}")
     if gram is None and acts is not None and "activations" in mode:
         gram = ActivationGram.of(acts)
     perms = [torch.arange(gate.shape[1])]
@@ -263,3 +267,80 @@ def merge_expert_group(
         )
         perms.append(align_to_centroid(cost))
     return merge_group(gate, up, down, weights, perms=perms, biases=biases)
+
+
+def select_neurons(gram: Tensor, cross: Tensor, count: int, ridge: float) -> Tensor:
+    """Greedy forward selection of `count` of the N candidate neurons whose least-squares fit of the target is
+    best, from the candidates' Gram sum u u^T (N, N) and cross sum t u^T (H, N). Each step adds the neuron that
+    lowers the residual sum of squares most given those already chosen (a pivoted Cholesky of the Gram, ridge
+    `ridge` x its mean diagonal on the diagonal, carrying the residual cross terms along): the fit itself is the
+    criterion, not a per-neuron score, which misses that two neurons may carry the same signal. Returns the
+    chosen indices (count,) in the order chosen; O(count * N * (H + count)) time, (N, count) extra memory."""
+    gram, residual_cross = gram.double(), cross.double().clone()
+    total = gram.shape[0]
+    count = min(count, total)
+    scale = float(torch.diagonal(gram).mean())
+    lam = ridge * scale if scale > 0 else 1.0
+    residual_var = torch.diagonal(gram).clone() + lam  # each candidate's variance left after the chosen ones
+    factor = torch.zeros(total, count, dtype=torch.float64, device=gram.device)
+    free = torch.ones(total, dtype=torch.bool, device=gram.device)
+    chosen = []
+    for step in range(count):
+        gain = (residual_cross ** 2).sum(dim=0) / residual_var.clamp(min=lam * 1e-12)
+        gain = torch.where(free, gain, torch.full_like(gain, -1.0))
+        pick = int(torch.argmax(gain))
+        pivot = float(residual_var[pick]) ** 0.5
+        column = (gram[:, pick] - factor[:, :step] @ factor[pick, :step]) / pivot
+        column[pick] = pivot  # the ridge sits on the diagonal
+        factor[:, step] = column
+        residual_var -= column ** 2
+        residual_cross -= torch.outer(residual_cross[:, pick] / pivot, column)
+        free[pick] = False
+        chosen.append(pick)
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def neuron_merge(group: ExpertWeights, activation: Callable[[Tensor, Tensor], Tensor], x: Tensor, weight: Tensor,
+                 goal: Tensor, ridge: float) -> ExpertWeights:
+    """One expert of D neurons chosen among the group's C x D (stacked centroid first), each kept with its exact
+    gate and up rows (and biases), whose down projection is then fit by ridge least squares so that its gated
+    output w(x) W a(x) reproduces `goal` (n, H), the group's gated output, on the routed tokens x (n, H) with the
+    output expert's routing weights `weight` (n, 1). The prior of the fit is each chosen neuron's own down column
+    (and the centroid's down bias). The neurons are chosen by `select_neurons`; the centroid's own D neurons are
+    the other candidate, and whichever fits `goal` better on these rows is returned: never worse than the
+    centroid alone on the rows it is fit on (held out, `floor.merge_floor` decides). Returns a one-expert
+    `ExpertWeights` in the group's dtype."""
+    count, inner, hidden = group.gate.shape
+    if x.shape[0] == 0:
+        return group.select([0])
+    fp = group.to(torch.float32)
+    x, weight = x.float(), weight.float()
+    gate, up = torch.matmul(x, fp.gate.transpose(1, 2)), torch.matmul(x, fp.up.transpose(1, 2))  # (C, n, D)
+    if fp.gate_bias is not None:
+        gate, up = gate + fp.gate_bias[:, None, :], up + fp.up_bias[:, None, :]
+    inputs = (weight * activation(gate, up).transpose(0, 1).reshape(x.shape[0], count * inner)).double()  # (n, C D)
+    goal = goal.double()
+    columns = (fp.down.transpose(1, 2).reshape(count * inner, hidden).T).double()  # (H, C D): neuron n's down column
+    extra = [weight.double()] if fp.down_bias is not None else []  # the down bias: one more input column
+    bias_prior = [fp.down_bias[0].double().unsqueeze(1)] if fp.down_bias is not None else []
+    best = None
+    candidates = [torch.arange(inner)]
+    if count > 1:
+        candidates.insert(0, select_neurons(inputs.T @ inputs, goal.T @ inputs, inner, ridge).sort().values)
+    for chosen in candidates:
+        u = torch.cat([inputs[:, chosen], *extra], dim=1)
+        prior = torch.cat([columns[:, chosen], *bias_prior], dim=1)
+        solved = ridge_solve((u.T @ u)[None], (goal.T @ u)[None], prior[None], ridge)[0]
+        error = float(((u @ solved.T - goal) ** 2).sum())
+        if best is None or error <= best[0]:  # ties go to the centroid's own neurons (last)
+            best = (error, chosen, solved)
+    _, chosen, solved = best
+    flat = lambda t: t.reshape(count * inner, *t.shape[2:])[chosen]  # noqa: E731  (C, D, ...) -> chosen neurons
+    dtype = group.gate.dtype
+    return ExpertWeights(
+        gate=flat(group.gate).unsqueeze(0), up=flat(group.up).unsqueeze(0),
+        down=solved[:, :inner].to(dtype).unsqueeze(0),
+        gate_bias=None if group.gate_bias is None else flat(group.gate_bias).unsqueeze(0),
+        up_bias=None if group.up_bias is None else flat(group.up_bias).unsqueeze(0),
+        down_bias=None if group.down_bias is None else solved[:, inner].to(group.down_bias.dtype).unsqueeze(0),
+    )

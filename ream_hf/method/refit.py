@@ -184,51 +184,6 @@ def _design(weight: Tensor, acts: Tensor, down: Tensor, down_bias: Tensor | None
     return inputs, current
 
 
-def _cross_validated_error(inputs: Tensor, goal: Tensor, prior: Tensor, ridge: float) -> float:
-    """Squared error of the ridge fit on held-out rows, two folds (alternate rows): the fit's own rows would
-    favour whichever candidate over-fits."""
-    fold = torch.arange(inputs.shape[0], device=inputs.device) % 2
-    error = 0.0
-    for held in (0, 1):
-        train, test = fold != held, fold == held
-        u, t = inputs[train].double(), goal[train].double()
-        fitted = ridge_solve((u.T @ u)[None], (t.T @ u)[None], prior[None], ridge)[0]
-        error += float(((inputs[test].double() @ fitted.T - goal[test].double()) ** 2).sum())
-    return error
-
-
-def merges_worth_keeping(source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
-                         original: Routing, compressed: Routing, groups: list[list[int]], ridge: float,
-                         margin: float = 0.0) -> list[bool]:
-    """For each output expert, whether its merged weights reproduce its group's original gated outputs (the
-    "group" target) on the tokens `compressed` routes to it better than its centroid alone (groups[j][0],
-    unmerged): held-out squared error lower by more than the relative `margin`. Each candidate's down projection
-    is fit by ridge least squares on one half of the rows and judged on the other (two folds). Singletons, and
-    outputs few sample tokens reach, keep what they have (True)."""
-    x = x.float()
-    tokens = x.shape[0]
-    keep = [True] * len(groups)
-    order, slices = pairs_by_expert(compressed.index, len(groups))
-    for expert, part in slices:
-        if len(groups[expert]) < 2 or part.stop - part.start < 4:
-            continue
-        pair = order[part]
-        token, slot = pair % tokens, pair // tokens
-        weight = compressed.weights[token, slot].float().unsqueeze(1)
-        goal = _member_outputs(source, activation, x, original, groups[expert], token)
-        errors = []
-        for candidate in (merged.select([expert]), source.select([groups[expert][0]])):
-            one = candidate.to(torch.float32)
-            gate, up = x[token] @ one.gate[0].T, x[token] @ one.up[0].T
-            if one.gate_bias is not None:
-                gate, up = gate + one.gate_bias[0], up + one.up_bias[0]
-            inputs, prior = _design(weight, activation(gate, up), one.down[0],
-                                    None if one.down_bias is None else one.down_bias[0])
-            errors.append(_cross_validated_error(inputs, goal, prior, ridge))
-        keep[expert] = errors[0] <= (1.0 - margin) * errors[1]
-    return keep
-
-
 RIDGE_GRID = (1.0, 10.0, 100.0, 1000.0)  # the down refit's ridges, in units of `refit_ridge`, chosen on held-out data
 HELDOUT_FRACTION = 0.25  # share of the sample's calibration sequences the down refit holds out to check itself
 

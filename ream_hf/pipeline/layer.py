@@ -17,8 +17,9 @@ from ..arch import (ExpertWeights, MoEFamily, experts, moe_block, read_expert_we
 from ..config import ReamConfig
 from ..io.writer import LayerOutput
 from ..kill_points import kill_point
-from ..method.experts import Activation, activation_for, expert_hidden, routed_forward
-from ..method.merging import ActivationGram, keeps_centroid, merge_expert_group, weight_features
+from ..method.experts import Activation, activation_for, expert_hidden, pairs_by_expert, routed_forward
+from ..method.floor import merge_floor
+from ..method.merging import ActivationGram, keeps_centroid, merge_expert_group, neuron_merge, weight_features
 from ..method.planning import LayerPlan, plan_layer
 from ..method.grouping import ExpertGroup
 from ..method.refit import (
@@ -27,10 +28,10 @@ from ..method.refit import (
     LeastSquaresSums,
     RefitCheck,
     Routing,
+    _member_outputs,
     checked_down_refit,
     group_logit_targets,
     heldout_sequences,
-    merges_worth_keeping,
 )
 from ..method.stats import LayerStatistics, LayerStatsAccumulator, token_sample
 from ..method.surgery import apply_layer_plan
@@ -57,16 +58,20 @@ class LayerReport:
     gemm: dict[str, str] = field(default_factory=dict)  # the statistics GEMMs' dtypes (GemmPolicy.describe)
     routing_weight: list[float] | None = None  # per source expert: the calibration's summed routing weight
     refit: dict[str, Any] | None = None  # the down refit's held-out check (method/refit.py RefitCheck), if it ran
+    # per output expert: the merge floor's verdict (method/floor.py) on its planned group, None where nothing was merged
+    floor: list[dict[str, Any] | None] | None = None
 
     def manifest_entry(self) -> dict[str, Any]:
+        floor = self.floor or [None] * len(self.plan.groups)
         return {
             "layer": self.key,
             "index": self.index,
             "experts_before": self.experts_before,
             "experts_after": self.experts_after,
             "groups": [
-                {"output_expert": j, "centroid": g.centroid, "members": list(g.members), "weights": w}
-                for j, (g, w) in enumerate(zip(self.plan.groups, self.plan.weights))
+                {"output_expert": j, "centroid": g.centroid, "members": list(g.members), "weights": w,
+                 **({} if check is None else {"floor": check})}
+                for j, (g, w, check) in enumerate(zip(self.plan.groups, self.plan.weights, floor))
             ],
             "frequency": self.frequency,
             "routing_weight": self.routing_weight,
@@ -312,23 +317,57 @@ def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, or
     return check
 
 
-def prune_bad_merges(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
-                     x: torch.Tensor) -> None:
-    """Groups whose merged expert reproduces the group's calibration outputs worse than its centroid alone
-    (method/refit.py `merges_worth_keeping`) get the centroid back, unmerged; the plan records them as pruned."""
+def merge_neurons(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
+                  x: torch.Tensor, held_out: torch.Tensor) -> None:
+    """`--merge neurons`: each merged group's output expert rebuilt from D of the group's neurons with its down
+    projection fit to the group's gated output (method/merging.py `neuron_merge`), on the sample tokens the
+    compressed router sends to it outside the held-out sequences (which the floor then judges it on)."""
     experts_module = experts(family, block)
     merged, x, before, after = sample_routings(config, family, block, original, x)
     source = read_expert_weights(family, original.experts)
-    keep = merges_worth_keeping(source, merged, activation_for(family, experts_module), x, before, after,
-                                [list(g.members) for g in plan.groups], config.refit_ridge,
-                                config.prune_fallback_margin)
-    if all(keep):
-        return
+    activation = activation_for(family, experts_module)
+    fit = ~held_out.to(x.device)
+    tensors = {name: None if getattr(merged, name) is None else getattr(merged, name).detach().clone()
+               for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")}
+    tokens = x.shape[0]
+    order, slices = pairs_by_expert(after.index, len(plan.groups))
+    for expert, part in slices:
+        members = list(plan.groups[expert].members)
+        if len(members) < 2:
+            continue
+        pair = order[part]
+        token, slot = pair % tokens, pair // tokens
+        token, slot = token[fit[token]], slot[fit[token]]
+        goal = _member_outputs(source, activation, x.float(), before, members, token)
+        one = neuron_merge(source.select(members), activation, x[token].float(),
+                           after.weights[token, slot].float().unsqueeze(1), goal, config.refit_ridge)
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                tensor[expert] = getattr(one, name)[0].to(tensor.dtype)
+    write_expert_weights(family, experts_module, ExpertWeights(**tensors))
+
+
+def apply_merge_floor(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
+                      x: torch.Tensor, held_out: torch.Tensor) -> list[dict[str, Any] | None]:
+    """Groups whose merged expert reproduces the group's gated output on held-out calibration sequences worse than
+    its centroid alone (method/floor.py) get the centroid back, unmerged; the plan records them as pruned. With
+    the down refit on, both candidates are compared after a down-projection fit, as they will be refit. Returns
+    each output expert's manifest record: the planned group ("group") and the verdict (None: nothing merged)."""
+    experts_module = experts(family, block)
+    merged, x, before, after = sample_routings(config, family, block, original, x)
+    source = read_expert_weights(family, original.experts)
+    checks = merge_floor(source, merged, activation_for(family, experts_module), x, held_out, before, after,
+                         [list(g.members) for g in plan.groups],
+                         config.refit_ridge if "down" in config.refit else None, config.prune_fallback_margin)
+    records = [None if check is None else {"group": list(g.members), **check.manifest_entry()}
+               for g, check in zip(plan.groups, checks)]
+    if all(check is None or check.merged for check in checks):
+        return records
     fields = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
     tensors = {name: None if getattr(merged, name) is None else getattr(merged, name).detach().clone()
                for name in fields}
-    for j, kept in enumerate(keep):
-        if not kept:
+    for j, check in enumerate(checks):
+        if check is not None and not check.merged:
             centroid = plan.groups[j].centroid
             for name, tensor in tensors.items():
                 if tensor is not None:
@@ -336,6 +375,7 @@ def prune_bad_merges(config: ReamConfig, family: MoEFamily, block, plan: LayerPl
             plan.groups[j] = ExpertGroup(centroid, (centroid,))
             plan.weights[j] = [1.0]
     write_expert_weights(family, experts_module, ExpertWeights(**tensors))
+    return records
 
 
 def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key: str, index: int, hidden, calls,
@@ -372,25 +412,32 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
     # the corrections only where the layer loses experts: a full-width run stays the exact no-op it is
     reduced = len(plan.groups) < stats.frequency.shape[0]
     refit = config.refit != "none" and reduced
+    neurons = config.is_merging and config.merge == "neurons" and reduced
     fallback = config.is_merging and config.prune_fallback and reduced
     if forward is not None and not config.sequential:
         forward()
         clock = stage("forward", clock)
     merged = merge_layer(config, family, block, plan, stats) if config.is_merging else None
     before = experts(family, block).num_experts
-    original = OriginalModules.capture(family, block) if refit or fallback else None
+    original = OriginalModules.capture(family, block) if refit or fallback or neurons else None
     apply_layer_plan(family, block, plan.centroids, merged)
-    clock = stage("merge", clock)
-    check = None
-    if refit or fallback:
+    check, checks = None, None
+    if refit or fallback or neurons:
         x, positions = refit_sample(config, stats)
+        sequence = share.sequence_of(positions, config.sequence_length)
+    if neurons or fallback:
+        # the same held-out sequences as the down refit's check: what the merge fits on, the refit fits on too
+        held_out = heldout_sequences(sequence, HELDOUT_FRACTION, config.seed + 2)
+        if neurons:
+            merge_neurons(config, family, block, plan, original, x, held_out)
         if fallback:
-            prune_bad_merges(config, family, block, plan, original, x)
+            checks = apply_merge_floor(config, family, block, plan, original, x, held_out)
+    clock = stage("merge", clock)
+    if refit:
         if "router" in config.refit:
             refit_router(config, family, block, plan, original, x)
         if "down" in config.refit:
-            check = refit_down(config, family, block, plan, original, x,
-                               share.sequence_of(positions, config.sequence_length))
+            check = refit_down(config, family, block, plan, original, x, sequence)
         clock = stage("refit", clock)
     if forward is not None and config.sequential:
         forward()
@@ -411,5 +458,6 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         time.perf_counter() - started, stats_seconds, timings, gemm,
         None if stats.routing_weight is None else [round(float(w), 6) for w in stats.routing_weight],
         None if check is None else check.manifest_entry(config.refit),
+        checks,
     )
     return report, output
