@@ -123,3 +123,19 @@ def test_plan_output_bytes_of_an_fp8_source_are_a_real_runs(tmp_path, calibratio
     compressor.save_pretrained(tmp_path / "out")
     written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert abs(plan.output_bytes - written) <= 64  # the routers' float32 bias rows, counted in the config's bf16
+
+
+def test_plan_counts_the_merge_floor_and_the_neuron_merge(tmp_path, capsys, no_weight_reads):
+    """The merge floor and `--merge neurons` run on the layer's token sample: the plan's executed FLOPs grow with
+    them and not with the calibration (3072 x 512 tokens here, an 8192-token sample)."""
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+
+    from ream_hf import ReamConfig
+
+    def executed(**settings):
+        return plan_module.plan_job(tmp_path, ReamConfig(target_experts=96, **settings)).executed_flops
+
+    plain, floor, neurons = executed(prune_fallback=False), executed(), executed(merge="neurons")
+    assert plain < floor < neurons
+    assert floor - plain == 2 * 3 * 2048 * 768 * 8 * 8192 * (16 + 2) * 48  # group size 16 = 128 / 8
+    assert neurons - floor < 0.05 * plain  # a fixed-size sample: a few % of the job at the paper's calibration

@@ -408,6 +408,22 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     if refit_tokens:  # the down refit and its held-out check (method/refit.py), per compressed layer
         refit_bytes = refit_bytes_of(refit_tokens, top_k, inner, hidden, target,
                                      torch.empty((), dtype=working).element_size())
+    merge_sample = min(config.refit_tokens, tokens) if config.is_merging else 0
+    group = config.resolve_group_size(num_experts, target) if config.is_merging else 1
+    if config.is_merging and config.prune_fallback:
+        # the merge floor (method/floor.py): each output expert's routed sample tokens through its group's members
+        # (the target) and its two candidates, plus a ridge fit of each candidate's down projection
+        executed += 2 * 3 * hidden * inner * top_k * merge_sample * (group + 2) * compressed
+    if config.is_merging and config.merge == "neurons" and group > 1:
+        # the neuron merge (method/merging.py neuron_merge) per merged group of `group` experts: the pooled neurons'
+        # activations on its routed sample rows, their Gram, the greedy selection of D of them and two ridge fits
+        rows, pool = max(1, merge_sample * top_k // target), group * inner
+        merged_groups = -(-(num_experts - target) // (group - 1))
+        executed += (2 * 2 * hidden * pool * rows + 2 * rows * pool ** 2 + 2 * inner * pool * (hidden + inner)
+                     + 4 * (inner + 1) ** 3) * merged_groups * compressed
+        # float64: the (rows, pool) activations, the (pool, pool) Gram, the (H, pool) cross terms, the selection's
+        # (pool, D) factor
+        refit_bytes = max(refit_bytes, 8 * (rows * pool + pool * pool + hidden * pool + pool * inner))
 
     run_device = torch.device(device or config.run_device)
     cuda = run_device.type == "cuda"
