@@ -289,6 +289,8 @@ def group_summary(result) -> dict:
     return {
         "max_group": [max(s) for s in sizes],
         "merged_experts": [sum(n - 1 for n in s) for s in sizes],
+        # groups the merge floor sent back to their centroid (pruned), per layer
+        "fell_back": [sum(1 for c in (report.floor or []) if c and not c["merged"]) for report in result.layers],
         "centroids": [report.plan.centroids for report in result.layers],
     }
 
@@ -495,13 +497,15 @@ def print_tables(rows: list[dict], header: str) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(fmt_row(row))
-    print("\n| method @ compression | KL prose | KL code | KL math | largest group per layer | experts merged per layer |")
-    print("|---|---|---|---|---|---|")
+    print("\n| method @ compression | KL prose | KL code | KL math | largest group per layer | experts merged per layer "
+          "| groups the floor pruned per layer |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         if row["ratio"] == 0:
             continue
         kl = " | ".join(f"{row['kl'][d]:.4f}" for d in tiny.DOMAINS)
-        print(f"| {row['method']} @ {row['ratio']:.0%} | {kl} | {row['max_group']} | {row['merged_experts']} |")
+        print(f"| {row['method']} @ {row['ratio']:.0%} | {kl} | {row['max_group']} | {row['merged_experts']} "
+              f"| {row.get('fell_back', '')} |")
 
 
 def main() -> None:

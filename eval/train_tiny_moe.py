@@ -637,12 +637,18 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--expert-init", choices=("random", "upcycled"), default=Settings.expert_init,
                         help="upcycled: all experts of a layer start from one copy (use another --output)")
+    parser.add_argument("--num-experts", type=int, default=Settings.num_experts,
+                        help="experts per MoE layer (another shape: use another --output)")
+    parser.add_argument("--top-k", type=int, default=Settings.top_k, help="experts each token is routed to")
+    parser.add_argument("--moe-intermediate-size", type=int, default=Settings.moe_intermediate_size,
+                        help="each expert's intermediate size D")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (1 trains faster when other jobs share the 2 cores)")
     parser.add_argument("--force", action="store_true", help="retrain even if a matching cached model exists")
     args = parser.parse_args()
     settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                        seed=args.seed, expert_init=args.expert_init)
+                        seed=args.seed, expert_init=args.expert_init, num_experts=args.num_experts, top_k=args.top_k,
+                        moe_intermediate_size=args.moe_intermediate_size)
     summary = ensure_model(Path(args.output), settings, force=args.force, log_every=args.log_every,
                            threads=args.threads)
     print(json.dumps({k: summary[k] for k in ("train_seconds", "heldout_perplexity", "specialisation")}))
