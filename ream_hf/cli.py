@@ -155,11 +155,12 @@ def _compress(args: argparse.Namespace) -> int:
                 """On rank 0 (the one that writes): refuse an output or work folder it may not use, take the output's
                 lock for the whole run, finish what an interrupted run left; True if only its cleanup was left."""
                 WorkFolder.check(work_dir)
-                if not WorkFolder.saved_output(work_dir, output_path):
+                settings = {**config.output_settings(), "allow_full_width": False, "statistics": args.statistics}
+                if not WorkFolder.saved_output(work_dir, output_path, settings):
                     check_output_dir(output_path, args.overwrite)  # before the lock: a refusal creates nothing
                 held.enter_context(output_lock(output_path))  # one run per output folder
                 recover_output(output_path)
-                if WorkFolder.saved_output(work_dir, output_path):
+                if WorkFolder.saved_output(work_dir, output_path, settings):
                     if not args.resume:
                         raise ValueError(f"{output_path} is complete, but the run that wrote it was stopped before "
                                          f"removing its work folder {work_dir}; run the same command with --resume to "

@@ -191,14 +191,15 @@ class ReamCompressor(OptimumQuantizer):
         work = None
         if streaming:  # opened (locked, identified) before any data is read: a second run is refused first
             dtype = self._source_dtype(source)
-            job = fingerprint(source, {**config.to_dict(), "allow_full_width": allow_full_width,
-                                       "statistics": None if statistics is None else str(statistics)})
+            settings = {**config.output_settings(), "allow_full_width": allow_full_width,
+                        "statistics": None if statistics is None else str(statistics)}
+            job = fingerprint(source, settings)  # the run settings (budget, device) may change on resume
             folder = Path(work_dir) if work_dir else default_work_root() / job
             check_paths(model_or_path, work=folder)
 
             def open_work() -> WorkFolder:
                 with storage_errors(lambda: self._space, folder):
-                    return WorkFolder.open(folder, job, resume)
+                    return WorkFolder.open(folder, job, resume, settings, str(device))
 
             work = distributed.on_main(ranks, open_work)  # rank 0 locks and writes it; the others get a copy
 
@@ -471,7 +472,13 @@ class ReamCompressor(OptimumQuantizer):
             "calibration": {"sequences": result.calibration_sequences, "tokens": result.calibration_tokens},
             "mtp": {"mode": self.config.mtp, "dropped": list(result.dropped_prefixes)},
             "layers": result.layer_entries,
+            # a run resumed on another device: its layers were computed on each of these, in this order
+            **({"devices": devices} if len(devices := self._devices()) > 1 else {}),
         }
+
+    def _devices(self) -> list[str]:
+        work = self.result.work
+        return list(work.state.get("devices") or []) if work is not None else []
 
 
 

@@ -47,6 +47,9 @@ DTYPES = ("auto", *TORCH_DTYPES)
 # a quantized source written dequantized, or ("fp8") any source written FP8 block-wise (io/quantization.py)
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "fp8")
 CONFIG_KEY = "ream_config"
+# how a run goes, not what it writes: these may change when a run is resumed (a device change only moves float
+# rounding, and is announced and recorded in the manifest)
+RUN_SETTINGS = ("hidden_states_budget_gb", "device")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
@@ -344,6 +347,10 @@ class ReamConfig(QuantizationConfigMixin):
         digest (`CalibrationSource.published`), so that nothing written holds a path of this machine; the device it ran
         on."""
         return {**self.to_dict(), "calibration": [s.published() for s in self.calibration], "device": self.run_device}
+
+    def output_settings(self) -> dict[str, Any]:
+        """`to_dict` without `RUN_SETTINGS`: every setting that defines the output's bytes (a resume needs the same)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_SETTINGS}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

@@ -1,6 +1,7 @@
 """Layer streaming: byte-identical to the in-memory path, resumable after SIGKILL at any moment, spills hidden
 states."""
 
+import hashlib
 import json
 import os
 import signal
@@ -225,3 +226,69 @@ def test_skeleton_keeps_float32_tensors_as_transformers_does(tmp_path):
     assert bias.dtype == torch.float32 and torch.equal(bias, src["model.layers.1.mlp.gate.e_score_correction_bias"])
     assert not torch.equal(bias, bias.to(torch.bfloat16).float()), "the fixture's bias is not bfloat16-representable"
     assert layer.mlp.gate.weight.dtype == torch.bfloat16
+
+
+def test_resume_may_change_the_hidden_states_budget(mtp_source, calibration_txt, tmp_path, uninterrupted, capsys):
+    """The natural reaction to an OOM kill: resume with a lower --hidden-states-budget-gb. A run setting, not an output
+    setting: accepted, and the output equals the uninterrupted run's byte for byte, but for the budget that config.json's
+    ream_config (and the model card quoting it) records: the one the run ended with."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = cli_args(mtp_source, calibration_txt, out, work)
+    killed = subprocess.run([sys.executable, "-m", "ream_hf.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, KILL_ENV: "layer-written:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert main([*args, "--resume", "--hidden-states-budget-gb", "0"]) == 0, capsys.readouterr().err
+    got, want = snapshot(out), dict(uninterrupted(()))
+    configs = [json.loads(files.pop("config.json")) for files in (got, want)]
+    cards = [files.pop("README.md", b"").decode().splitlines() for files in (got, want)]  # it quotes ream_config
+    assert [a for a, b in zip(*cards) if a != b] == ['  "hidden_states_budget_gb": 0.0,']
+    assert got == want, "every shard, the index and the manifest byte-identical"
+    assert configs[0]["ream_config"].pop("hidden_states_budget_gb") == 0
+    configs[1]["ream_config"].pop("hidden_states_budget_gb")
+    assert configs[0] == configs[1]
+
+
+def test_a_replaced_source_shard_is_refused_on_resume(qwen3_source, calibration_txt, tmp_path):
+    """Same names, same config, same weight map: a shard replaced between the kill and the resume is seen by its size
+    and header."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "source"
+    shutil.copytree(qwen3_source, source)
+    config = dict(target_experts=8, method="reap", calibration=[str(calibration_txt)], calibration_ratios=None,
+                  num_calibration_sequences=8, sequence_length=48)
+    ReamCompressor(ReamConfig(**config)).compress(str(source), work_dir=tmp_path / "work")  # not saved
+    shard = next(source.glob("*.safetensors"))
+    save_file(load_file(shard), str(shard), metadata={"format": "pt", "retrained": "yes"})
+    with pytest.raises(ValueError, match="different source or settings.*the source differs"):
+        ReamCompressor(ReamConfig(**config)).compress(str(source), work_dir=tmp_path / "work", resume=True)
+
+
+def test_a_finished_output_of_other_settings_is_refused_on_resume(tmp_path):
+    """A work folder whose output is in place (only its removal was left) answers "already complete" to the same
+    command only: other output settings are refused, naming the difference."""
+    from ream_hf.pipeline.work_folder import WorkFolder
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "ream_manifest.json").write_text("{}")
+    settings = {"method": "ream", "target_experts": 8}
+    work = WorkFolder.open(tmp_path / "work", "job", resume=False, settings=settings, device="cpu")
+    work.mark_saved(output, hashlib.sha256(b"{}").hexdigest())
+    work.release()
+    assert WorkFolder.saved_output(tmp_path / "work", output, settings)
+    with pytest.raises(ValueError, match="other settings \\(target_experts: 8 in the work folder, 6 now\\)"):
+        WorkFolder.saved_output(tmp_path / "work", output, {**settings, "target_experts": 6})
+
+
+def test_resume_on_another_device_is_announced_and_recorded(tmp_path, caplog):
+    from ream_hf.pipeline.work_folder import WorkFolder
+
+    WorkFolder.open(tmp_path / "work", "job", resume=False, device="cpu").release()
+    with caplog.at_level("WARNING"):
+        again = WorkFolder.open(tmp_path / "work", "job", resume=True, device="cuda:0")
+    assert again.state["devices"] == ["cpu", "cuda:0"]
+    assert [r.message for r in caplog.records if "resuming on cuda:0 a run started on cpu" in r.message]
+    again.release()

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..io.folders import acquire_lock, fsync_file, fsync_folder, fsync_tree, release_lock, write_durably
 from ..io.names import MANIFEST_NAME
+from ..io.safetensors import header_bytes
 from ..io.source import SourceCheckpoint
 from ..kill_points import kill_point
 from .hidden_states import HiddenStateStore
@@ -29,15 +30,31 @@ FORMAT = "ream-hf work folder v1"
 
 
 def fingerprint(source: SourceCheckpoint, settings: dict[str, Any]) -> str:
-    """Identifies a job: the source (its Hub commit, config and tensor index) and every setting that changes the
-    output."""
+    """Identifies a job: the source (its Hub commit, config and tensor index; a local folder's shard sizes and
+    headers too) and every setting that changes the output."""
     digest = hashlib.sha256()
     if source.revision is not None:  # the same config and index at another commit may hold other weights
         digest.update(f"revision {source.revision}".encode())
     digest.update(json.dumps(source.config, sort_keys=True).encode())
     digest.update(json.dumps(sorted(source.weight_map.items())).encode())
+    if source.revision is None:  # a local folder: each shard's size and header, so that a replaced one is seen
+        for shard in sorted(set(source.weight_map.values())):
+            path = source.folder / shard
+            digest.update(f"{shard} {path.stat().st_size} ".encode())
+            digest.update(hashlib.sha256(header_bytes(path)).digest())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
+
+
+def difference(recorded: dict[str, Any] | None, given: dict[str, Any] | None) -> str:
+    """"; NAME: RECORDED here, GIVEN now" for the first setting that differs, or "" (nothing recorded, or none)."""
+    if not recorded or given is None:
+        return ""
+    for name in sorted(set(recorded) | set(given)):
+        if json.dumps(recorded.get(name), sort_keys=True, default=str) != \
+                json.dumps(given.get(name), sort_keys=True, default=str):
+            return f"; {name}: {recorded.get(name)!r} in the work folder, {given.get(name)!r} now"
+    return ""
 
 
 class WorkFolder:
@@ -69,15 +86,19 @@ class WorkFolder:
                                  "choose another")
 
     @classmethod
-    def open(cls, folder: Path, job: str, resume: bool) -> WorkFolder:
+    def open(cls, folder: Path, job: str, resume: bool, settings: dict[str, Any] | None = None,
+             device: str | None = None) -> WorkFolder:
+        """Lock and identify the work folder of `job` (`settings`: the output settings it was keyed on, kept to name a
+        difference; `device`: where this run computes, recorded beside the devices of earlier runs of the job)."""
         folder = Path(folder)
         cls.check(folder)
         folder.mkdir(parents=True, exist_ok=True)
         acquire_lock(folder / LOCK_NAME, f"work folder {folder}")
         work = cls(folder, job)
+        work.state.update(settings=settings, devices=[device] if device else [])
         try:
             if (folder / STATE_NAME).is_file():
-                work._continue(resume)
+                work._continue(resume, settings, device)
             else:
                 if resume:
                     logger.info("nothing to resume in %s: starting", folder)
@@ -102,14 +123,18 @@ class WorkFolder:
             raise ValueError(f"work folder {folder} was written by another version of ream-hf; delete it to start over")
         return state
 
-    def _continue(self, resume: bool) -> None:
+    def _continue(self, resume: bool, settings: dict[str, Any] | None = None, device: str | None = None) -> None:
         state = self.read_state(self.folder)
         done = state.get("finished_layers")
         if state.get("job") != self.job:
+            detail = difference(state.get("settings"), settings)
+            if not detail and state.get("settings") and settings is not None:
+                detail = "; the source differs"
             raise ValueError(
-                f"found an unfinished run of a different source or settings in {self.folder} ({done} layers done); "
-                "resume needs the same source and ReamConfig: run that command again with --resume, or delete that "
-                "folder to start over"
+                f"found an unfinished run of a different source or settings in {self.folder} ({done} layers done"
+                f"{detail}); resume needs the same source and output settings "
+                "(only the hidden-states budget, work dir, threads and device may change): run that command again "
+                "with --resume, or delete that folder to start over"
             )
         if not resume:
             raise ValueError(
@@ -117,6 +142,12 @@ class WorkFolder:
                 "(Python: resume=True) to continue it, or delete that folder to start over"
             )
         self.state = state
+        devices = state.setdefault("devices", [])
+        if device and devices and device not in devices:
+            logger.warning("resuming on %s a run started on %s: the remaining layers' float rounding may differ from "
+                           "an uninterrupted run's (both devices are recorded in the manifest)", device, devices[-1])
+        if device and device not in devices:
+            devices.append(device)
         self._discard_uncommitted()
         logger.info("resuming after layer %d from %s", done, self.folder)
 
@@ -163,9 +194,10 @@ class WorkFolder:
         self._write_state()
 
     @classmethod
-    def saved_output(cls, folder: Path, output: Path) -> bool:
+    def saved_output(cls, folder: Path, output: Path, settings: dict[str, Any] | None = None) -> bool:
         """Whether the work folder records that its job wrote `output`, and `output` is that very folder (its
-        manifest's digest matches): only the removal of the work folder was left to do."""
+        manifest's digest matches): only the removal of the work folder was left to do. Given the output settings
+        of the command at hand, a job of other settings is refused, naming the difference."""
         if not Path(folder).is_dir():
             return False
         state = cls.read_state(folder)
@@ -173,7 +205,13 @@ class WorkFolder:
         if not saved or saved.get("output") != str(Path(output).resolve()):
             return False
         manifest = Path(output) / MANIFEST_NAME
-        return manifest.is_file() and hashlib.sha256(manifest.read_bytes()).hexdigest() == saved.get("manifest_sha256")
+        if not (manifest.is_file() and hashlib.sha256(manifest.read_bytes()).hexdigest() == saved.get("manifest_sha256")):
+            return False
+        changed = difference(state.get("settings"), settings)
+        if changed:
+            raise ValueError(f"{output} was written by a run of other settings ({changed.lstrip('; ')}): it is not "
+                             "this command's output; choose another --output, or --overwrite without --resume")
+        return True
 
     @classmethod
     def open_saved(cls, folder: Path) -> WorkFolder:
