@@ -20,22 +20,14 @@ from optimum.quantization_base import OptimumQuantizer
 from .version import __version__
 from .arch import MoEFamily, check_text_architecture, decoder_layers, expert_count, family_for_config, parse_moe_name, \
     set_expert_count, text_config_dict
-from .config import CONFIG_KEY, TORCH_DTYPES, ReamConfig
+from .config import TORCH_DTYPES, ReamConfig
 from .io.folders import SpaceNeeded, atomic_output_dir, check_output_dir, check_paths, storage_errors
 from .io.quantization import FP8_OUTPUT, Fp8BlockOutput, check_loaded_model, plan_output
 from .io.source import SourceCheckpoint, open_source
 from .io.verify import verify_checkpoint
 from .io.names import MANIFEST_NAME, WEIGHTS_PREFIX
-from .io.safetensors import INDEX_NAME, shard_digests
-from .io.writer import (
-    PartWriter,
-    copy_side_files,
-    edit_config_json,
-    finalize_parts,
-    output_tensors,
-    output_groups,
-    write_json,
-)
+from .io.safetensors import INDEX_NAME
+from .io.checkpoint_writer import CheckpointWriter, write_loaded_model
 from .method.planning import check_plan
 from .method.surgery import check_grouped_routing
 from .pipeline import distributed
@@ -229,8 +221,11 @@ class ReamCompressor(OptimumQuantizer):
                 result = CompressionResult(family, num_experts, target, source, source_name, trunk_prefix=trunk_prefix,
                                            calibration_sequences=len(sequences),
                                            calibration_tokens=int(sum(int(s.numel()) for s in sequences)),
-                                           dropped_prefixes=drop, work=work, dequantize_to=dequantize_to,
-                                           fp8_output=fp8_output)
+                                           dropped_prefixes=drop, work=work)
+                if source is not None:
+                    result.checkpoint = CheckpointWriter(source, family, trunk_prefix, len(decoder_layers(model)),
+                                                         config.max_shard_size, dropped_prefixes=drop,
+                                                         dequantize_to=dequantize_to, fp8_output=fp8_output)
                 if reader is not None:
                     result.calibration_sequences = reader.calibration_sequences
                     result.calibration_tokens = reader.calibration_tokens
@@ -351,13 +346,12 @@ class ReamCompressor(OptimumQuantizer):
         hint = f"finished layers are kept in {result.work.folder}" if result.work else None
         with storage_errors(self._space_needed, Path(output_dir).absolute(), hint), \
                 atomic_output_dir(output_dir, overwrite) as folder:
-            if result.source is not None:
-                self._write_from_source(folder)
+            if result.checkpoint is not None:
+                result.checkpoint.finish(folder, result.outputs, result.experts_after, config.to_published_dict(),
+                                         self.manifest())
             else:
-                self._save_in_memory(folder, config.max_shard_size)
-            # the shards' digests, read back while they are in the page cache: the manifest then identifies every
-            # byte of the output (the evaluation cache's key, release/evaluation/cache.py)
-            write_json(folder / MANIFEST_NAME, {**self.manifest(), "shards": shard_digests(folder)})
+                write_loaded_model(folder, self.model, self.tokenizer, result.family, result.experts_after,
+                                   config.to_published_dict(), config.max_shard_size, self.manifest())
             write_layer_report(folder)
             self._write_card(folder, Path(output_dir))
             self._verify(folder)
@@ -383,34 +377,6 @@ class ReamCompressor(OptimumQuantizer):
         if self._space is not None:
             return self._space
         return SpaceNeeded(sum(t.numel() * t.element_size() for t in self.model.state_dict().values()))
-
-    def _write_from_source(self, folder: Path) -> None:
-        """The source checkpoint's tensors, compressed layers replaced, in the source's names and shard order."""
-        result, config = self.result, self.config
-        source = result.source
-        groups = output_groups(source, result.trunk_prefix, len(decoder_layers(self.model)), result.dropped_prefixes)
-        if result.work is not None:  # trunk layers written while streaming; the rest now
-            parts_folder = result.work.folder
-            writer = PartWriter(parts_folder, config.max_shard_size, parts=result.work.state["parts"])
-            pending = [groups[-1]]
-        else:
-            parts_folder = folder
-            writer = PartWriter(folder, config.max_shard_size)
-            pending = groups
-        for names in pending:
-            writer.write_group(output_tensors(source, result.family, names, result.outputs, result.dequantize_dtype,
-                                             result.fp8_output))
-        finalize_parts(parts_folder, writer.parts, folder)
-        mtp_count = 0 if result.dropped_prefixes else None
-        quantization = None
-        if result.fp8_output is not None:
-            kept = {n: info.shape for n, info in source.tensor_infos.items()
-                    if not (result.dropped_prefixes and n.startswith(result.dropped_prefixes))}
-            quantization = result.fp8_output.quantization_config(kept)
-        write_json(folder / "config.json",
-                   edit_config_json(source.config, result.family, result.experts_after, config.to_published_dict(), mtp_count,
-                                    result.dequantize_to, quantization))
-        copy_side_files(source.folder, folder)
 
     def _save_copy(self, output_dir: str | os.PathLike, overwrite: bool) -> Path:
         """A streaming run's layers were written into the first output and are no longer held: copy that folder."""
@@ -442,20 +408,6 @@ class ReamCompressor(OptimumQuantizer):
         prefixes = mtp_prefixes(result.family, result.source)
         return {p.layer_key for n in result.source.real_names
                 if n.startswith(prefixes) and (p := parse_moe_name(result.family, n))}
-
-    def _save_in_memory(self, folder: Path, shard_bytes: int) -> None:
-        import json
-
-        self.model.save_pretrained(str(folder), max_shard_size=shard_bytes)
-        config_path = folder / "config.json"
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-        # transformers may re-serialise the count under another name (Qwen3-MoE: num_local_experts);
-        # readers of the family's Hub checkpoints (vLLM included) look for the family's own key.
-        set_expert_count(self.result.family, saved, self.result.experts_after)
-        saved[CONFIG_KEY] = self.config.to_published_dict()
-        write_json(config_path, saved)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(folder))
 
     def manifest(self) -> dict[str, Any]:
         result = self.result

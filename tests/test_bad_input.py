@@ -181,9 +181,9 @@ def full_disk(ctx: Ctx) -> Case:
 
 
 def unwritable_manifest(ctx: Ctx) -> Case:
-    import ream_hf.compressor as compressor
+    import ream_hf.io.checkpoint_writer as checkpoint_writer
 
-    real = compressor.write_json
+    real = checkpoint_writer.write_json
 
     def refuse(path, data):
         if path.name == "ream_manifest.json":
@@ -191,7 +191,7 @@ def unwritable_manifest(ctx: Ctx) -> Case:
         real(path, data)
 
     return Case(target("--output", ctx.out), "permission denied", code=1, reads=True, keeps_work=True,
-                patches=[(compressor, "write_json", refuse)])
+                patches=[(checkpoint_writer, "write_json", refuse)])
 
 
 def output_exists(content: str | None, *extra) -> Callable[[Ctx], Case]:

@@ -49,7 +49,7 @@ def fail_on_call(n: int, code: int, real, path_of):
 
 def inject(where: str, monkeypatch) -> str:
     """Make one write of a run fail; returns a fragment of the path the error line must name."""
-    import ream_hf.compressor as compressor
+    import ream_hf.io.checkpoint_writer as checkpoint_writer
     import ream_hf.io.writer as writer
 
     if where == "shard part":  # safetensors' own error type, as it reports a full disk
@@ -88,8 +88,8 @@ def inject(where: str, monkeypatch) -> str:
                             fail_on_call(3, errno.ENOSPC, real, lambda args: args[0].folder / "state.json.tmp"))
         return "state.json.tmp"
     assert where == "side files"  # the final save
-    monkeypatch.setattr(compressor, "copy_side_files",
-                        fail_on_call(1, errno.EACCES, compressor.copy_side_files, lambda args: args[1] / "tokenizer.json"))
+    monkeypatch.setattr(checkpoint_writer, "copy_side_files", fail_on_call(
+        1, errno.EACCES, checkpoint_writer.copy_side_files, lambda args: args[1] / "tokenizer.json"))
     return "tokenizer.json"
 
 

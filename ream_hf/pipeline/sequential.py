@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from ..arch import MoEFamily, decoder_layers, moe_block
 from ..config import ReamConfig
-from ..io.quantization import Fp8BlockOutput, output_dtype
 from ..io.source import SourceCheckpoint
-from ..io.writer import LayerOutput, PartWriter, output_tensors, output_groups
+from ..io.checkpoint_writer import CheckpointWriter
+from ..io.writer import LayerOutput
 from ..kill_points import kill_point
 from ..method.surgery import routing_groups
 from . import distributed
@@ -66,14 +66,9 @@ class CompressionResult:
     dropped_prefixes: tuple[str, ...] = ()
     layer_entries: list[dict[str, Any]] = field(default_factory=list)  # manifest entries, restored on resume
     work: WorkFolder | None = None
+    checkpoint: CheckpointWriter | None = None  # the output's writer (a source checkpoint's run)
     background_write_seconds: float = 0.0  # hidden-state files, shard parts, commits: the writer threads' time
     write_wait_seconds: float = 0.0  # the compute thread's time blocked on those writes
-    dequantize_to: str | None = None  # a quantized source written dequantized to this dtype (None: its own format)
-    fp8_output: Fp8BlockOutput | None = None  # a plain source written FP8 block-wise (output_dtype "fp8")
-
-    @property
-    def dequantize_dtype(self) -> torch.dtype | None:
-        return None if self.dequantize_to is None else output_dtype(self.dequantize_to)
 
     @property
     def outputs_complete(self) -> bool:
@@ -117,13 +112,12 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
         if config.layer_sample_tokens and statistics is None else None
     groups_per_layer = routing_groups(family, model.config.get_text_config())
     last = len(layers) - 1
-    store = writer = groups = None
+    store = None
     start = 0
     if work is not None:
         hidden_bytes = sum(h.numel() * h.element_size() for h in hidden)
         store = HiddenStateStore(work.folder, in_memory=hidden_bytes <= config.hidden_states_budget_gb * 2**30)
-        writer = PartWriter(work.folder, config.max_shard_size, parts=work.state["parts"])
-        groups = output_groups(result.source, trunk_prefix, len(layers), result.dropped_prefixes)
+        result.checkpoint.start_layer_parts(work.folder, work.state["parts"])
         start = work.finished_layers
         if start and family.layer_carry and start < len(layers):
             raise ValueError(f"{family.name} runs cannot be resumed mid-way yet: its layers hand {family.layer_carry} "
@@ -176,7 +170,7 @@ def run_layers(config: ReamConfig, model, family: MoEFamily, batches: list[Calib
             if work is not None:
                 key = f"{trunk_prefix}{index}"
                 outputs = {key: result.outputs.pop(key)} if key in result.outputs else {}  # written: dropped after
-                store.writer.submit(functools.partial(commit_layer, result, store, writer, groups[index], outputs,
+                store.writer.submit(functools.partial(commit_layer, result, store, index, outputs,
                                                       index + 1, list(result.layer_entries), ranks),
                                     output_bytes(outputs), after_all=True)
                 loader.release(layer)
@@ -199,16 +193,15 @@ def output_bytes(outputs: dict[str, LayerOutput]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def commit_layer(result: CompressionResult, store: HiddenStateStore, writer: PartWriter, names: list[str],
-                 outputs: dict[str, LayerOutput], finished: int, entries: list[dict], ranks) -> None:
+def commit_layer(result: CompressionResult, store: HiddenStateStore, index: int, outputs: dict[str, LayerOutput],
+                 finished: int, entries: list[dict], ranks) -> None:
     """In a writer thread, once this rank's hidden-state files of generation `finished` (submitted before it) are
     written and every rank is there, rank 0 writes the layer's shard part and records the layer as finished."""
     distributed.io_barrier()
     if ranks.is_main:
-        writer.write_group(output_tensors(result.source, result.family, names, outputs, result.dequantize_dtype,
-                                         result.fp8_output))
+        result.checkpoint.write_layer(index, outputs)
         kill_point("layer-written")
-        result.work.commit(finished, writer.parts, entries)
+        result.work.commit(finished, result.checkpoint.parts, entries)
         store.drop_before(finished)
 
 
