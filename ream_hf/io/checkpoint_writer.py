@@ -5,6 +5,8 @@ The pipeline hands it each compressed trunk layer as it finishes (`write_layer`,
 streaming); `finish` writes what is left into an output folder: the remaining groups of tensors, the index over all
 parts, the edited config.json, the side files and the manifest. A checkpoint compressed from a model transformers
 loaded is written by `write_loaded_model`. The output's tensor groups (`output_groups`) are computed here, once.
+The model card (README.md) and layer_report.png are drawn afterwards from the manifest, by release/card.py and
+release/report.py.
 """
 
 from __future__ import annotations
