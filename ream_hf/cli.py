@@ -81,11 +81,14 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the down-projection refit matches: the layer's output error shared by the routed "
                              "experts (residual) or each group's original gated outputs (group)")
     parser.add_argument("--refit-ridge", type=float, default=DEFAULTS.refit_ridge,
-                        help="ridge towards the compressed weights, relative to the mean Gram diagonal")
+                        help="ridge towards the compressed weights, relative to the mean Gram diagonal (the router refit's; the "
+                             "down refit tries it x1, 10, 100, 1000 and keeps the best on held-out sequences)")
     parser.add_argument("--refit-steps", type=int, default=DEFAULTS.refit_steps,
-                        help="residual refit: rounds of recomputing the layer's error and sharing it again")
+                        help="residual refit: at most this many rounds of recomputing the layer's error and sharing it again "
+                             "(the number is chosen on held-out sequences)")
     parser.add_argument("--refit-tokens", type=int, default=DEFAULTS.refit_tokens,
-                        help="tokens per layer the refit fits on (a fixed-size random sample of the calibration)")
+                        help="tokens per layer the refit draws (a fixed-size random sample of the calibration): a quarter of "
+                             "their sequences is held out to check the down refit, kept only where it helps there")
     parser.add_argument("--merge", choices=(*MERGE_MODES, *MERGE_MODE_ALIASES), default=DEFAULTS.merge,
                         metavar="{" + ",".join(MERGE_MODES) + "}",
                         help="how a group's members are aligned before the weighted sum: by their hidden activations "
