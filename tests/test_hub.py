@@ -610,3 +610,28 @@ def test_push_writes_the_card_of_a_folder_without_one_and_refuses_a_folder_it_ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "README.md" in err and "\n" not in err
     assert len(fake_hub.commit_headers) == commits and not (plain / "README.md").exists()
+
+
+def test_push_names_the_repo_in_the_saved_card_and_keeps_its_edits(fake_hub, qwen3_source, calibration_txt, tmp_path,
+                                                                   monkeypatch):
+    """A saved card names the model by what it is (the same bytes wherever the output went); pushed, by its repo id."""
+    from ream_hf.cli import main
+
+    compressor = ReamCompressor(tiny_config(calibration_txt))
+    compressor.compress(str(qwen3_source))
+    compressor.save_pretrained(tmp_path / "tiny-reap")
+    folder = tmp_path / "somewhere-else"
+    compressor.save_pretrained(folder)
+    saved = (folder / "README.md").read_text()
+    assert saved == (tmp_path / "tiny-reap" / "README.md").read_text(), "the card does not depend on the folder"
+    assert "somewhere-else" not in saved and "tiny-reap" not in saved
+    default = saved.split("\n# ", 1)[1].splitlines()[0]  # the card's title
+    assert default.endswith("-REAP-8E") and f'model_id = "{default}"' in saved
+    with open(folder / "README.md", "a", encoding="utf-8") as card:
+        card.write("\nA line the user added.\n")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert main(["push", str(folder), "me/tiny-reap"]) == 0
+    pushed = fake_hub.files["README.md"].decode()
+    assert pushed == (folder / "README.md").read_text()
+    assert default not in pushed and "vllm serve me/tiny-reap" in pushed and "\n# me/tiny-reap\n" in pushed
+    assert pushed.endswith("\nA line the user added.\n")

@@ -338,6 +338,35 @@ def _mtp_context(names: tuple[str, ...], text_config: dict[str, Any], manifest: 
     return {"present": bool(found), "count": len(found), "mode": mode, "description": description, "vllm_flag": flag}
 
 
+def default_model_name(original: str, method: MethodInfo, experts_after: Any) -> str:
+    """The name a card gives a model not yet on the Hub, from what it is (source, method, experts kept) rather than
+    where it was written, so two runs of one job write byte-identical cards; `push` replaces it by the repo id."""
+    experts = f"-{experts_after}E" if experts_after is not None else ""
+    return f"{Path(original).name or 'model'}-{method.label.replace(' ', '-')}{experts}"
+
+
+def name_card_for_repo(folder: str | os.PathLike, repo_id: str) -> bool:
+    """Put `repo_id` where the card of `folder` names the model by `default_model_name` (title, usage snippets,
+    evaluation command), keeping everything else in it, edits included. Returns whether the card changed."""
+    folder = Path(folder)
+    card_path = folder / CARD_NAME
+    config = _read_json(folder / "config.json", "give a folder written by ReamCompressor.save_pretrained")
+    manifest = _read_json(folder / MANIFEST_NAME, "give a folder written by ReamCompressor.save_pretrained")
+    settings = config.get(CONFIG_KEY) or {}
+    method = METHODS.get(str(settings.get("method", manifest.get("method"))))
+    if method is None:
+        return False
+    source_name = str(manifest.get("source") or "")
+    original = (hub_id_for_source(source_name) if source_name else None) or Path(source_name).name
+    default = default_model_name(original or "the original model", method, manifest.get("experts_after"))
+    text = card_path.read_text(encoding="utf-8")
+    if default not in text:
+        return False
+    card_path.write_text(text.replace(default, repo_id), encoding="utf-8")
+    logger.info("the model card of %s now names %s (it named %s)", folder, repo_id, default)
+    return True
+
+
 def render_model_card(
     output_dir: str | os.PathLike,
     *,
@@ -346,7 +375,6 @@ def render_model_card(
     results: dict[str, Any] | str | os.PathLike | None = None,
     repo_id: str | None = None,
     license_info: dict[str, str] | None = None,
-    location: str | os.PathLike | None = None,
 ):
     """Write `README.md` (a Hub model card) into a compressed checkpoint folder and return the `ModelCard`.
 
@@ -356,8 +384,9 @@ def render_model_card(
     is a local folder). `results`: evaluation results (dict or JSON path, schema `ream-hf eval results v1`);
     default: `eval_results.json` in `output_dir` when present. `repo_id`: where the card will live (used
     in the usage snippets). `license_info`: `{"license": ..., "license_name": ..., "license_link": ...}`
-    to use instead of reading the source's. `location`: where the folder will be once in place (a save renders
-    the card in its temporary folder), for the card's title and usage snippets when there is no `repo_id`.
+    to use instead of reading the source's. Without `repo_id` the title and usage snippets name the model
+    `default_model_name` (never the folder's own name: one job writes the same bytes wherever its output goes);
+    `push` puts the repo id in its place (`name_card_for_repo`).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -405,9 +434,8 @@ def render_model_card(
         for layer in layers
     ]
     text_config = text_config_dict(config_json)
-    location = Path(location) if location is not None else output
-    model_name = repo_id or location.resolve().name
     original = base_model or Path(source_name).name or "the original model"
+    model_name = repo_id or default_model_name(original, method, manifest.get("experts_after"))
     license_info = dict(license_info) if license_info else source_license(source_dir)
 
     results_context, eval_results = _results_context(results) if results is not None else (None, None)

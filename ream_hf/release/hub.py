@@ -23,8 +23,8 @@ from typing import Any
 from ..version import __version__
 from ..io.folders import check_output_dir, check_paths
 from ..io.names import MANIFEST_NAME
-from .card import (CARD_NAME, EVAL_RESULTS_NAME, METHODS, hub_id_for_source, hub_license, render_model_card,
-                   short_bytes)
+from .card import (CARD_NAME, EVAL_RESULTS_NAME, METHODS, hub_id_for_source, hub_license, name_card_for_repo,
+                   render_model_card, short_bytes)
 from .evaluation import TASKS, evaluate_pair, preflight
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def push_folder(
 
     A folder without `README.md` gets its model card first (`render_model_card`, with `repo_id` in the usage
     snippets and the scores of its `eval_results.json` if any); a folder the card cannot be rendered for (not a
-    ream-hf output) is refused: nothing is uploaded without a card.
+    ream-hf output) is refused: nothing is uploaded without a card. A ream-hf card already there gets `repo_id`
+    where it named the model before it had one (`name_card_for_repo`); the rest of it, edits included, is kept.
     """
     from huggingface_hub import HfApi
 
@@ -102,6 +103,8 @@ def push_folder(
     token = resolve_token(token)
     if not (folder / CARD_NAME).is_file():
         render_card_for_push(folder, repo_id, token)
+    elif (folder / MANIFEST_NAME).is_file() and (folder / "config.json").is_file():
+        name_card_for_repo(folder, repo_id)  # a saved card names the model by what it is; on the Hub, by its id
     _refuse_token_in_files(folder, token)
     api = HfApi(token=token)
     size = _folder_bytes(folder)
