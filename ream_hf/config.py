@@ -50,6 +50,9 @@ CONFIG_KEY = "ream_config"
 # how a run goes, not what it writes: these may change when a run is resumed (a device change only moves float
 # rounding, and is announced and recorded in the manifest)
 RUN_SETTINGS = ("hidden_states_budget_gb", "device")
+# settings that never change a byte of the output (tested: spilled, streamed and in-memory runs write the same
+# files), so an output does not record them: a run resumed with another budget writes what the first run would have
+UNRECORDED_SETTINGS = ("hidden_states_budget_gb", "streaming")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
@@ -345,8 +348,9 @@ class ReamConfig(QuantizationConfigMixin):
     def to_published_dict(self) -> dict[str, Any]:
         """`to_dict` as written into an output's config.json (`ream_config`): calibration files by name and content
         digest (`CalibrationSource.published`), so that nothing written holds a path of this machine; the device it ran
-        on."""
-        return {**self.to_dict(), "calibration": [s.published() for s in self.calibration], "device": self.run_device}
+        on; not the `UNRECORDED_SETTINGS`, which change no byte of the output."""
+        recorded = {k: v for k, v in self.to_dict().items() if k not in UNRECORDED_SETTINGS}
+        return {**recorded, "calibration": [s.published() for s in self.calibration], "device": self.run_device}
 
     def output_settings(self) -> dict[str, Any]:
         """`to_dict` without `RUN_SETTINGS`: every setting that defines the output's bytes (a resume needs the same)."""

@@ -16,19 +16,10 @@ from tests.conftest import snapshot
 from tests.families import build_family_checkpoint
 
 
-EXECUTION_FIELDS = ("streaming", "hidden_states_budget_gb")
-
-
 def same_output(a_folder, b_folder):
-    """Byte-identical files; config.json may differ only in the recorded execution settings."""
-    a, b = snapshot(a_folder), snapshot(b_folder)
-    configs = []
-    for files in (a, b):
-        config = json.loads(files.pop("config.json"))
-        for field in EXECUTION_FIELDS:
-            config["ream_config"].pop(field)
-        configs.append(config)
-    return a == b and configs[0] == configs[1]
+    """Byte-identical files, config.json and the model card included: how a run went (streamed or not, hidden states
+    spilled or not) is not recorded in what it writes."""
+    return snapshot(a_folder) == snapshot(b_folder)
 
 
 def run(source, calibration, output, **overrides):
@@ -230,22 +221,40 @@ def test_skeleton_keeps_float32_tensors_as_transformers_does(tmp_path):
 
 def test_resume_may_change_the_hidden_states_budget(mtp_source, calibration_txt, tmp_path, uninterrupted, capsys):
     """The natural reaction to an OOM kill: resume with a lower --hidden-states-budget-gb. A run setting, not an output
-    setting: accepted, and the output equals the uninterrupted run's byte for byte, but for the budget that config.json's
-    ream_config (and the model card quoting it) records: the one the run ended with."""
+    setting: accepted, and the output equals the uninterrupted run's byte for byte (config.json and the card do not
+    record the budget)."""
     out, work = tmp_path / "out", tmp_path / "work"
     args = cli_args(mtp_source, calibration_txt, out, work)
     killed = subprocess.run([sys.executable, "-m", "ream_hf.cli", *args], capture_output=True, text=True,
                             env={**os.environ, KILL_ENV: "layer-written:2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert main([*args, "--resume", "--hidden-states-budget-gb", "0"]) == 0, capsys.readouterr().err
+    assert snapshot(out) == dict(uninterrupted(())), "every file byte-identical, config.json and the card included"
+    assert "hidden_states_budget_gb" not in json.loads((out / "config.json").read_text())["ream_config"]
+
+
+def test_resume_on_another_device_end_to_end(mtp_source, calibration_txt, tmp_path, uninterrupted, caplog):
+    """A run killed on one device and resumed on another (here: its state says the first layers ran on cuda:0, the
+    resume runs on the CPU) is accepted, announced in one line, and both devices are in the manifest; the output's
+    tensors are the uninterrupted run's (every layer was in fact computed on this CPU)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = cli_args(mtp_source, calibration_txt, out, work)
+    killed = subprocess.run([sys.executable, "-m", "ream_hf.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, KILL_ENV: "layer-written:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["devices"] == ["cpu"]
+    state_path.write_text(json.dumps({**state, "devices": ["cuda:0"]}))
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--resume"]) == 0
+    assert [r for r in caplog.records if "resuming on cpu a run started on cuda:0" in r.getMessage()]
     got, want = snapshot(out), dict(uninterrupted(()))
-    configs = [json.loads(files.pop("config.json")) for files in (got, want)]
-    cards = [files.pop("README.md", b"").decode().splitlines() for files in (got, want)]  # it quotes ream_config
-    assert [a for a, b in zip(*cards) if a != b] == ['  "hidden_states_budget_gb": 0.0,']
-    assert got == want, "every shard, the index and the manifest byte-identical"
-    assert configs[0]["ream_config"].pop("hidden_states_budget_gb") == 0
-    configs[1]["ream_config"].pop("hidden_states_budget_gb")
-    assert configs[0] == configs[1]
+    manifests = [json.loads(files.pop("ream_manifest.json")) for files in (got, want)]
+    assert manifests[0].pop("devices") == ["cuda:0", "cpu"] and "devices" not in manifests[1]
+    assert manifests[0] == manifests[1]
+    got.pop("README.md"), want.pop("README.md")  # the card quotes the manifest
+    assert got == want, "every shard, the index and config.json byte-identical"
 
 
 def test_a_replaced_source_shard_is_refused_on_resume(qwen3_source, calibration_txt, tmp_path):
