@@ -25,7 +25,7 @@ from .io.folders import SpaceNeeded, atomic_output_dir, check_output_dir, check_
 from .io.quantization import FP8_OUTPUT, Fp8BlockOutput, check_loaded_model, plan_output
 from .io.source import SourceCheckpoint, open_source
 from .io.verify import verify_checkpoint
-from .io.names import MANIFEST_NAME, WEIGHTS_PREFIX
+from .io.names import MANIFEST_NAME, WEIGHTS_PREFIX, published_source
 from .io.safetensors import INDEX_NAME
 from .io.checkpoint_writer import CheckpointWriter, write_loaded_model
 from .method.planning import check_plan
@@ -353,7 +353,7 @@ class ReamCompressor(OptimumQuantizer):
                 write_loaded_model(folder, self.model, self.tokenizer, result.family, result.experts_after,
                                    config.to_published_dict(), config.max_shard_size, self.manifest())
             write_layer_report(folder)
-            self._write_card(folder, Path(output_dir))
+            self._write_card(folder)
             self._verify(folder)
             if result.work is not None:  # a kill after the move below is then seen as complete (cli --resume)
                 digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
@@ -365,12 +365,12 @@ class ReamCompressor(OptimumQuantizer):
         logger.info("wrote %s", output_dir)
         return Path(output_dir)
 
-    def _write_card(self, folder: Path, final: Path) -> None:
+    def _write_card(self, folder: Path) -> None:
         """The model card (README.md): method, sizes, calibration, the layer plot; no scores until `ream-hf eval`."""
         from .release.card import render_model_card  # deferred: the card pulls in huggingface_hub's card module
 
         source = self.result.source
-        render_model_card(folder, source_dir=source.folder if source is not None else None, location=final)
+        render_model_card(folder, source_dir=source.folder if source is not None else None)
 
     def _space_needed(self) -> SpaceNeeded:
         """What the output needs: the plan's figures for a source (set in compress), else the model's tensors."""
@@ -391,7 +391,7 @@ class ReamCompressor(OptimumQuantizer):
             for item in sorted(previous.iterdir()):
                 if item.is_file():
                     shutil.copy2(item, folder / item.name)
-            self._write_card(folder, Path(output_dir))  # its title and usage snippets name this folder
+            self._write_card(folder)
             self._verify(folder)
         logger.info("copied %s to %s", previous, output_dir)
         return Path(output_dir)
@@ -431,11 +431,3 @@ class ReamCompressor(OptimumQuantizer):
     def _devices(self) -> list[str]:
         work = self.result.work
         return list(work.state.get("devices") or []) if work is not None else []
-
-
-
-def published_source(name: str) -> str:
-    """The source as an output records it: a Hub repo id as given, a local folder by its name alone (the manifest
-    reaches the Hub: no path of this machine in it)."""
-    path = Path(name).expanduser()
-    return path.name if path.is_absolute() or path.exists() else name

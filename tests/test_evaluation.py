@@ -475,6 +475,9 @@ def test_command_line_compress_eval_push(fake_hub, tmp_path, monkeypatch, capsys
                  "--startup-timeout", "300", *quick]) == 0
     first_seconds = time.monotonic() - started
     results = json.loads((compressed / "eval_results.json").read_text())
+    for written in ("eval_results.json", "README.md"):  # both are published: no path of this machine in them
+        text = (compressed / written).read_text()
+        assert str(tmp_path) not in text and str(FIXTURES.parent) not in text, written
 
     assert SCHEMA_KEYS <= set(results) and results["schema"] == ev.SCHEMA
     assert VERSION_KEYS <= set(results["versions"]) and results["versions"]["lm_eval"]
@@ -487,7 +490,7 @@ def test_command_line_compress_eval_push(fake_hub, tmp_path, monkeypatch, capsys
     assert all(s["kind"] == "local" for s in settings["data_sources"].values())
     for role, folder in (("original", original), ("compressed", compressed)):
         entry = results["models"][role]
-        assert entry["path"] == str(folder)
+        assert entry["path"] == folder.name, "a local folder by its name: the results are published"
         assert entry["server"]["started"] and not any(entry["cached"].values())
         for task in ev.TASKS:
             score = entry["scores"][task]

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ...io.names import published_source
 from ..serve import VLLMServer, served_model_name
 from .cache import cache_key, cache_path, cache_read, cache_write, default_cache_dir, model_hash
 from .checks import EvaluationError, package_version, preflight, require_vllm
@@ -145,7 +146,9 @@ def evaluate_model(
                 require_vllm()
                 server = VLLMServer(model_dir, **server_args).start()
                 url = server.url
-                server_info.update(started=True, startup_seconds=server.startup_seconds, command=server.command,
+                # the results are published with the card: paths of this machine (model, python) by their names
+                command = [Path(a).name if os.path.isabs(a) else a for a in server.command]
+                server_info.update(started=True, startup_seconds=server.startup_seconds, command=command,
                                    speculative=server.speculative)
             else:
                 url = base_url.rstrip("/")
@@ -184,7 +187,7 @@ def evaluate_model(
                                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
 
     return {
-        "path": str(model_dir),
+        "path": published_source(str(model_dir)),  # published with the card: a folder by its name alone
         "model_hash": digest,
         "scores": {t: per_task[t]["score"] for t in tasks},
         "stderr": {t: per_task[t].get("stderr") for t in tasks},

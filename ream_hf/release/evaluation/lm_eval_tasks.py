@@ -57,7 +57,8 @@ def data_files_from_dir(data_dir: str | os.PathLike, tasks: Sequence[str] = TASK
 def data_source(task: str, files: dict[str, Path] | None) -> dict[str, Any]:
     if not files:
         return {"kind": "default", "source": HUB_SOURCES[task]}
-    source: dict[str, Any] = {"kind": "local", "files": {s: str(p) for s, p in files.items()},
+    # files by name and content digest: the results are published with the card, no path of this machine in them
+    source: dict[str, Any] = {"kind": "local", "files": {s: Path(p).name for s, p in files.items()},
                               "sha256": {s: sha256_file(p).hexdigest() for s, p in files.items()}}
     if task == "gsm8k" and "train" not in files:
         source["fewshot_source"] = "test file (no gsm8k_train.jsonl given)"
