@@ -338,6 +338,11 @@ def _mtp_context(names: tuple[str, ...], text_config: dict[str, Any], manifest: 
     return {"present": bool(found), "count": len(found), "mode": mode, "description": description, "vllm_flag": flag}
 
 
+def original_name(source_name: str, base_model: str | None) -> str:
+    """How the card names the source: its Hub id, else its folder's name."""
+    return base_model or Path(source_name).name or "the original model"
+
+
 def default_model_name(original: str, method: MethodInfo, experts_after: Any) -> str:
     """The name a card gives a model not yet on the Hub, from what it is (source, method, experts kept) rather than
     where it was written, so two runs of one job write byte-identical cards; `push` replaces it by the repo id."""
@@ -357,8 +362,8 @@ def name_card_for_repo(folder: str | os.PathLike, repo_id: str) -> bool:
     if method is None:
         return False
     source_name = str(manifest.get("source") or "")
-    original = (hub_id_for_source(source_name) if source_name else None) or Path(source_name).name
-    default = default_model_name(original or "the original model", method, manifest.get("experts_after"))
+    original = original_name(source_name, hub_id_for_source(source_name) if source_name else None)
+    default = default_model_name(original, method, manifest.get("experts_after"))
     text = card_path.read_text(encoding="utf-8")
     if default not in text:
         return False
@@ -434,7 +439,7 @@ def render_model_card(
         for layer in layers
     ]
     text_config = text_config_dict(config_json)
-    original = base_model or Path(source_name).name or "the original model"
+    original = original_name(source_name, base_model)
     model_name = repo_id or default_model_name(original, method, manifest.get("experts_after"))
     license_info = dict(license_info) if license_info else source_license(source_dir)
 
