@@ -56,7 +56,7 @@ def output(qwen3_source, calibration_txt, tmp_path_factory):
     return compressor.save_pretrained(tmp_path_factory.mktemp("report") / "output")
 
 
-def test_every_save_writes_the_plot_and_the_card_embeds_it(output):
+def test_every_save_writes_the_plot_and_the_card_embeds_it(output, qwen3_source):
     """`save_pretrained` writes the model card too: method, sizes, calibration by name, the plot; no scores yet."""
     card = (output / "README.md").read_text()
     assert f"![What each MoE layer lost: routing mass kept, held-out error before and after the refit, merge-group " \
@@ -65,7 +65,8 @@ def test_every_save_writes_the_plot_and_the_card_embeds_it(output):
     assert "| Parameters |" in card and "| Size on disk (safetensors) |" in card
     assert "calibration.txt" in card and "8 sequences x 48 tokens" in card
     assert "No benchmark results were recorded" in card and "model-index" not in card
-    assert f"model_id = \"{output.name}\"" in card, "the snippets name the output, not the temporary folder"
+    # named by what it is, not by a folder (neither the temporary one nor the output's): push puts the repo id there
+    assert f"model_id = \"{qwen3_source.name}-REAM-8E\"" in card and f"\"{output.name}\"" not in card
     path = output / LAYER_PLOT_NAME
     with Image.open(path) as image:
         image.load()
