@@ -71,6 +71,9 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_experts=16,
                                                   moe_topk=4)),
     "dots1": ("Dots1Config", dict(ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=2, first_k_dense_replace=0)),
+    # its config defaults to OLMo's 100k-vocabulary token ids: none here (the tiny checkpoints set the tokenizer's)
+    "flex_olmo": ("FlexOlmoConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_experts=16,
+                                         num_experts_per_tok=4, pad_token_id=None, eos_token_id=None)),
 }
 FAMILY_CONFIGS.update(MORE_FAMILY_CONFIGS)
 MORE_FAMILIES = tuple(MORE_FAMILY_CONFIGS)

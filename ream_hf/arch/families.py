@@ -131,6 +131,8 @@ FAMILIES: tuple[MoEFamily, ...] = (
         "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
         scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
     ),
+    # OLMoE's MoE (softmax top-k, `norm_topk_prob`) in every layer, under OLMo-2's post-norms
+    MoEFamily("FlexOlmo", ("flex_olmo",), "num_experts", ("num_experts",)),
 )
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
