@@ -133,6 +133,13 @@ FAMILIES: tuple[MoEFamily, ...] = (
     ),
     # OLMoE's MoE (softmax top-k, `norm_topk_prob`) in every layer, under OLMo-2's post-norms
     MoEFamily("FlexOlmo", ("flex_olmo",), "num_experts", ("num_experts",)),
+    # DeepSeek-V3's routing (sigmoid + bias, grouped top-k, scaling) with dense first layers (`mlp_layer_types`) and
+    # sliding-window attention; the routing bias on the block on disk, in the router in memory (transformers' renaming)
+    MoEFamily(
+        "EXAONE-MoE", ("exaone_moe",), "num_experts", ("num_experts",), router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid",
+        group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
+        disk_renames=(("gate.e_score_correction_bias", "e_score_correction_bias"),),
+    ),
 )
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
