@@ -79,6 +79,7 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                            num_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
                                            routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
                                            first_k_dense_replace=1, sliding_window=32, sliding_window_pattern=2)),
+    "solar_open": ("SolarOpenConfig", dict(ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=2)),
 }
 FAMILY_CONFIGS.update(MORE_FAMILY_CONFIGS)
 MORE_FAMILIES = tuple(MORE_FAMILY_CONFIGS)

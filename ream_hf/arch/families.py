@@ -140,6 +140,10 @@ FAMILIES: tuple[MoEFamily, ...] = (
         group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
         disk_renames=(("gate.e_score_correction_bias", "e_score_correction_bias"),),
     ),
+    MoEFamily(
+        "Solar-Open", ("solar_open",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
+        scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
+    ),
 )
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
