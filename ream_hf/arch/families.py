@@ -35,6 +35,8 @@ class MoEFamily:
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped top-k routing
     mtp_layers_key: str | None = None  # config key counting MTP layers
     mtp_style: str | None = None  # "layers": model.layers.{N+i}; "mtp": mtp.layers.{i}
+    mtp_moe: bool = True  # False: vLLM builds the MTP layers with a dense MLP (EXAONE-MoE's `is_mtp`), so they
+    #                       have nothing to compress (copied as they are) and expert tensors there are refused
     shared_expert_attrs: tuple[str, ...] = ()
     vision_prefixes: tuple[str, ...] = ()  # tensors copied through untouched
     # where transformers' module differs from the common shape (router tensors on `<router_attr>.<name>`, router
@@ -139,6 +141,7 @@ FAMILIES: tuple[MoEFamily, ...] = (
         "EXAONE-MoE", ("exaone_moe",), "num_experts", ("num_experts",), router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid",
         group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
         disk_renames=(("gate.e_score_correction_bias", "e_score_correction_bias"),),
+        mtp_layers_key="num_nextn_predict_layers", mtp_style="mtp", mtp_moe=False,
     ),
     MoEFamily(
         "Solar-Open", ("solar_open",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
