@@ -158,7 +158,9 @@ class ReamCompressor(OptimumQuantizer):
         if save_statistics is not None and source is None:
             raise ValueError("save_statistics needs the source as a folder or Hub id, not a loaded model")
         reader = StatisticsReader(statistics, source, config) if statistics is not None else None
-        if reader is not None and found and config.mtp == "compress":
+        # MTP layers with experts to compress (a family whose MTP layers are dense copies them as they are)
+        compress_mtp = bool(found) and config.mtp == "compress" and family.mtp_moe
+        if reader is not None and compress_mtp:
             raise ValueError("saved statistics cover the trunk only: with MTP layers use mtp='keep' or 'drop' "
                              "(--mtp keep|drop), or run without --statistics")
         writers: list[StatisticsWriter] = []  # rank 0 alone writes; a taken folder is refused on every rank
@@ -229,7 +231,7 @@ class ReamCompressor(OptimumQuantizer):
                 if reader is not None:
                     result.calibration_sequences = reader.calibration_sequences
                     result.calibration_tokens = reader.calibration_tokens
-                mtp_loader = LayerLoader(source, family, device) if found and config.mtp == "compress" else None
+                mtp_loader = LayerLoader(source, family, device) if compress_mtp else None
                 run_layers(config, model, family, batches, target, device, result, loader, mtp_loader, reader, writer)
                 if writer is not None:
                     writer.finish(result.calibration_sequences, result.calibration_tokens)

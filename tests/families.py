@@ -71,6 +71,15 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_experts=16,
                                                   moe_topk=4)),
     "dots1": ("Dots1Config", dict(ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=2, first_k_dense_replace=0)),
+    # its config defaults to OLMo's 100k-vocabulary token ids: none here (the tiny checkpoints set the tokenizer's)
+    "flex_olmo": ("FlexOlmoConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_experts=16,
+                                         num_experts_per_tok=4, pad_token_id=None, eos_token_id=None)),
+    # layer 0 dense; layers 0 and 2 slide over 32 of the 48 calibration tokens, layer 1 attends to all
+    "exaone_moe": ("ExaoneMoeConfig", dict(ATTENTION, intermediate_size=128, moe_intermediate_size=32, num_experts=16,
+                                           num_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                           routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+                                           first_k_dense_replace=1, sliding_window=32, sliding_window_pattern=2)),
+    "solar_open": ("SolarOpenConfig", dict(ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=2)),
 }
 FAMILY_CONFIGS.update(MORE_FAMILY_CONFIGS)
 MORE_FAMILIES = tuple(MORE_FAMILY_CONFIGS)

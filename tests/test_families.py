@@ -136,7 +136,8 @@ def test_bfloat16_family_prunes_bit_exact_streaming_and_in_memory(family, bf16_s
     assert bool(biases) == ("e_score_correction_bias" in family_for_config(model.config.to_dict()).router_tensors)
     kept_fp32 = fp32_tensors(model, torch.bfloat16)  # as transformers keeps them: MiniMax-M2's is bfloat16
     assert all((b.dtype == torch.float32) == bool(kept_fp32 and kept_fp32.search(n)) for n, b in biases.items())
-    assert (family in ("deepseek_v3", "glm4_moe", "deepseek_v32", "glm_moe_dsa", "dots1", "ernie4_5_moe")) == \
+    assert (family in ("deepseek_v3", "glm4_moe", "deepseek_v32", "glm_moe_dsa", "dots1", "ernie4_5_moe",
+                       "exaone_moe", "solar_open")) == \
         any(b.dtype == torch.float32 for b in biases.values())
 
 

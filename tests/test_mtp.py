@@ -1,4 +1,4 @@
-"""MTP layers (mtp="compress"/"drop"/"keep") for the four families that carry them.
+"""MTP layers (mtp="compress"/"drop"/"keep") for the four families whose MTP layers are MoE, and EXAONE-MoE's dense one.
 
 Sources: the tiny family checkpoints of tests/families.py with MTP tensors added straight into the safetensors
 (a second shard plus an index, like a Hub checkpoint): for DeepSeek-V3 / GLM-4.5 `model.layers.{N}.*` with
@@ -524,3 +524,89 @@ def test_bfloat16_mtp_layer_routes_and_writes_its_float32_bias(family, calibrati
         compress(source, calibration_txt, output, streaming=streaming)
         assert tensors(output)[bias_name].dtype == torch.float32
         assert_pruned_bit_exact(source, output)
+
+
+# -- EXAONE-MoE: vLLM's MTP layer is dense (exaone_moe.py builds ExaoneMoeGatedMLP when is_mtp) ----------------
+
+def add_exaone_mtp_layer(folder: Path, *, moe: bool = False, seed: int = 1) -> Path:
+    """EXAONE-MoE's MTP tensors as vLLM's exaone_moe_mtp.py loads them (`mtp.` -> `model.`): `mtp.fc`,
+    `mtp.pre_fc_norm_{embedding,hidden}`, `mtp.norm` and `mtp.layers.0.*`, a decoder layer with a dense MLP
+    (`intermediate_size`), its names and shapes copied from the dense trunk layer 0; `moe`: with the MoE block of
+    trunk layer 1 instead (experts, router, shared expert), which vLLM cannot load."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    trunk = load_file(folder / "model.safetensors")
+    hidden = int(config["hidden_size"])
+    template = "model.layers.1." if moe else "model.layers.0."
+    assert config["mlp_layer_types"][int(template.split(".")[2])] == ("sparse" if moe else "dense")
+    generator = torch.Generator().manual_seed(seed)
+    extra = {}
+    for name, tensor in trunk.items():
+        if name.startswith(template):
+            scale = 0.05 if "norm" in name else max(float(tensor.float().std()), 0.02)
+            value = torch.randn(tuple(tensor.shape), generator=generator) * scale
+            extra["mtp.layers.0." + name[len(template):]] = (1 + value if "norm" in name else value).to(tensor.dtype)
+    extra["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden, generator=generator) * 0.1
+    for part in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        extra[f"mtp.{part}.weight"] = 1 + torch.randn(hidden, generator=generator) * 0.05
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    save_file(extra, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {**{k: "model-00001-of-00002.safetensors" for k in trunk},
+                  **{k: "model-00002-of-00002.safetensors" for k in extra}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exaone_source(tmp_path_factory) -> Path:
+    return add_exaone_mtp_layer(build_family_checkpoint("exaone_moe", tmp_path_factory.mktemp("exaone") / "source"))
+
+
+@pytest.mark.parametrize("method", ["reap", "ream"])
+def test_exaone_moe_dense_mtp_layer_is_copied(method, exaone_source, calibration_txt, tmp_path):
+    """mtp="compress" (the default): the trunk compressed 16 -> 8, the dense MTP layer copied bit-exact (nothing
+    to compress), its count kept; verify passes; streaming writes the same bytes as in memory."""
+    digests = {}
+    for streaming in (False, True):
+        output = tmp_path / f"out-{streaming}"
+        compressor = compress(exaone_source, calibration_txt, output, method=method, streaming=streaming)
+        verify_checkpoint(output, compressor.result.family, compressor.result.source)
+        src, out = tensors(exaone_source), tensors(output)
+        mtp = sorted(n for n in src if n.startswith("mtp."))
+        assert sorted(n for n in out if n.startswith("mtp.")) == mtp and len(mtp) > 4
+        assert all(torch.equal(out[n], src[n]) for n in mtp)
+        arch = family_for_config(json.loads((output / "config.json").read_text()))
+        assert not [n for n in out if n.startswith("mtp.") and parse_moe_name(arch, n)]
+        trunk_experts = {p.expert for n in out if (p := parse_moe_name(arch, n)) and p.kind == "expert"}
+        assert trunk_experts == set(range(TARGET))
+        config = json.loads((output / "config.json").read_text())
+        assert config["num_experts"] == TARGET and config["num_nextn_predict_layers"] == 1
+        assert mtp_speculation(output)[0]  # vLLM's "mtp" method maps exaone_moe to ExaoneMoeMTP
+        manifest = json.loads((output / "ream_manifest.json").read_text())
+        assert manifest["mtp"] == {"mode": "compress", "dropped": []}
+        assert {e["layer"] for e in manifest["layers"]} == {"model.layers.1", "model.layers.2"}
+        digests[streaming] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                              for p in sorted(output.glob("*.safetensors"))}
+    assert digests[True] == digests[False]
+
+
+def test_exaone_moe_mtp_drop_removes_layer(exaone_source, calibration_txt, tmp_path):
+    compressor = compress(exaone_source, calibration_txt, tmp_path / "out", mtp="drop")
+    verify_checkpoint(tmp_path / "out", compressor.result.family, compressor.result.source,
+                      dropped_prefixes=compressor.result.dropped_prefixes)
+    assert not [n for n in tensors(tmp_path / "out") if n.startswith("mtp.")]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert compressor.result.dropped_prefixes == ("mtp.",)
+    assert mtp_speculation(tmp_path / "out") == (False, NO_MTP)
+
+
+def test_exaone_moe_mtp_layer_with_experts_is_refused_before_any_read(calibration_txt, tmp_path, no_work_started):
+    """vLLM builds EXAONE-MoE's MTP layer with a dense MLP: expert tensors there are refused up front."""
+    # built with the guards on: the fixture writes with transformers and reads with safetensors, never through ream-hf
+    source = add_exaone_mtp_layer(build_family_checkpoint("exaone_moe", tmp_path / "source"), moe=True)
+    config = ReamConfig(target_experts=TARGET, calibration=[str(calibration_txt)], calibration_ratios=None)
+    with pytest.raises(ValueError, match=r"^EXAONE-MoE: MTP layer mtp\.layers\.0 .* has mtp\.layers\.0\.mlp\..*"
+                                         r"dense MLP; pass mtp='drop'"):
+        ReamCompressor(config).compress(str(source))

@@ -35,6 +35,8 @@ class MoEFamily:
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped top-k routing
     mtp_layers_key: str | None = None  # config key counting MTP layers
     mtp_style: str | None = None  # "layers": model.layers.{N+i}; "mtp": mtp.layers.{i}
+    mtp_moe: bool = True  # False: vLLM builds the MTP layers with a dense MLP (EXAONE-MoE's `is_mtp`), so they
+    #                       have nothing to compress (copied as they are) and expert tensors there are refused
     shared_expert_attrs: tuple[str, ...] = ()
     vision_prefixes: tuple[str, ...] = ()  # tensors copied through untouched
     # where transformers' module differs from the common shape (router tensors on `<router_attr>.<name>`, router
@@ -129,6 +131,20 @@ FAMILIES: tuple[MoEFamily, ...] = (
     ),
     MoEFamily(
         "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
+        scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
+    ),
+    # OLMoE's MoE (softmax top-k, `norm_topk_prob`) in every layer, under OLMo-2's post-norms
+    MoEFamily("FlexOlmo", ("flex_olmo",), "num_experts", ("num_experts",)),
+    # DeepSeek-V3's routing (sigmoid + bias, grouped top-k, scaling) with dense first layers (`mlp_layer_types`) and
+    # sliding-window attention; the routing bias on the block on disk, in the router in memory (transformers' renaming)
+    MoEFamily(
+        "EXAONE-MoE", ("exaone_moe",), "num_experts", ("num_experts",), router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid",
+        group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
+        disk_renames=(("gate.e_score_correction_bias", "e_score_correction_bias"),),
+        mtp_layers_key="num_nextn_predict_layers", mtp_style="mtp", mtp_moe=False,
+    ),
+    MoEFamily(
+        "Solar-Open", ("solar_open",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
         scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
     ),
 )

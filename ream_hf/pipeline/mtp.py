@@ -90,6 +90,12 @@ def check_mtp_layers(family: MoEFamily, source: SourceCheckpoint) -> list[MTPLay
                 "pass mtp='drop' (removed, config fixed) or mtp='keep' (copied as is)"
             )
         kinds = {p.kind for n in names if n.startswith(spec.layer_prefix) and (p := parse_moe_name(family, n))}
+        if kinds and not family.mtp_moe:
+            first = min(n for n in names if n.startswith(spec.layer_prefix) and parse_moe_name(family, n))
+            raise ValueError(
+                f"{family.name}: MTP layer {spec.layer_key} of {source.folder} has {first}, but vLLM builds "
+                f"{family.name}'s MTP layers with a dense MLP; pass mtp='drop' (removed, config fixed) or mtp='keep'"
+            )
         if kinds and "router" not in kinds:
             raise ValueError(f"MTP layer {spec.layer_key} of {source.folder} has expert tensors but no router weight")
         if kinds == {"router"}:
