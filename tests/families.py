@@ -71,6 +71,9 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_experts=16,
                                                   moe_topk=4)),
     "dots1": ("Dots1Config", dict(ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=2, first_k_dense_replace=0)),
+    # sparsemixer routes top-2 whatever num_experts_per_tok says: 2, as Phi-3.5-MoE's config
+    "phimoe": ("PhimoeConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_local_experts=16,
+                                    num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)),
 }
 FAMILY_CONFIGS.update(MORE_FAMILY_CONFIGS)
 MORE_FAMILIES = tuple(MORE_FAMILY_CONFIGS)

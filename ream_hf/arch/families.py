@@ -127,6 +127,14 @@ FAMILIES: tuple[MoEFamily, ...] = (
         router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid", group_keys=("n_group", "topk_group"),
         shared_expert_attrs=("shared_experts",), vision_prefixes=("model.visual.",),
     ),
+    # PhiMoE's router (`mlp.router`, `block_sparse_moe.gate` on disk) is sparsemixer: top-2 whatever the config's
+    # top-k, each weight a softmax over the logits within a jitter threshold of that pick's (Gumbel sampling only in
+    # training; statistics run in eval mode, where it is the deterministic max)
+    MoEFamily(
+        "PhiMoE", ("phimoe",), "num_local_experts", ("num_local_experts",), router_attr="router",
+        disk_block_attr="block_sparse_moe", disk_proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+        disk_renames=(("router.", "gate."),),
+    ),
     MoEFamily(
         "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
         scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
