@@ -74,6 +74,12 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     # sparsemixer routes top-2 whatever num_experts_per_tok says: 2, as Phi-3.5-MoE's config
     "phimoe": ("PhimoeConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_local_experts=16,
                                     num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)),
+    # hybrid: short-conv and attention layers; layer 0 a dense MLP; embeddings tied as LFM2-8B-A1B's
+    "lfm2_moe": ("Lfm2MoeConfig", dict({k: v for k, v in ATTENTION.items() if k != "head_dim"}, tie_word_embeddings=True,
+                                       intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                                       layer_types=["conv", "full_attention", "conv"], num_dense_layers=1, num_experts=16,
+                                       num_experts_per_tok=4, use_expert_bias=True, norm_topk_prob=True,
+                                       routed_scaling_factor=2.5)),
 }
 FAMILY_CONFIGS.update(MORE_FAMILY_CONFIGS)
 MORE_FAMILIES = tuple(MORE_FAMILY_CONFIGS)
@@ -98,9 +104,9 @@ def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: 
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for module in model.modules():  # bias-corrected routers: make selection differ from scores
-            bias = getattr(module, "e_score_correction_bias", None)
-            if isinstance(bias, torch.Tensor):
-                bias.copy_(torch.randn(bias.shape) * 0.3)
+            for name in ("e_score_correction_bias", "expert_bias"):  # LFM2-MoE's is expert_bias
+                if isinstance(bias := getattr(module, name, None), torch.Tensor):
+                    bias.copy_(torch.randn(bias.shape) * 0.3)
         arch = family_for_config(config.to_dict())
         for layer in decoder_layers(model):  # a router transformers initialises to zeros (ERNIE): as trained
             weight = None if (block := moe_block(arch, layer)) is None else router_tensors(arch, block)["weight"]

@@ -135,6 +135,13 @@ FAMILIES: tuple[MoEFamily, ...] = (
         disk_block_attr="block_sparse_moe", disk_proj_names={"gate": "w1", "up": "w3", "down": "w2"},
         disk_renames=(("router.", "gate."),),
     ),
+    # LFM2-MoE: sigmoid scores, top-k of scores + the block's `expert_bias` (handed to the router as MiniMax-M2's),
+    # renormalised, times routed_scaling_factor; the first num_dense_layers feed_forwards are dense MLPs
+    MoEFamily(
+        "LFM2-MoE", ("lfm2_moe",), "num_experts", ("num_experts",), block_attr="feed_forward", scoring="sigmoid",
+        router_tensors=("weight", "expert_bias"), router_paths={"expert_bias": "expert_bias"},
+        router_args=("expert_bias",), disk_proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+    ),
     MoEFamily(
         "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
         scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),

@@ -40,8 +40,8 @@ class RouterView(nn.Module):
     def __init__(self, family: MoEFamily, block: nn.Module) -> None:
         super().__init__()
         self.gate = getattr(block, family.router_attr)
-        for name in family.router_args:
-            self.register_buffer(name, getattr(block, name), persistent=False)
+        for name in family.router_args:  # None where the block has none (LFM2-MoE with use_expert_bias false)
+            self.register_buffer(name, getattr(block, name, None), persistent=False)
         self.arg_names = family.router_args
         self.weight_path = family.router_path("weight")[len(family.router_attr) + 1:]
 
