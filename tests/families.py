@@ -74,8 +74,9 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     # sparsemixer routes top-2 whatever num_experts_per_tok says: 2, as Phi-3.5-MoE's config
     "phimoe": ("PhimoeConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_local_experts=16,
                                     num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)),
-    # experts fused on disk under their own names (input_linear / output_linear); Granite's muP-style multipliers
-    "granitemoe": ("GraniteMoeConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_local_experts=16,
+    # experts fused on disk under their own names (input_linear / output_linear), (E, 2D, H) non-square so that a
+    # transposed read or write cannot pass; Granite's muP-style multipliers
+    "granitemoe": ("GraniteMoeConfig", dict(ATTENTION, intermediate_size=16, num_hidden_layers=2, num_local_experts=16,
                                             num_experts_per_tok=4, embedding_multiplier=12.0, residual_multiplier=0.22,
                                             attention_multiplier=0.0625, logits_scaling=6.0)),
     # hybrid: short-conv and attention layers; layer 0 a dense MLP; embeddings tied as LFM2-8B-A1B's
