@@ -80,6 +80,20 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                            routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
                                            first_k_dense_replace=1, sliding_window=32, sliding_window_pattern=2)),
     "solar_open": ("SolarOpenConfig", dict(ATTENTION, **DEEPSEEK_MOE, num_hidden_layers=2)),
+    # sparsemixer routes top-2 whatever num_experts_per_tok says: 2, as Phi-3.5-MoE's config
+    "phimoe": ("PhimoeConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_local_experts=16,
+                                    num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)),
+    # experts fused on disk under their own names (input_linear / output_linear), (E, 2D, H) non-square so that a
+    # transposed read or write cannot pass; Granite's muP-style multipliers
+    "granitemoe": ("GraniteMoeConfig", dict(ATTENTION, intermediate_size=16, num_hidden_layers=2, num_local_experts=16,
+                                            num_experts_per_tok=4, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                            attention_multiplier=0.0625, logits_scaling=6.0)),
+    # hybrid: short-conv and attention layers; layer 0 a dense MLP; embeddings tied as LFM2-8B-A1B's
+    "lfm2_moe": ("Lfm2MoeConfig", dict({k: v for k, v in ATTENTION.items() if k != "head_dim"}, tie_word_embeddings=True,
+                                       intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                                       layer_types=["conv", "full_attention", "conv"], num_dense_layers=1, num_experts=16,
+                                       num_experts_per_tok=4, use_expert_bias=True, norm_topk_prob=True,
+                                       routed_scaling_factor=2.5)),
 }
 FAMILY_CONFIGS.update(MORE_FAMILY_CONFIGS)
 MORE_FAMILIES = tuple(MORE_FAMILY_CONFIGS)
@@ -104,9 +118,9 @@ def build_family_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: 
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for module in model.modules():  # bias-corrected routers: make selection differ from scores
-            bias = getattr(module, "e_score_correction_bias", None)
-            if isinstance(bias, torch.Tensor):
-                bias.copy_(torch.randn(bias.shape) * 0.3)
+            for name in ("e_score_correction_bias", "expert_bias"):  # LFM2-MoE's is expert_bias
+                if isinstance(bias := getattr(module, name, None), torch.Tensor):
+                    bias.copy_(torch.randn(bias.shape) * 0.3)
         arch = family_for_config(config.to_dict())
         for layer in decoder_layers(model):  # a router transformers initialises to zeros (ERNIE): as trained
             weight = None if (block := moe_block(arch, layer)) is None else router_tensors(arch, block)["weight"]

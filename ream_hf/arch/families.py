@@ -45,7 +45,11 @@ class MoEFamily:
     #                                                             block (Hunyuan: gate.wg.weight; MiniMax-M2's bias)
     router_args: tuple[str, ...] = ()  # block attributes the router takes after the hidden states (MiniMax-M2)
     router_expert_dims: dict[str, int] = field(default_factory=dict)  # expert dimension where not 0 (ERNIE's (1, E))
+    router_returns: tuple[str, str, str] = ("logits", "weights", "index")  # the order of the router's outputs
+    #                                                                        (Granite-MoE: index, weights, logits)
     disk_renames: tuple[tuple[str, str], ...] = ()  # (in-memory, on-disk) name fragments under a layer's block
+    #                                                  (Granite-MoE's fused experts: experts.gate_up_proj on disk
+    #                                                  as input_linear.weight)
     layer_carry: str | None = None  # a decoder layer returning (hidden, value) whose value the next layer takes as
     #                                this keyword argument (GLM-5's top-k token indices, shared by its "shared" layers)
 
@@ -128,6 +132,30 @@ FAMILIES: tuple[MoEFamily, ...] = (
         "GLM-4.5V / 4.6V", ("glm4v_moe", "glm4v_moe_text"), "n_routed_experts", ("n_routed_experts",),
         router_tensors=_DEEPSEEK_ROUTER, scoring="sigmoid", group_keys=("n_group", "topk_group"),
         shared_expert_attrs=("shared_experts",), vision_prefixes=("model.visual.",),
+    ),
+    # PhiMoE's router (`mlp.router`, `block_sparse_moe.gate` on disk) is sparsemixer: top-2 whatever the config's
+    # top-k, each weight a softmax over the logits within a jitter threshold of that pick's (Gumbel sampling only in
+    # training; statistics run in eval mode, where it is the deterministic max)
+    MoEFamily(
+        "PhiMoE", ("phimoe",), "num_local_experts", ("num_local_experts",), router_attr="router",
+        disk_block_attr="block_sparse_moe", disk_proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+        disk_renames=(("router.", "gate."),),
+    ),
+    # LFM2-MoE: sigmoid scores, top-k of scores + the block's `expert_bias` (handed to the router as MiniMax-M2's),
+    # renormalised, times routed_scaling_factor; the first num_dense_layers feed_forwards are dense MLPs
+    MoEFamily(
+        "LFM2-MoE", ("lfm2_moe",), "num_experts", ("num_experts",), block_attr="feed_forward", scoring="sigmoid",
+        router_tensors=("weight", "expert_bias"), router_paths={"expert_bias": "expert_bias"},
+        router_args=("expert_bias",), disk_proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+    ),
+    # Granite-MoE: softmax over the top-k logits; router returns (index, weights, logits); experts fused on disk as
+    # in memory, under other names (`input_linear.weight` (E, 2D, H), `output_linear.weight` (E, H, D),
+    # `router.layer.weight`)
+    MoEFamily(
+        "Granite-MoE", ("granitemoe",), "num_local_experts", ("num_local_experts",), block_attr="block_sparse_moe",
+        router_attr="router", router_returns=("index", "weights", "logits"),
+        disk_renames=(("experts.gate_up_proj", "input_linear.weight"), ("experts.down_proj", "output_linear.weight"),
+                      ("router.weight", "router.layer.weight")),
     ),
     MoEFamily(
         "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,

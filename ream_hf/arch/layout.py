@@ -135,7 +135,20 @@ def parse_moe_name(family: MoEFamily, name: str) -> MoETensorName | None:
         return None
     if (m := _IN_BLOCK.match(name)) and (param := disk_router_names(family).get(m["rest"])) is not None:
         return MoETensorName(m["prefix"], int(m["layer"]), m["block"], "router", None, None, param)
+    if m and m["block"] == family.on_disk_block and (param := _renamed_fused(family).get(m["rest"])) is not None:
+        return MoETensorName(m["prefix"], int(m["layer"]), m["block"], "fused", None, None, param)
     return None
+
+
+def disk_fused_name(family: MoEFamily, param: str) -> str:
+    """The on-disk name, relative to the block, of fused expert parameter `param`: `experts.<param>`, or what
+    `MoEFamily.disk_renames` makes of it (Granite-MoE: `input_linear.weight`)."""
+    return in_memory_key(family, f"{family.block_attr}.{family.experts_attr}.{param}")[len(family.on_disk_block) + 1:]
+
+
+def _renamed_fused(family: MoEFamily) -> dict[str, str]:
+    """Fused expert parameters stored under a name without `.experts.` -> parameter name."""
+    return {name: param for param in FUSED_PARAMS if ".experts." not in f".{(name := disk_fused_name(family, param))}"}
 
 
 def disk_router_names(family: MoEFamily) -> dict[str, str]:
@@ -150,8 +163,10 @@ def disk_expert_tensors(family: MoEFamily, experts_prefix: str, weights: ExpertW
                         fused: bool) -> dict[str, torch.Tensor]:
     """A layer's canonical experts under the source's on-disk names: fused (GPT-OSS) or one tensor per expert
     and projection, numbered 0..k-1."""
-    if fused:
-        return {experts_prefix + name: tensor for name, tensor in fused_expert_params(family, weights).items()}
+    if fused:  # experts_prefix is `<layer>.<block>.experts.`; the names are the block's (disk_fused_name)
+        block_prefix = experts_prefix[: -len("experts.")]
+        return {block_prefix + disk_fused_name(family, name): tensor
+                for name, tensor in fused_expert_params(family, weights).items()}
     role_tensors = {"gate": weights.gate, "up": weights.up, "down": weights.down}
     return {f"{experts_prefix}{expert}.{proj}.weight": role_tensors[role][expert]
             for expert in range(weights.num_experts) for role, proj in family.disk_proj_names.items()}

@@ -79,8 +79,8 @@ def build_skeleton(hf_config, dtype, device: torch.device, loader: LayerLoader):
     norm_prefix = embed_name[: -len("embed_tokens.weight")] + "norm."  # the trunk's final norm sits beside it
     if f"{norm_prefix}weight" in loader.source.weight_map:
         loader.fill(final_norm(model), norm_prefix)
-    rotary = getattr(base, "rotary_emb", None)
-    if rotary is not None:  # its tables are non-persistent buffers computed at construction
-        with torch.device(device):
-            base.rotary_emb = type(rotary)(config=rotary.config)
+    for name, rotary in base.named_children():  # `rotary_emb` (LFM2-MoE: `pos_emb`): its tables are non-persistent
+        if isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):  # buffers computed at construction
+            with torch.device(device):
+                setattr(base, name, type(rotary)(config=rotary.config))
     return model
