@@ -27,13 +27,15 @@ TRAIN_STEPS = 30
 HIDDEN_SIZE = 128
 
 
-def memorise(folder: Path, lines: list[str], steps: int = TRAIN_STEPS, window: int = 40, seed: int = 0) -> None:
+def memorise(folder: Path, lines: list[str], steps: int = TRAIN_STEPS, window: int = 40, seed: int = 0,
+             renames: dict[str, str] | None = None) -> None:
     """Train the tiny model until it recites `lines` (each line, then the next, cyclically); save it Hub-style.
 
     Greedy continuations of the lines' prefixes then have wide top-2 logit gaps (~7 before compression,
     >= ~0.08 after 16 -> 8 experts, over seeds 0-2), so exact token comparison cannot hinge on a near-tie.
     Training on generic demo text does not do this: its random word choices train near-uniform
-    next-word distributions, and gaps stayed near 1e-3.
+    next-word distributions, and gaps stayed near 1e-3. `renames`: config.json keys renamed to the Hub's after
+    saving (default Qwen3-MoE's `num_local_experts` -> `num_experts`; `{}` for families that keep the name).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +51,7 @@ def memorise(folder: Path, lines: list[str], steps: int = TRAIN_STEPS, window: i
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(str(folder))
-    hub_style_config(folder, {"num_local_experts": "num_experts"})
+    hub_style_config(folder, {"num_local_experts": "num_experts"} if renames is None else renames)
 
 
 def transformers_greedy(folder: Path, prompts: list[list[int]], max_new_tokens: int):
