@@ -34,8 +34,9 @@ def moe_block(family: MoEFamily, layer: nn.Module) -> nn.Module | None:
 class RouterView(nn.Module):
     """A router called as every family's is, `router(x) -> (logits, top-k weights, top-k indices)`, where the
     family's own module needs more (MiniMax-M2 passes its block's `e_score_correction_bias`), keeps its weight
-    deeper (Hunyuan: `gate.wg.weight`) or returns them in another order (Granite-MoE). The tensors are the block's own (a live view, nothing copied): `weight`
-    is the router's weight, and a deep copy sharing the tensors keeps routing as it was before surgery."""
+    deeper (Hunyuan: `gate.wg.weight`) or returns them in another order (Granite-MoE). The tensors are the block's
+    own (a live view, nothing copied): `weight` is the router's weight, and a deep copy sharing the tensors keeps
+    routing as it was before surgery."""
 
     def __init__(self, family: MoEFamily, block: nn.Module) -> None:
         super().__init__()
