@@ -350,6 +350,17 @@ def default_model_name(original: str, method: MethodInfo, experts_after: Any) ->
     return f"{Path(original).name or 'model'}-{method.label.replace(' ', '-')}{experts}"
 
 
+def _card_names(manifest: dict[str, Any], method: MethodInfo, base_model: str | None
+                ) -> tuple[str | None, str, str]:
+    """(base_model, original, default model name) as the card states them: `base_model` found from the manifest's
+    source when not given. The render and `name_card_for_repo` must agree on these, so both take them from here."""
+    source_name = str(manifest.get("source") or "")
+    if base_model is None:
+        base_model = hub_id_for_source(source_name) if source_name else None
+    original = original_name(source_name, base_model)
+    return base_model, original, default_model_name(original, method, manifest.get("experts_after"))
+
+
 def name_card_for_repo(folder: str | os.PathLike, repo_id: str) -> bool:
     """Put `repo_id` where the card of `folder` names the model by `default_model_name` (title, usage snippets,
     evaluation command), keeping everything else in it, edits included. Returns whether the card changed."""
@@ -361,9 +372,7 @@ def name_card_for_repo(folder: str | os.PathLike, repo_id: str) -> bool:
     method = METHODS.get(str(settings.get("method", manifest.get("method"))))
     if method is None:
         return False
-    source_name = str(manifest.get("source") or "")
-    original = original_name(source_name, hub_id_for_source(source_name) if source_name else None)
-    default = default_model_name(original, method, manifest.get("experts_after"))
+    default = _card_names(manifest, method, None)[2]
     text = card_path.read_text(encoding="utf-8")
     if default not in text:
         return False
@@ -405,9 +414,7 @@ def render_model_card(
     if method_key not in METHODS:
         raise ValueError(f"unknown method {method_key!r} in {output / 'config.json'}")
     method = METHODS[method_key]
-    source_name = str(manifest.get("source") or "")
-    if base_model is None:
-        base_model = hub_id_for_source(source_name) if source_name else None
+    base_model, original, default_name = _card_names(manifest, method, base_model)
     if results is None and (output / EVAL_RESULTS_NAME).is_file():
         results = output / EVAL_RESULTS_NAME
     results = load_results(results) if results is not None else None
@@ -439,8 +446,7 @@ def render_model_card(
         for layer in layers
     ]
     text_config = text_config_dict(config_json)
-    original = original_name(source_name, base_model)
-    model_name = repo_id or default_model_name(original, method, manifest.get("experts_after"))
+    model_name = repo_id or default_name
     license_info = dict(license_info) if license_info else source_license(source_dir)
 
     results_context, eval_results = _results_context(results) if results is not None else (None, None)
