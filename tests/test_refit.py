@@ -12,6 +12,7 @@ from ream_hf.arch import ExpertWeights
 from ream_hf.method.experts import Activation
 from ream_hf.method.refit import (
     LeastSquaresSums,
+    RidgeFactor,
     Routing,
     checked_down_refit,
     group_logit_targets,
@@ -296,7 +297,7 @@ def test_checked_refit_is_never_worse_than_no_refit_on_held_out_sequences(tokens
     if not check.kept:
         assert torch.equal(down, pruned.down) and check.experts_refit == 0
     if tokens >= 2000:
-        assert check.kept and after < 0.9 * before and check.ridge is not None and check.steps in (1, 2, 3)
+        assert check.kept and after < 0.9 * before and len(check.ridges) == check.steps and check.steps in (1, 2, 3)
 
 
 @pytest.mark.parametrize("rows", [7, 40])
@@ -309,6 +310,28 @@ def test_ridge_rows_solves_the_primal_or_the_dual_alike(rows):
     assert torch.allclose(ridge_rows(u, m, 0.3), direct_ridge(u, m, torch.zeros(3, 12, dtype=torch.float64), 0.3),
                           atol=1e-10)
     assert torch.equal(ridge_rows(torch.zeros(rows, 12), m, 0.3), torch.zeros(3, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rows", [7, 40])
+def test_ridge_factor_gives_every_ridges_answer_from_one_factorisation(rows):
+    """The factor the refit builds once per expert answers each ridge and each step's target (rows' own output
+    under a previous change plus a moved part) as the normal equations written out do, in the primal (more rows
+    than unknowns) and the dual (fewer); all-zero rows give zero."""
+    generator = torch.Generator().manual_seed(41)
+    u = torch.randn(rows, 12, generator=generator)
+    moved = torch.randn(rows, 3, generator=generator)
+    previous = torch.randn(3, 12, generator=generator)
+    factor = RidgeFactor(u)
+    assert factor.dual == (rows < 12)
+    ridges = [0.01, 0.3, 10.0]
+    zero = torch.zeros(3, 12, dtype=torch.float64)
+    targets = (moved + u @ previous.T).double()
+    for got, ridge in zip(factor.solve(u, moved, previous, ridges), ridges):
+        assert torch.allclose(got, direct_ridge(u.double(), targets, zero, ridge), atol=1e-4)
+    for got, ridge in zip(factor.solve(u, moved, None, ridges), ridges):
+        assert torch.allclose(got, ridge_rows(u, moved, ridge), atol=1e-6)
+    empty = torch.zeros(rows, 12)
+    assert all(torch.equal(d, zero) for d in RidgeFactor(empty).solve(empty, moved, previous, ridges))
 
 
 MEASURE_REFIT = """

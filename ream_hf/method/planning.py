@@ -150,7 +150,7 @@ def layer_work(config: ReamConfig, *, hidden: int, inner: int, experts: int, tar
     refit = 0.0
     refit_tokens = min(config.refit_tokens, tokens) if "down" in config.refit else 0
     if refit_tokens:  # the down refit and its held-out check (method/refit.py counts its work)
-        candidates = len(RIDGE_GRID) * (1 if config.refit_target == "group" else config.refit_steps)
-        refit = refit_flops(refit_tokens, top_k, inner, hidden, target, candidates)
+        steps = 1 if config.refit_target == "group" else config.refit_steps
+        refit = refit_flops(refit_tokens, top_k, inner, hidden, target, len(RIDGE_GRID), steps)
     forward = (routed + 2 * dense_params + 4 * sequence_length * attention_width) * tokens
     return LayerWork(float(statistics), float(features), float(alignment), matchings, float(refit), float(forward))

@@ -225,6 +225,39 @@ def ridge_rows(inputs: Tensor, targets: Tensor, ridge: float) -> Tensor:
     return torch.cholesky_solve((m.T @ u).T, torch.linalg.cholesky(system)).T
 
 
+class RidgeFactor:
+    """One output expert's rows u (n, d) factored once for every ridge and every step: the eigendecomposition of
+    the smaller Gram, u^T u (d, d) where rows are plentiful, the dual u u^T (n, n) where they are fewer than the
+    unknowns (published MoEs). `solve` then costs two small products per ridge instead of a Gram and a
+    factorisation (the refit tries several ridges and steps on the same rows). Memory: min(n, d)^2 float64."""
+
+    def __init__(self, inputs: Tensor) -> None:
+        u = inputs.double()
+        self.dual = u.shape[0] < u.shape[1]
+        gram = u @ u.T if self.dual else u.T @ u
+        self.scale = float(torch.diagonal(gram).sum()) / u.shape[1]  # mean diag of u^T u, in both forms
+        values, self.vectors = torch.linalg.eigh(gram) if self.scale > 0 else (None, None)
+        self.values = None if values is None else values.clamp(min=0)
+
+    def solve(self, inputs: Tensor, moved: Tensor, previous: Tensor | None, ridges: Sequence[float]) -> list[Tensor]:
+        """For each ridge, argmin_D sum ||D u - t||^2 + lam ||D||^2 (h, d) float64 over the rows u of `inputs` and
+        targets t = moved + u previous^T (`moved` (n, h); `previous` (h, d) or None), lam = ridge * mean(diag(u^T u)):
+        `ridge_rows`'s answer. Zero where the rows are all zero."""
+        width = inputs.shape[1]
+        if self.vectors is None:
+            return [torch.zeros(moved.shape[1], width, dtype=torch.float64, device=inputs.device) for _ in ridges]
+        v = self.vectors
+        if self.dual:  # D = t^T V (L + lam)^-1 V^T u
+            targets = moved if previous is None else moved + inputs @ previous.T.to(inputs.dtype)
+            left, right = targets.double().T @ v, v.T @ inputs.double()
+        else:  # D = (t^T u) V (L + lam)^-1 V^T, with t^T u = moved^T u + previous u^T u = moved^T u + previous V L V^T
+            left = (moved.T @ inputs).double() @ v
+            if previous is not None:
+                left += (previous.double() @ v) * self.values
+            right = v.T
+        return [(left / (self.values + ridge * self.scale)) @ right for ridge in ridges]
+
+
 def _delta_dtype(merged: ExpertWeights) -> torch.dtype:
     """What the refit keeps each expert's change in: float32, or the merged weights' 16-bit dtype (the change is
     recomputed from the targets at every step, not accumulated, so its rounding does not add up)."""
@@ -233,15 +266,16 @@ def _delta_dtype(merged: ExpertWeights) -> torch.dtype:
 
 class DownRefit:
     """One layer's down-projection refit problem on its fit tokens x (T, H): each output expert's routed rows
-    u = w a (n, D [+1]) and what they must reproduce, built once and shared by every ridge and step tried.
-    Pure tensors in and out: `solutions` yields each expert's change of [down | bias] from the merged weights.
+    u = w a (n, D [+1]), factored once (`RidgeFactor`), and what they must reproduce, built once and shared by
+    every ridge and step tried. Pure tensors in and out: `step` moves each expert's change of [down | bias] from the
+    merged weights one step on, `candidates` gives that step for several ridges at once.
 
     The ridge is anchored to the merged (or pruned) weights W0 at every step: W = W0 + Delta with
     argmin ||W u - t||^2 + lam ||Delta||^2 for the step's target t. (Re-centring it on the previous step's weights
     lets the steps walk to the unregularised least squares, which over-fits where rows per unknown are few.)
 
     Memory (`refit_bytes` counts it): the routed pairs' (T * k, D) rows, four (T, H) layer outputs, one (H, D)
-    change per output expert, and one expert's Gram (the smaller of n^2 and D^2) at a time."""
+    change per output expert, and every expert's factor (min(n, D)^2)."""
 
     def __init__(self, source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
                  original: Routing, compressed: Routing, groups: list[list[int]], target: str) -> None:
@@ -250,7 +284,7 @@ class DownRefit:
         x = x.float()
         self.target, self.delta_dtype = target, _delta_dtype(merged)
         self.compressed_out, pairs = _routed_pass(merged, activation, x, compressed, keep=True)
-        self.experts = []  # (expert, routed token, inputs (n, D [+1]) float32)
+        self.experts = []  # (expert, routed token, inputs (n, D [+1]) float32, factor)
         self.moved = []  # "group": goal - W0 u per expert; "residual": the token's share of the layer's error
         if target == "residual":
             total = compressed.weights.float().sum(dim=1, keepdim=True)
@@ -258,7 +292,7 @@ class DownRefit:
         for n, (expert, routed) in enumerate(pairs):
             pairs[n] = None  # the activations become the inputs in place: one copy of the routed rows
             inputs = _inputs(routed.weight, routed.acts, merged.down_bias is not None)
-            self.experts.append((expert, routed.token, inputs))
+            self.experts.append((expert, routed.token, inputs, RidgeFactor(inputs)))
             if target == "group":
                 goal = _member_outputs(source, activation, x, original, groups[expert], routed.token)
                 self.moved.append(goal - inputs @ _anchor(merged, expert).T.float())
@@ -267,31 +301,45 @@ class DownRefit:
         if target == "residual":
             self.original_out = _routed_pass(source, activation, x, original, keep=False)[0]
 
-    def solutions(self, ridge: float, steps: int) -> Iterator[dict[int, Tensor]]:
-        """After each of `steps` steps (one for "group" targets, which do not depend on the other experts), every
-        routed output expert's change Delta of [down | bias] (H, D [+1]) from the merged weights. The dict is
-        updated in place from one step to the next. "residual": each step recomputes the layer's error with the
-        previous step's weights and shares it again (block Jacobi on the joint least squares)."""
-        delta: dict[int, Tensor] = {}
+    def residual(self, delta: dict[int, Tensor]) -> Tensor | None:
+        """The layer's error on the fit tokens (T, H), original output minus the compressed layer's changed by
+        `delta`; None for "group" targets, which do not depend on the other experts."""
         if self.target == "group":
-            for (expert, _, inputs), goal in zip(self.experts, self.moved):
-                delta[expert] = ridge_rows(inputs, goal, ridge).to(self.delta_dtype)
-            yield delta
-            return
+            return None
         out = self.compressed_out
-        for step in range(steps):
-            residual = self.original_out - out
-            following = step < steps - 1
-            if following:
-                out = self.compressed_out.clone()
-            for (expert, token, inputs), share in zip(self.experts, self.moved):
-                # target t = W u + s r; anchored at W0: Delta' = argmin ||Delta' u - (Delta u + s r)||^2 + lam ||Delta'||^2
-                moved = share * residual[token]
+        if delta:
+            out = out.clone()
+            for expert, token, inputs, _ in self.experts:
                 if expert in delta:
-                    moved += inputs @ delta[expert].T.float()
-                delta[expert] = ridge_rows(inputs, moved, ridge).to(self.delta_dtype)
-                if following:
                     out.index_add_(0, token, inputs @ delta[expert].T.float())
+        return self.original_out - out
+
+    def _problems(self, delta: dict[int, Tensor], residual: Tensor | None):
+        """Each output expert's next step: (expert, inputs, factor, moved target rows, its current change)."""
+        for (expert, token, inputs, factor), moved in zip(self.experts, self.moved):
+            yield expert, inputs, factor, moved if residual is None else moved * residual[token], delta.get(expert)
+
+    def candidates(self, delta: dict[int, Tensor], residual: Tensor | None,
+                   ridges: Sequence[float]) -> Iterator[tuple[int, list[Tensor]]]:
+        """The next step from `delta` (and its `residual`) for each of `ridges` at once, one output expert at a
+        time (the changes are not kept here): the ridges share one target and one factor per expert."""
+        for expert, inputs, factor, moved, current in self._problems(delta, residual):
+            yield expert, [d.to(self.delta_dtype) for d in factor.solve(inputs, moved, current, ridges)]
+
+    def step(self, delta: dict[int, Tensor], residual: Tensor | None, ridge: float) -> None:
+        """One step with `ridge`, `delta` updated in place: every routed output expert's change Delta of
+        [down | bias] (H, D [+1]) from the merged weights. "residual": the target is the expert's own output plus
+        its share of the layer's error under `delta` (block Jacobi on the joint least squares); anchored at W0,
+        Delta' = argmin ||Delta' u - (Delta u + s r)||^2 + lam ||Delta'||^2."""
+        for expert, inputs, factor, moved, current in self._problems(delta, residual):
+            delta[expert] = factor.solve(inputs, moved, current, [ridge])[0].to(self.delta_dtype)
+
+    def solutions(self, ridge: float, steps: int) -> Iterator[dict[int, Tensor]]:
+        """`delta` after each of `steps` steps with one ridge (one step for "group" targets), updated in place."""
+        delta: dict[int, Tensor] = {}
+        for _ in range(1 if self.target == "group" else steps):
+            residual = self.residual(delta)
+            self.step(delta, residual, ridge)
             del residual
             yield delta
 
@@ -346,7 +394,7 @@ class RefitCheck:
     experts_refit: int  # output experts whose refit was kept
     heldout_error_before: float | None  # the merged/pruned layer's (None: nothing to check on)
     heldout_error_after: float | None  # the returned weights'
-    ridge: float | None  # the ridge and steps chosen on the held-out tokens (None when not kept)
+    ridges: list[float] | None  # each step's ridge, chosen on the held-out tokens (None when not kept)
     steps: int | None
     train_tokens: int
     heldout_tokens: int
@@ -379,6 +427,17 @@ class _HeldOut:
         token, inputs = self.rows[expert]
         return token, (inputs @ delta.T.float()).double()
 
+    def errors_of(self, changes: Iterator[tuple[int, list[Tensor]]], count: int) -> list[float]:
+        """The held-out squared error of each of `count` candidates whose changes arrive one expert at a time
+        (`DownRefit.first_step`): one (T_h, H) error per candidate, not one copy of the weights."""
+        errors = [self.base_error.clone() for _ in range(count)]
+        for expert, candidates in changes:
+            for error, delta in zip(errors, candidates):
+                moved = self.change(expert, delta)
+                if moved is not None:
+                    error.index_add_(0, moved[0], -moved[1])
+        return [float((error ** 2).sum()) for error in errors]
+
     def error(self, delta: dict[int, Tensor]) -> Tensor:
         """(T_h, H) layer-output error Y - Y' of the merged layer changed by `delta`."""
         error = self.base_error.clone()
@@ -394,10 +453,12 @@ def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation:
                        ridges: Sequence[float], steps: int) -> tuple[Tensor, Tensor | None, RefitCheck]:
     """`refit_down_projections` fitted on the tokens of x not `held_out` (whole sequences: `heldout_sequences`)
     and kept only where it lowers the held-out error of the layer output, so it can never make a layer worse on
-    text it did not fit. The ridge (of `ridges`) and the number of steps (1..`steps`) are those with the lowest
-    held-out error; then each output expert whose refit does not lower the held-out error (given the others) gets
-    its merged weights back, and the layer keeps its merged weights outright unless the result beats them.
-    Returns the down (n, H, D), bias (n, H) or None, and the check's record."""
+    text it did not fit. Up to `steps` steps (one for "group" targets) are taken while one lowers it, each with the
+    ridge (of `ridges`) whose step has the lowest held-out error: every ridge's step comes from one target and one
+    factor per expert, so the sweep costs little more than one step. Then each output expert whose refit does not
+    lower the held-out error (given the others) gets its merged weights back, and the layer keeps its merged weights
+    outright unless the result beats them. Returns the down (n, H, D), bias (n, H) or None, and the check's
+    record."""
     fit = ~held_out
     train_tokens, heldout_tokens = int(fit.sum()), int(held_out.sum())
     if train_tokens == 0 or heldout_tokens == 0:
@@ -407,19 +468,18 @@ def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation:
     check = _HeldOut(source, merged, activation, x[held_out], _rows(original, held_out), _rows(compressed, held_out))
     scale = max(check.scale, 1e-30)
     before = float((check.base_error ** 2).sum())
-    best = (before, None, None)
-    for ridge in ridges:
-        for step, delta in enumerate(problem.solutions(ridge, steps), start=1):
-            error = float((check.error(delta) ** 2).sum())
-            if error < best[0]:
-                best = (error, ridge, step)
-        del delta  # the last step's changes, before the next ridge builds its own
-    _, ridge, chosen_steps = best
+    best, chosen = before, []
     delta: dict[int, Tensor] = {}
-    if ridge is not None:  # the best candidate again (kept once, not one copy of the weights per candidate)
-        for step, delta in enumerate(problem.solutions(ridge, chosen_steps), start=1):
-            if step == chosen_steps:
-                break
+    for _ in range(1 if target == "group" else steps):
+        residual = problem.residual(delta)
+        errors = check.errors_of(problem.candidates(delta, residual, ridges), len(ridges))
+        pick = min(range(len(ridges)), key=errors.__getitem__)
+        if errors[pick] >= best:
+            break
+        problem.step(delta, residual, ridges[pick])
+        best = errors[pick]
+        chosen.append(ridges[pick])
+        del residual
     del problem
     error = check.error(delta)
     for expert in sorted(delta):  # an expert's refit stays only where the held-out tokens it serves gain
@@ -436,35 +496,43 @@ def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation:
     kept = bool(delta) and after < before
     down, bias = _apply(merged, delta if kept else {})
     return down, bias, RefitCheck(kept, len(delta) if kept else 0, before / scale,
-                                  (after if kept else before) / scale, ridge if kept else None,
-                                  chosen_steps if kept else None, train_tokens, heldout_tokens)
+                                  (after if kept else before) / scale, chosen if kept else None,
+                                  len(chosen) if kept else None, train_tokens, heldout_tokens)
 
 
 def refit_bytes(tokens: int, top_k: int, inner: int, hidden: int, experts: int, weight_size: int = 4,
-                heldout: float = HELDOUT_FRACTION) -> int:
+                heldout: float = HELDOUT_FRACTION, ridges: int = len(RIDGE_GRID)) -> int:
     """Peak working memory of `checked_down_refit` on a `tokens`-token sample of one layer kept to `experts`
     output experts of width `inner` (weights of `weight_size` bytes): the fit phase (the sample split in two,
-    the fit pairs' rows and indices, four (T, H) layer outputs, the held-out rows and errors, every expert's
-    change, the busiest expert's solve) plus the new down projections. The fit phase's memory is not given back
-    before they are written (freed in many per-expert pieces, under the later allocations: measured, CPU), so the
-    two add up. Checked against a measurement in tests/test_refit.py."""
+    the fit pairs' rows and indices, every expert's factor, four (T, H) layer outputs, the held-out rows and one
+    error per ridge of the sweep, every expert's change, the busiest expert's solve) plus the new down projections.
+    The fit phase's memory is not given back before they are written (freed in many per-expert pieces, under the
+    later allocations: measured, CPU), so the two add up. Checked against a measurement in tests/test_refit.py."""
     fit = tokens - round(tokens * heldout)
     held = tokens - fit
     rows, held_rows = fit * top_k, held * top_k
     delta = experts * hidden * inner * (weight_size if weight_size < 4 else 4)
     busiest = min(rows, 2 * -(-rows // max(experts, 1)))  # a routed expert's rows, with room for skew
+    factors = 8 * min(busiest, inner) * min(rows, experts * inner)  # sum of min(n, D)^2: exact where n >= D
     solve = 8 * (busiest * (inner + 2 * hidden) + 2 * min(busiest, inner) ** 2 + 2 * hidden * inner)
-    held_part = held_rows * (4 * inner + 8) + 3 * 8 * held * hidden
-    fitting = 4 * tokens * hidden + rows * (4 * inner + 24) + 4 * 4 * fit * hidden + held_part + delta + solve
+    held_part = held_rows * (4 * inner + 8) + (2 + ridges) * 8 * held * hidden
+    fitting = (4 * tokens * hidden + rows * (4 * inner + 24) + factors + 4 * 4 * fit * hidden + held_part + delta
+               + solve)
     return fitting + experts * hidden * inner * weight_size
 
 
-def refit_flops(tokens: int, top_k: int, inner: int, hidden: int, experts: int, candidates: int) -> float:
+def refit_flops(tokens: int, top_k: int, inner: int, hidden: int, experts: int, ridges: int, steps: int) -> float:
     """Multiply-adds x 2 of `checked_down_refit`: the routed passes of the original and the compressed experts
-    on the sample (three GEMMs each), then per candidate (ridge x steps, plus the chosen one again) each expert's
-    rows times its change, its ridge solve (the dual where rows are fewer than `inner`) and its output."""
+    on the sample (three GEMMs each); per expert its factor (Gram and eigendecomposition of the smaller side), then
+    per step the layer's error under the current changes, the step's target, every ridge's solve and held-out
+    change, and the chosen ridge's step again."""
     pairs = tokens * top_k
     rows = pairs / max(experts, 1)
+    held_rows = rows * HELDOUT_FRACTION / (1 - HELDOUT_FRACTION)
     small = min(rows, inner)  # the dual's n or the primal's D
-    per_expert = 2 * rows * small * inner + small ** 3 / 3 + 2 * small ** 2 * hidden + 8 * rows * hidden * inner
-    return 12.0 * hidden * inner * pairs + (candidates + 1) * experts * per_expert
+    factor = 2 * rows * small * inner + 9 * small ** 3
+    product = 2 * rows * hidden * inner  # rows times a change, or targets times rows
+    apply = 2 * hidden * small * inner  # one ridge's solve from the factor
+    held = 2 * held_rows * hidden * inner
+    per_step = 3 * product + (ridges + 1) * apply + ridges * held
+    return 12.0 * hidden * inner * pairs + experts * (factor + steps * per_step + held)
