@@ -78,9 +78,19 @@ def test_same_expert_count_reproduces_logits_exactly(family, sources, calibratio
     source = sources[family]
     compress(source, calibration_txt, tmp_path / "out", target=16, streaming=True, allow_full_width=True)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
-    before = AutoModelForCausalLM.from_pretrained(str(source)).eval()(ids).logits
-    after = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()(ids).logits
+    before = in_fresh_memory(AutoModelForCausalLM.from_pretrained(str(source)).eval())(ids).logits
+    after = in_fresh_memory(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval())(ids).logits
     assert torch.equal(before, after)
+
+
+def in_fresh_memory(model):
+    """The model with its tensors copied out of the memory-mapped shards: CPU GEMMs can round differently with the
+    address alignment of their operands (Granite-MoE-Hybrid's experts, 1 ulp apart when the same bytes sit at another
+    offset of another file), and the two files' offsets differ with their headers."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
+    return model
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -95,7 +105,7 @@ def test_routed_forward_is_bit_identical_to_the_family_experts_module(family):
     # Granite's fixture has non-square fused experts (2D != H, so that a transposed read or write fails the other
     # tests); at its D = 16 the experts loop's GEMMs block their sums otherwise than routed_forward's (1 ulp apart,
     # as for any family at some widths): bit-identity is checked at the width where the two compute alike
-    config = family_config(family, 64, **({"intermediate_size": 32} if family == "granitemoe" else {}))
+    config = family_config(family, 64, **({"intermediate_size": 32} if family.startswith("granitemoe") else {}))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
     adapter = family_for_config(config.to_dict())

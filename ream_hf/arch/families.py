@@ -70,6 +70,12 @@ _DEEPSEEK_V3: dict[str, Any] = dict(
     scoring="sigmoid", group_keys=("n_group", "topk_group"), mtp_layers_key="num_nextn_predict_layers",
     mtp_style="layers", shared_expert_attrs=("shared_experts",))
 
+_GRANITE_MOE: dict[str, Any] = dict(
+    num_experts_attr="num_local_experts", expert_count_keys=("num_local_experts",), block_attr="block_sparse_moe",
+    router_attr="router", router_returns=("index", "weights", "logits"),
+    disk_renames=(("experts.gate_up_proj", "input_linear.weight"), ("experts.down_proj", "output_linear.weight"),
+                  ("router.weight", "router.layer.weight")))
+
 FAMILIES: tuple[MoEFamily, ...] = (
     MoEFamily("Qwen3-MoE", ("qwen3_moe",), "num_experts", ("num_experts", "num_local_experts")),
     MoEFamily("Qwen2-MoE", ("qwen2_moe",), "num_experts", ("num_experts",), shared_expert_attrs=_QWEN_SHARED),
@@ -151,12 +157,12 @@ FAMILIES: tuple[MoEFamily, ...] = (
     # Granite-MoE: softmax over the top-k logits; router returns (index, weights, logits); experts fused on disk as
     # in memory, under other names (`input_linear.weight` (E, 2D, H), `output_linear.weight` (E, H, D),
     # `router.layer.weight`)
-    MoEFamily(
-        "Granite-MoE", ("granitemoe",), "num_local_experts", ("num_local_experts",), block_attr="block_sparse_moe",
-        router_attr="router", router_returns=("index", "weights", "logits"),
-        disk_renames=(("experts.gate_up_proj", "input_linear.weight"), ("experts.down_proj", "output_linear.weight"),
-                      ("router.weight", "router.layer.weight")),
-    ),
+    MoEFamily("Granite-MoE", ("granitemoe",), **_GRANITE_MOE),
+    # Granite-MoE's block with a dense shared MLP beside it on the decoder layer (`shared_mlp.input_linear` /
+    # `output_linear`, not under the block: never parsed as experts, copied as stored)
+    MoEFamily("Granite-MoE-Shared", ("granitemoeshared",), **_GRANITE_MOE),
+    # Granite-4.0-H: the same block and shared MLP under Mamba-2 and attention layers (copied as stored)
+    MoEFamily("Granite-MoE-Hybrid", ("granitemoehybrid",), **_GRANITE_MOE),
     MoEFamily(
         "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
         scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
