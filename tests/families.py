@@ -111,6 +111,13 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                                         mamba_d_state=16, mamba_chunk_size=16, embedding_multiplier=12.0,
                                                         residual_multiplier=0.22, attention_multiplier=0.0625,
                                                         logits_scaling=6.0)),
+    # layer 0 dense; layers 0 and 2 slide over 32 of the 48 calibration tokens; the routing bias (expert_bias) kept
+    # float32; muP input scaling and route_scale as Trinity's
+    "afmoe": ("AfmoeConfig", dict(ATTENTION, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                                  num_dense_layers=1, num_experts=16, num_experts_per_tok=4, num_shared_experts=1,
+                                  route_scale=2.5, sliding_window=32,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  mup_enabled=True)),
     # hybrid: short-conv and attention layers; layer 0 a dense MLP; embeddings tied as LFM2-8B-A1B's
     "lfm2_moe": ("Lfm2MoeConfig", dict({k: v for k, v in ATTENTION.items() if k != "head_dim"}, tie_word_embeddings=True,
                                        intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,

@@ -47,6 +47,8 @@ class MoEFamily:
     router_expert_dims: dict[str, int] = field(default_factory=dict)  # expert dimension where not 0 (ERNIE's (1, E))
     router_returns: tuple[str, str, str] = ("logits", "weights", "index")  # the order of the router's outputs
     #                                                                        (Granite-MoE: index, weights, logits)
+    router_takes_batch: bool = False  # the router reads (batch, sequence, hidden) and flattens it itself (AFMoE):
+    #                                   handed the tokens as one batch row, which it flattens back alike
     disk_renames: tuple[tuple[str, str], ...] = ()  # (in-memory, on-disk) name fragments under a layer's block
     #                                                  (Granite-MoE's fused experts: experts.gate_up_proj on disk
     #                                                  as input_linear.weight)
@@ -176,6 +178,14 @@ FAMILIES: tuple[MoEFamily, ...] = (
         group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
         disk_renames=(("gate.e_score_correction_bias", "e_score_correction_bias"),),
         mtp_layers_key="num_nextn_predict_layers", mtp_style="mtp", mtp_moe=False,
+    ),
+    # AFMoE: sigmoid scores, top-k of scores + the block's `expert_bias` (float32, handed to the router), renormalised,
+    # times route_scale; router weight `router.gate.weight`, shared experts, the first num_dense_layers dense
+    MoEFamily(
+        "AFMoE", ("afmoe",), "num_experts", ("num_experts",), scoring="sigmoid", router_attr="router",
+        router_tensors=("weight", "expert_bias"), router_paths={"weight": "router.gate.weight",
+                                                                "expert_bias": "expert_bias"},
+        router_args=("expert_bias",), router_takes_batch=True, shared_expert_attrs=("shared_experts",),
     ),
     MoEFamily(
         "Solar-Open", ("solar_open",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
