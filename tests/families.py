@@ -118,6 +118,11 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                   route_scale=2.5, sliding_window=32,
                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                   mup_enabled=True)),
+    # Mamba layers 0, 2, 3 and attention layer 1; MoE on layers 1 (attention) and 3 (Mamba), dense MLPs on 0 and 2
+    "jamba": ("JambaConfig", dict({k: v for k, v in ATTENTION.items() if k != "head_dim"}, intermediate_size=32,
+                                  num_hidden_layers=4, num_experts=16, num_experts_per_tok=2, attn_layer_period=4,
+                                  attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
+                                  mamba_d_conv=4, mamba_expand=2)),
     # hybrid: short-conv and attention layers; layer 0 a dense MLP; embeddings tied as LFM2-8B-A1B's
     "lfm2_moe": ("Lfm2MoeConfig", dict({k: v for k, v in ATTENTION.items() if k != "head_dim"}, tie_word_embeddings=True,
                                        intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,

@@ -47,6 +47,8 @@ class MoEFamily:
     router_expert_dims: dict[str, int] = field(default_factory=dict)  # expert dimension where not 0 (ERNIE's (1, E))
     router_returns: tuple[str, str, str] = ("logits", "weights", "index")  # the order of the router's outputs
     #                                                                        (Granite-MoE: index, weights, logits)
+    route_method: str | None = None  # a block method (hidden, logits) -> (index, weights) that routes the logits of
+    #                                  a plain Linear router (Jamba: route_tokens_to_experts), called as the block does
     router_takes_batch: bool = False  # the router reads (batch, sequence, hidden) and flattens it itself (AFMoE):
     #                                   handed the tokens as one batch row, which it flattens back alike
     disk_renames: tuple[tuple[str, str], ...] = ()  # (in-memory, on-disk) name fragments under a layer's block
@@ -186,6 +188,13 @@ FAMILIES: tuple[MoEFamily, ...] = (
         router_tensors=("weight", "expert_bias"), router_paths={"weight": "router.gate.weight",
                                                                 "expert_bias": "expert_bias"},
         router_args=("expert_bias",), router_takes_batch=True, shared_expert_attrs=("shared_experts",),
+    ),
+    # Jamba: a plain Linear router (`feed_forward.router`) whose logits the block's own route_tokens_to_experts turns
+    # into top-k of the softmax (not renormalised); MoE every expert_layer_period-th layer, Mamba and attention layers
+    # (copied as stored) interleaved
+    MoEFamily(
+        "Jamba", ("jamba",), "num_experts", ("num_experts",), block_attr="feed_forward", router_attr="router",
+        route_method="route_tokens_to_experts",
     ),
     MoEFamily(
         "Solar-Open", ("solar_open",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
