@@ -122,6 +122,20 @@ def test_routed_forward_is_bit_identical_to_the_family_experts_module(family):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("model_type", ["longcat_flash", "llama4", "nemotron_h", "step3p5", "kimi_linear",
+                                        "qwen3_omni_moe"])
+def test_refused_family_names_what_is_missing(model_type):
+    """Families whose shape the method cannot honour are refused from config.json alone, before any read, with the
+    reason (as the CLI prints it), also when the decoder's settings sit in text_config."""
+    from ream_hf.arch.families import REFUSED_FAMILIES
+
+    for config in ({"model_type": model_type, "num_experts": 8},
+                   {"model_type": "wrapper", "text_config": {"model_type": model_type, "num_local_experts": 8}}):
+        with pytest.raises(ValueError) as refused:
+            family_for_config(config)
+        assert str(refused.value).endswith(REFUSED_FAMILIES[model_type]) and "not supported" in str(refused.value)
+
+
 # -- bfloat16 checkpoints, as most families are published ------------------------------------------------------
 @pytest.fixture(scope="module")
 def bf16_sources(tmp_path_factory):

@@ -251,6 +251,19 @@ def text_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
 REFUSED_FAMILIES: dict[str, str] = {
     "longcat_flash": "LongCat-Flash routes tokens to zero-computation (identity) experts beside its real ones: they "
                      "would have to be kept apart from merging and counted apart, which ream-hf does not do",
+    "llama4": "Llama-4 multiplies each token by its sigmoid router score before the experts (they see score * x, not x): "
+              "the method's expert outputs, saliency (score times output) and merging assume the score weighs the "
+              "expert's output",
+    "nemotron_h": "Nemotron-H's experts are non-gated (up and down projections, relu^2), some behind a latent "
+                  "projection: the method merges and refits gated experts (gate, up, down) only",
+    "step3p5": "Step-3.5 has no causal-LM model in transformers 5.19 (only Step-3.7's vision-language model reads its "
+               "text config), its experts clamp their SwiGLU per layer and are stored stacked per layer: none of which "
+               "ream-hf reads or writes yet",
+    "kimi_linear": "Kimi-Linear's checkpoints store attention tensors that transformers renames and concatenates on "
+                   "load (q/k/v_conv1d into conv1d, the forget gate's): the streaming loader reads a layer by its "
+                   "in-memory names under the MoE block's renames only",
+    "qwen3_omni_moe": "Qwen3-Omni-MoE has two MoE stacks (thinker and talker) under audio and vision towers: ream-hf "
+                      "compresses one decoder's MoE layers",
 }
 
 
