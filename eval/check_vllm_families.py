@@ -39,6 +39,9 @@ VLLM_OVERRIDES: dict[str, dict] = {
 # (vLLM reads some only under the Hub's names): a dict, or a function of the saved config giving the keys
 HUB_CONFIG: dict[str, object] = {
     "phimoe": {"architectures": ["PhiMoEForCausalLM"]},  # microsoft/Phi-3.5-MoE-instruct; transformers: Phimoe...
+    # arcee-ai's Trinity (AFMoE) checkpoints name the routing in config (transformers' AfmoeConfig has no such keys): sigmoid,
+    # renormalised, one routing group, as transformers' AfmoeTokenChoiceRouter routes
+    "afmoe": {"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1},
     # MiniMaxAI/MiniMax-M2: partial RoPE as the legacy `rotary_dim`, sigmoid routing with a bias named in config
     "minimax_m2": lambda c: dict(rotary_dim=int(c["head_dim"] * c["rope_parameters"].get("partial_rotary_factor", 1.0)),
                                  scoring_func="sigmoid", use_routing_bias=True),

@@ -74,6 +74,15 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     # its config defaults to OLMo's 100k-vocabulary token ids: none here (the tiny checkpoints set the tokenizer's)
     "flex_olmo": ("FlexOlmoConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_experts=16,
                                          num_experts_per_tok=4, pad_token_id=None, eos_token_id=None)),
+    # Granite-4.0-H: Mamba-2 layers 0 and 2, attention layer 1 (RoPE), each with the MoE block and the shared MLP
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(ATTENTION, intermediate_size=16, shared_intermediate_size=32,
+                                                        num_hidden_layers=3, num_local_experts=16, num_experts_per_tok=4,
+                                                        layer_types=["linear_attention", "full_attention",
+                                                                     "linear_attention"],
+                                                        position_embedding_type="rope", mamba_n_heads=8,
+                                                        mamba_d_state=16, mamba_chunk_size=16, embedding_multiplier=12.0,
+                                                        residual_multiplier=0.22, attention_multiplier=0.0625,
+                                                        logits_scaling=6.0)),
     # layer 0 dense; layers 0 and 2 slide over 32 of the 48 calibration tokens, layer 1 attends to all
     "exaone_moe": ("ExaoneMoeConfig", dict(ATTENTION, intermediate_size=128, moe_intermediate_size=32, num_experts=16,
                                            num_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
@@ -88,6 +97,32 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "granitemoe": ("GraniteMoeConfig", dict(ATTENTION, intermediate_size=16, num_hidden_layers=2, num_local_experts=16,
                                             num_experts_per_tok=4, embedding_multiplier=12.0, residual_multiplier=0.22,
                                             attention_multiplier=0.0625, logits_scaling=6.0)),
+    # Granite-MoE's block beside a dense shared MLP on each layer (copied as stored)
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(ATTENTION, intermediate_size=16, shared_intermediate_size=32,
+                                                        num_hidden_layers=2, num_local_experts=16, num_experts_per_tok=4,
+                                                        embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                        attention_multiplier=0.0625, logits_scaling=6.0)),
+    # Granite-4.0-H: Mamba-2 layers 0 and 2, attention layer 1 (RoPE), each with the MoE block and the shared MLP
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(ATTENTION, intermediate_size=16, shared_intermediate_size=32,
+                                                        num_hidden_layers=3, num_local_experts=16, num_experts_per_tok=4,
+                                                        layer_types=["linear_attention", "full_attention",
+                                                                     "linear_attention"],
+                                                        position_embedding_type="rope", mamba_n_heads=8,
+                                                        mamba_d_state=16, mamba_chunk_size=16, embedding_multiplier=12.0,
+                                                        residual_multiplier=0.22, attention_multiplier=0.0625,
+                                                        logits_scaling=6.0)),
+    # layer 0 dense; layers 0 and 2 slide over 32 of the 48 calibration tokens; the routing bias (expert_bias) kept
+    # float32; muP input scaling and route_scale as Trinity's
+    "afmoe": ("AfmoeConfig", dict(ATTENTION, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                                  num_dense_layers=1, num_experts=16, num_experts_per_tok=4, num_shared_experts=1,
+                                  route_scale=2.5, sliding_window=32,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  mup_enabled=True)),
+    # Mamba layers 0, 2, 3 and attention layer 1; MoE on layers 1 (attention) and 3 (Mamba), dense MLPs on 0 and 2
+    "jamba": ("JambaConfig", dict({k: v for k, v in ATTENTION.items() if k != "head_dim"}, intermediate_size=32,
+                                  num_hidden_layers=4, num_experts=16, num_experts_per_tok=2, attn_layer_period=4,
+                                  attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
+                                  mamba_d_conv=4, mamba_expand=2)),
     # hybrid: short-conv and attention layers; layer 0 a dense MLP; embeddings tied as LFM2-8B-A1B's
     "lfm2_moe": ("Lfm2MoeConfig", dict({k: v for k, v in ATTENTION.items() if k != "head_dim"}, tie_word_embeddings=True,
                                        intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,

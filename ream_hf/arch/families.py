@@ -47,6 +47,10 @@ class MoEFamily:
     router_expert_dims: dict[str, int] = field(default_factory=dict)  # expert dimension where not 0 (ERNIE's (1, E))
     router_returns: tuple[str, str, str] = ("logits", "weights", "index")  # the order of the router's outputs
     #                                                                        (Granite-MoE: index, weights, logits)
+    route_method: str | None = None  # a block method (hidden, logits) -> (index, weights) that routes the logits of
+    #                                  a plain Linear router (Jamba: route_tokens_to_experts), called as the block does
+    router_takes_batch: bool = False  # the router reads (batch, sequence, hidden) and flattens it itself (AFMoE):
+    #                                   handed the tokens as one batch row, which it flattens back alike
     disk_renames: tuple[tuple[str, str], ...] = ()  # (in-memory, on-disk) name fragments under a layer's block
     #                                                  (Granite-MoE's fused experts: experts.gate_up_proj on disk
     #                                                  as input_linear.weight)
@@ -69,6 +73,12 @@ _DEEPSEEK_V3: dict[str, Any] = dict(
     num_experts_attr="n_routed_experts", expert_count_keys=("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
     scoring="sigmoid", group_keys=("n_group", "topk_group"), mtp_layers_key="num_nextn_predict_layers",
     mtp_style="layers", shared_expert_attrs=("shared_experts",))
+
+_GRANITE_MOE: dict[str, Any] = dict(
+    num_experts_attr="num_local_experts", expert_count_keys=("num_local_experts",), block_attr="block_sparse_moe",
+    router_attr="router", router_returns=("index", "weights", "logits"),
+    disk_renames=(("experts.gate_up_proj", "input_linear.weight"), ("experts.down_proj", "output_linear.weight"),
+                  ("router.weight", "router.layer.weight")))
 
 FAMILIES: tuple[MoEFamily, ...] = (
     MoEFamily("Qwen3-MoE", ("qwen3_moe",), "num_experts", ("num_experts", "num_local_experts")),
@@ -151,12 +161,12 @@ FAMILIES: tuple[MoEFamily, ...] = (
     # Granite-MoE: softmax over the top-k logits; router returns (index, weights, logits); experts fused on disk as
     # in memory, under other names (`input_linear.weight` (E, 2D, H), `output_linear.weight` (E, H, D),
     # `router.layer.weight`)
-    MoEFamily(
-        "Granite-MoE", ("granitemoe",), "num_local_experts", ("num_local_experts",), block_attr="block_sparse_moe",
-        router_attr="router", router_returns=("index", "weights", "logits"),
-        disk_renames=(("experts.gate_up_proj", "input_linear.weight"), ("experts.down_proj", "output_linear.weight"),
-                      ("router.weight", "router.layer.weight")),
-    ),
+    MoEFamily("Granite-MoE", ("granitemoe",), **_GRANITE_MOE),
+    # Granite-MoE's block with a dense shared MLP beside it on the decoder layer (`shared_mlp.input_linear` /
+    # `output_linear`, not under the block: never parsed as experts, copied as stored)
+    MoEFamily("Granite-MoE-Shared", ("granitemoeshared",), **_GRANITE_MOE),
+    # Granite-4.0-H: the same block and shared MLP under Mamba-2 and attention layers (copied as stored)
+    MoEFamily("Granite-MoE-Hybrid", ("granitemoehybrid",), **_GRANITE_MOE),
     MoEFamily(
         "dots.llm1", ("dots1",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
         scoring="sigmoid", group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
@@ -170,6 +180,21 @@ FAMILIES: tuple[MoEFamily, ...] = (
         group_keys=("n_group", "topk_group"), shared_expert_attrs=("shared_experts",),
         disk_renames=(("gate.e_score_correction_bias", "e_score_correction_bias"),),
         mtp_layers_key="num_nextn_predict_layers", mtp_style="mtp", mtp_moe=False,
+    ),
+    # AFMoE: sigmoid scores, top-k of scores + the block's `expert_bias` (float32, handed to the router), renormalised,
+    # times route_scale; router weight `router.gate.weight`, shared experts, the first num_dense_layers dense
+    MoEFamily(
+        "AFMoE", ("afmoe",), "num_experts", ("num_experts",), scoring="sigmoid", router_attr="router",
+        router_tensors=("weight", "expert_bias"), router_paths={"weight": "router.gate.weight",
+                                                                "expert_bias": "expert_bias"},
+        router_args=("expert_bias",), router_takes_batch=True, shared_expert_attrs=("shared_experts",),
+    ),
+    # Jamba: a plain Linear router (`feed_forward.router`) whose logits the block's own route_tokens_to_experts turns
+    # into top-k of the softmax (not renormalised); MoE every expert_layer_period-th layer, Mamba and attention layers
+    # (copied as stored) interleaved
+    MoEFamily(
+        "Jamba", ("jamba",), "num_experts", ("num_experts",), block_attr="feed_forward", router_attr="router",
+        route_method="route_tokens_to_experts",
     ),
     MoEFamily(
         "Solar-Open", ("solar_open",), "n_routed_experts", ("n_routed_experts",), router_tensors=_DEEPSEEK_ROUTER,
@@ -226,6 +251,19 @@ def text_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
 REFUSED_FAMILIES: dict[str, str] = {
     "longcat_flash": "LongCat-Flash routes tokens to zero-computation (identity) experts beside its real ones: they "
                      "would have to be kept apart from merging and counted apart, which ream-hf does not do",
+    "llama4": "Llama-4 multiplies each token by its sigmoid router score before the experts (they see score * x, not x): "
+              "the method's expert outputs, saliency (score times output) and merging assume the score weighs the "
+              "expert's output",
+    "nemotron_h": "Nemotron-H's experts are non-gated (up and down projections, relu^2), some behind a latent "
+                  "projection: the method merges and refits gated experts (gate, up, down) only",
+    "step3p5": "Step-3.5 has no causal-LM model in transformers 5.19 (only Step-3.7's vision-language model reads its "
+               "text config), its experts clamp their SwiGLU per layer and are stored stacked per layer: none of which "
+               "ream-hf reads or writes yet",
+    "kimi_linear": "Kimi-Linear's checkpoints store attention tensors that transformers renames and concatenates on "
+                   "load (q/k/v_conv1d into conv1d, the forget gate's): the streaming loader reads a layer by its "
+                   "in-memory names under the MoE block's renames only",
+    "qwen3_omni_moe": "Qwen3-Omni-MoE has two MoE stacks (thinker and talker) under audio and vision towers: ream-hf "
+                      "compresses one decoder's MoE layers",
 }
 
 

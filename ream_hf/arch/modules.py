@@ -34,8 +34,9 @@ def moe_block(family: MoEFamily, layer: nn.Module) -> nn.Module | None:
 class RouterView(nn.Module):
     """A router called as every family's is, `router(x) -> (logits, top-k weights, top-k indices)`, where the
     family's own module needs more (MiniMax-M2 passes its block's `e_score_correction_bias`), keeps its weight
-    deeper (Hunyuan: `gate.wg.weight`) or returns them in another order (Granite-MoE). The tensors are the block's
-    own (a live view, nothing copied): `weight` is the router's weight, and a deep copy sharing the tensors keeps
+    deeper (Hunyuan: `gate.wg.weight`), returns them in another order (Granite-MoE), reads a batch of sequences
+    (AFMoE) or is a plain Linear whose logits a block method routes (Jamba). The tensors are the block's own (a
+    live view, nothing copied): `weight` is the router's weight, and a deep copy sharing the tensors keeps
     routing as it was before surgery."""
 
     def __init__(self, family: MoEFamily, block: nn.Module) -> None:
@@ -46,20 +47,40 @@ class RouterView(nn.Module):
         self.arg_names = family.router_args
         self.weight_path = family.router_path("weight")[len(family.router_attr) + 1:]
         self.returns = family.router_returns
+        self.takes_batch = family.router_takes_batch
+        self.route = None if family.route_method is None else _Unshared(getattr(block, family.route_method))
 
     @property
     def weight(self) -> torch.Tensor:
         return self.gate.get_parameter(self.weight_path)
 
     def forward(self, hidden_states: torch.Tensor):
+        if self.takes_batch:  # (tokens, hidden) as one batch row: the router flattens it back to the same tokens
+            hidden_states = hidden_states.unsqueeze(0)
+        if self.route is not None:  # a Linear router; the block's own method routes its logits
+            logits = self.gate(hidden_states)
+            index, weights = self.route.target(hidden_states, logits)
+            return logits, weights, index
         out = dict(zip(self.returns, self.gate(hidden_states, *(getattr(self, name) for name in self.arg_names))))
         return out["logits"], out["weights"], out["index"]
+
+
+class _Unshared:
+    """A block's routing method held by a `RouterView`, the same object in every deep copy of the view (copying the
+    bound method would copy its whole block, experts included)."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def __deepcopy__(self, memo) -> _Unshared:
+        return self
 
 
 def router(family: MoEFamily, block: nn.Module) -> nn.Module:
     """The block's router, callable on hidden states alone (a `RouterView` where the family's is not)."""
     if family.router_args or family.router_path("weight") != f"{family.router_attr}.weight" \
-            or family.router_returns != MoEFamily.router_returns:
+            or family.router_returns != MoEFamily.router_returns or family.router_takes_batch \
+            or family.route_method is not None:
         return RouterView(family, block)
     return getattr(block, family.router_attr)
 
