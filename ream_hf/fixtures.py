@@ -188,12 +188,13 @@ def _save_quantized(src, output: Path, tensors: dict, quantization: dict) -> Pat
 
 
 def fp8_block_checkpoint(source: str | Path, output: str | Path, block: tuple[int, int] = (128, 128),
-                         scale_fmt: str | None = None) -> Path:
+                         scale_fmt: str | None = None, quantization_config: dict | None = None) -> Path:
     """The FP8 block-wise twin of a plain checkpoint, laid out as DeepSeek-V3 / Qwen3-*-FP8 publish theirs: every
     2-D linear weight of the decoder layers (MTP layers included) as float8_e4m3fn with a float32
     `weight_scale_inv` per block (partial edge blocks where a dim is not a multiple of the block), quantized with
     transformers' rounding; routers, norms, embeddings, lm_head and MTP heads in bfloat16, routing-bias
-    corrections (`e_score_correction_bias`) in float32 as DeepSeek-V3 publishes them."""
+    corrections (`e_score_correction_bias`) in float32 as DeepSeek-V3 publishes them. `quantization_config`: keys
+    that replace the written config's (a family's own spelling, e.g. MiniMax-M2's `fmt` and `modules_to_not_convert`)."""
     import torch
 
     from .arch import family_for_config, parse_moe_name
@@ -206,6 +207,7 @@ def fp8_block_checkpoint(source: str | Path, output: str | Path, block: tuple[in
                     "weight_block_size": list(block), "modules_to_not_convert": ["lm_head"]}
     if scale_fmt:
         quantization["scale_fmt"] = scale_fmt
+    quantization.update(quantization_config or {})
     fmt = Fp8BlockFormat(quantization)
     output = Path(output)
     output.mkdir(parents=True)

@@ -194,6 +194,51 @@ def test_fp8_deepseek_v3_with_mla_shared_experts_and_mtp(calibration_txt, tmp_pa
     assert tensors(outputs["fp8"])["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
 
 
+# MiniMax-M2 / M2.5's published quantization_config: the dtype's name for `fmt`, the router and its routing bias named
+MINIMAX_M2_FP8 = {"fmt": "float8_e4m3fn", "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]}
+
+
+@pytest.fixture(scope="module")
+def minimax_m2_fp8(tmp_path_factory):
+    """(FP8 source, its dequantized bfloat16 twin): a tiny MiniMax-M2 as MiniMaxAI publishes it."""
+    folder = tmp_path_factory.mktemp("minimax_m2")
+    plain = build_family_checkpoint("minimax_m2", folder / "plain", dtype=torch.bfloat16)
+    fp8 = fp8_block_checkpoint(plain, folder / "fp8", quantization_config=MINIMAX_M2_FP8)
+    return fp8, dequantize_checkpoint(fp8, folder / "twin", "bfloat16")
+
+
+@pytest.mark.parametrize("method", ["reap", "ream"])
+def test_fp8_minimax_m2_as_published_compresses_verifies_and_reloads(minimax_m2_fp8, method, calibration_txt,
+                                                                      tmp_path):
+    """MiniMax-M2 in its published FP8 layout (128 x 128 blocks, per-expert w1 / w2 / w3 under block_sparse_moe, the
+    float32 routing bias, config.json's own `fmt` spelling) with the library's defaults (REAP's down refit): the FP8
+    output verifies against the source, keeps its quantization_config, and transformers reloads it to our own
+    dequantization of it; with output_dtype bfloat16 the output is the twin's, tensor for tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.families import compress
+
+    fp8, twin = minimax_m2_fp8
+    outputs = {}
+    for mode, source, settings in (("twin", twin, {}), ("fp8", fp8, {}), ("bf16", fp8, {"output_dtype": "bfloat16"})):
+        compress(source, calibration_txt, tmp_path / mode, method=method, streaming=True, settings=settings)
+        outputs[mode] = tmp_path / mode
+    config = json.loads((outputs["fp8"] / "config.json").read_text())
+    verify_checkpoint(outputs["fp8"], family_for_config(config), SourceCheckpoint(fp8))
+    assert config["quantization_config"] == json.loads((fp8 / "config.json").read_text())["quantization_config"]
+    assert config["num_local_experts"] == 8
+    out = tensors(outputs["fp8"])
+    assert out["model.layers.0.block_sparse_moe.experts.7.w1.weight"].dtype == torch.float8_e4m3fn
+    assert out["model.layers.0.block_sparse_moe.e_score_correction_bias"].dtype == torch.float32
+    expected, got = tensors(outputs["twin"]), tensors(outputs["bf16"])
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[n], expected[n]) and got[n].dtype == expected[n].dtype for n in expected)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(outputs["fp8"])).state_dict()  # FP8 dequantized on CPU
+    ours = AutoModelForCausalLM.from_pretrained(str(dequantize_checkpoint(outputs["fp8"], tmp_path / "deq")),
+                                                dtype=torch.bfloat16).state_dict()
+    assert reloaded.keys() == ours.keys() and all(torch.equal(reloaded[n], ours[n]) for n in ours)
+
+
 def test_fused_fp8_experts_keep_unchanged_rows_and_requantize_merged_ones(tmp_path):
     """Experts stored fused (`experts.gate_up_proj` (E, 2I, H) with a per-expert block grid), projection by
     projection: an unchanged output expert takes its source expert's FP8 rows and scales; one whose down projection

@@ -269,6 +269,11 @@ def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
     return found
 
 
+# config.json's `fmt` for FP8 E4M3 weights: DeepSeek-V3 and Qwen3-*-FP8 write "e4m3", MiniMax-M2 / M2.5 the torch
+# dtype's name; transformers and vLLM read neither (the stored dtype decides)
+FP8_E4M3_FMTS = ("e4m3", "float8_e4m3fn")
+
+
 def read_quantization(config: dict[str, Any], where: str | Path = "the source") -> QuantizedFormat | None:
     """The format of a source checkpoint from its config.json alone (no tensor is read), None for a plain one;
     a one-line ValueError naming the format and the way out for every format that is not supported."""
@@ -286,8 +291,9 @@ def read_quantization(config: dict[str, Any], where: str | Path = "the source") 
         if str(found.get("activation_scheme", "dynamic")).lower() != "dynamic":
             raise ValueError(f"{where}: FP8 with activation_scheme {found.get('activation_scheme')!r} (static input "
                              "scales) is not supported, only 'dynamic'; " + _REQUANTIZE_WAY_OUT)
-        if found.get("fmt", "e4m3") != "e4m3":
-            raise ValueError(f"{where}: FP8 fmt {found.get('fmt')!r} is not supported, only 'e4m3'")
+        if found.get("fmt", "e4m3") not in FP8_E4M3_FMTS:
+            raise ValueError(f"{where}: FP8 fmt {found.get('fmt')!r} is not supported, only E4M3 "
+                             f"({', '.join(map(repr, FP8_E4M3_FMTS))})")
         if (found.get("scale_fmt") or "float") not in ("float", "ue8m0"):
             raise ValueError(f"{where}: FP8 scale_fmt {found.get('scale_fmt')!r} is not supported ('float', 'ue8m0')")
         return Fp8BlockFormat(found)
