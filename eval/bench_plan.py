@@ -251,7 +251,7 @@ def main() -> None:
         print(f"| {stage} s | {'-' if planned is None else f'{planned:.1f}'} | {seconds:.1f} | "
               f"{'-' if not planned else f'{planned / seconds:.2f}'} |")
     print(f"| save s | {plan.stage_seconds.get('save', 0):.1f} | {run['save_seconds']:.1f} | |")
-    print("\nplan's rates: " + "; ".join(plan.rate_notes))
+    print("\nplan's rates: " + "; ".join(f"{name} {rate['value']} ({rate['source']})" for name, rate in plan.rates.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"plan": plan.to_dict(), "run": run}, indent=1) + "\n")
 

@@ -121,9 +121,10 @@ CPU_RUN = MeasuredRun(
     hidden=1024, inner=512, experts=64, target=48, top_k=8, tokens=16 * 128, sequence_length=128,
     dense_params=4 * 1024 * 1024 + 64 * 1024 + 2 * 1024 + 2 * 256, attention_width=1024,
     config={"method": "ream", "group_size": 16},
-    # 6 layers, 16 x 128 tokens, REAM 64 -> 48 with the default refit: 41.5, 71.6, 45.6 s over 6 layers, the
-    # re-forward 4.7 s over 5 (the last layer has none); 183 CPU s in all; peak RSS 2.58 GB (anonymous 2.32)
-    seconds={"statistics": 41.5 / 6, "merge": 71.6 / 6, "refit": 45.6 / 6, "forward": 4.7 / 5},
+    # 6 layers, 16 x 128 tokens, REAM 64 -> 48 with the default refit (one ridge sweep per round, factored rows):
+    # 39.1, 67.1, 27.0 s over 6 layers, the re-forward 4.3 s over 5 (the last layer has none); peak RSS 2.66 GB
+    # (anonymous 2.41); re-measured 2026-12-06 21:40 after the refit's rework (it was 45.6 s before)
+    seconds={"statistics": 39.1 / 6, "merge": 67.1 / 6, "refit": 27.0 / 6, "forward": 4.3 / 5},
     fixed_seconds=17.0, baseline_bytes=600_000_000)
 MATCHING_NS_CPU = 2.6e6  # scipy linear_sum_assignment at D = 256 on this CPU, one thread (measured, 2026-12-06)
 
