@@ -427,15 +427,19 @@ class _HeldOut:
         token, inputs = self.rows[expert]
         return token, (inputs @ delta.T.float()).double()
 
-    def errors_of(self, changes: Iterator[tuple[int, list[Tensor]]], count: int) -> list[float]:
+    def errors_of(self, changes: Iterator[tuple[int, list[Tensor]]], count: int,
+                  keep: list[dict[int, Tensor]] | None = None) -> list[float]:
         """The held-out squared error of each of `count` candidates whose changes arrive one expert at a time
-        (`DownRefit.first_step`): one (T_h, H) error per candidate, not one copy of the weights."""
+        (`DownRefit.candidates`): one (T_h, H) error per candidate, not one copy of the weights unless `keep` (a
+        list of `count` dicts) asks for every candidate's changes."""
         errors = [self.base_error.clone() for _ in range(count)]
         for expert, candidates in changes:
-            for error, delta in zip(errors, candidates):
+            for n, (error, delta) in enumerate(zip(errors, candidates)):
                 moved = self.change(expert, delta)
                 if moved is not None:
                     error.index_add_(0, moved[0], -moved[1])
+                if keep is not None:
+                    keep[n][expert] = delta
         return [float((error ** 2).sum()) for error in errors]
 
     def error(self, delta: dict[int, Tensor]) -> Tensor:
@@ -446,6 +450,15 @@ class _HeldOut:
             if moved is not None:
                 error.index_add_(0, moved[0], -moved[1])
         return error
+
+
+KEEP_CANDIDATES_BYTES = 256 * 2**20  # a round keeps every ridge's changes (no second solve) up to this size
+
+
+def _delta_bytes(merged: ExpertWeights, dtype: torch.dtype) -> int:
+    """One set of changes of the layer's down projections (and biases)."""
+    experts, hidden, inner = merged.down.shape
+    return experts * hidden * (inner + 1) * torch.empty((), dtype=dtype).element_size()
 
 
 def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
@@ -470,13 +483,20 @@ def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation:
     before = float((check.base_error ** 2).sum())
     best, chosen = before, []
     delta: dict[int, Tensor] = {}
+    # every ridge's changes are kept through a round where they are small (else the chosen one is computed again)
+    keep = len(ridges) * _delta_bytes(merged, problem.delta_dtype) <= KEEP_CANDIDATES_BYTES
     for _ in range(1 if target == "group" else steps):
         residual = problem.residual(delta)
-        errors = check.errors_of(problem.candidates(delta, residual, ridges), len(ridges))
+        kept_candidates = [{} for _ in ridges] if keep else None
+        errors = check.errors_of(problem.candidates(delta, residual, ridges), len(ridges), kept_candidates)
         pick = min(range(len(ridges)), key=errors.__getitem__)
         if errors[pick] >= best:
             break
-        problem.step(delta, residual, ridges[pick])
+        if kept_candidates is not None:
+            delta = kept_candidates[pick]
+        else:
+            problem.step(delta, residual, ridges[pick])
+        del kept_candidates
         best = errors[pick]
         chosen.append(ridges[pick])
         del residual
@@ -512,6 +532,8 @@ def refit_bytes(tokens: int, top_k: int, inner: int, hidden: int, experts: int, 
     held = tokens - fit
     rows, held_rows = fit * top_k, held * top_k
     delta = experts * hidden * inner * (weight_size if weight_size < 4 else 4)
+    if ridges * delta <= KEEP_CANDIDATES_BYTES:  # the round keeps every ridge's changes
+        delta *= ridges + 1
     busiest = min(rows, 2 * -(-rows // max(experts, 1)))  # a routed expert's rows, with room for skew
     factors = 8 * min(busiest, inner) * min(rows, experts * inner)  # sum of min(n, D)^2: exact where n >= D
     solve = 8 * (busiest * (inner + 2 * hidden) + 2 * min(busiest, inner) ** 2 + 2 * hidden * inner)
