@@ -74,15 +74,6 @@ MORE_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     # its config defaults to OLMo's 100k-vocabulary token ids: none here (the tiny checkpoints set the tokenizer's)
     "flex_olmo": ("FlexOlmoConfig", dict(ATTENTION, intermediate_size=32, num_hidden_layers=2, num_experts=16,
                                          num_experts_per_tok=4, pad_token_id=None, eos_token_id=None)),
-    # Granite-4.0-H: Mamba-2 layers 0 and 2, attention layer 1 (RoPE), each with the MoE block and the shared MLP
-    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(ATTENTION, intermediate_size=16, shared_intermediate_size=32,
-                                                        num_hidden_layers=3, num_local_experts=16, num_experts_per_tok=4,
-                                                        layer_types=["linear_attention", "full_attention",
-                                                                     "linear_attention"],
-                                                        position_embedding_type="rope", mamba_n_heads=8,
-                                                        mamba_d_state=16, mamba_chunk_size=16, embedding_multiplier=12.0,
-                                                        residual_multiplier=0.22, attention_multiplier=0.0625,
-                                                        logits_scaling=6.0)),
     # layer 0 dense; layers 0 and 2 slide over 32 of the 48 calibration tokens, layer 1 attends to all
     "exaone_moe": ("ExaoneMoeConfig", dict(ATTENTION, intermediate_size=128, moe_intermediate_size=32, num_experts=16,
                                            num_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
