@@ -206,25 +206,6 @@ def _rows(routing: Routing, mask: Tensor) -> Routing:
     return Routing(routing.weights[mask], routing.index[mask])
 
 
-def ridge_rows(inputs: Tensor, targets: Tensor, ridge: float) -> Tensor:
-    """argmin_D sum ||D u - m||^2 + lam ||D||^2 over the rows u of `inputs` (n, d) and m of `targets` (n, h):
-    D = M^T U (U^T U + lam I)^-1 (h, d) in float64, lam = ridge * mean(diag(U^T U)). Solved in the dual,
-    M^T (U U^T + lam I)^-1 U, where rows are fewer than unknowns (n < d: the regime of published MoEs), so the
-    work and memory are n^2 d, not d^3 and d^2; zero where the rows are all zero."""
-    u, m = inputs.double(), targets.double()
-    rows, width = u.shape
-    lam = ridge * float((u * u).sum()) / width
-    if lam <= 0:
-        return torch.zeros(m.shape[1], width, dtype=torch.float64, device=u.device)
-    if rows < width:
-        system = u @ u.T
-        system.diagonal().add_(lam)
-        return (torch.cholesky_solve(m, torch.linalg.cholesky(system)).T @ u)
-    system = u.T @ u
-    system.diagonal().add_(lam)
-    return torch.cholesky_solve((m.T @ u).T, torch.linalg.cholesky(system)).T
-
-
 class RidgeFactor:
     """One output expert's rows u (n, d) factored once for every ridge and every step: the eigendecomposition of
     the smaller Gram, u^T u (d, d) where rows are plentiful, the dual u u^T (n, n) where they are fewer than the
@@ -241,8 +222,9 @@ class RidgeFactor:
 
     def solve(self, inputs: Tensor, moved: Tensor, previous: Tensor | None, ridges: Sequence[float]) -> list[Tensor]:
         """For each ridge, argmin_D sum ||D u - t||^2 + lam ||D||^2 (h, d) float64 over the rows u of `inputs` and
-        targets t = moved + u previous^T (`moved` (n, h); `previous` (h, d) or None), lam = ridge * mean(diag(u^T u)):
-        `ridge_rows`'s answer. Zero where the rows are all zero."""
+        targets t = moved + u previous^T (`moved` (n, h); `previous` (h, d) or None), lam = ridge * mean(diag(u^T u)),
+        solved in the dual, t^T (u u^T + lam I)^-1 u, where rows are fewer than unknowns (n < d: the regime of
+        published MoEs), so the work and memory are n^2 d, not d^3 and d^2. Zero where the rows are all zero."""
         width = inputs.shape[1]
         if self.vectors is None:
             return [torch.zeros(moved.shape[1], width, dtype=torch.float64, device=inputs.device) for _ in ridges]
