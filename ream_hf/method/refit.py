@@ -140,16 +140,16 @@ def _routed_pass(weights: ExpertWeights, activation: Activation, x: Tensor, rout
     for expert, part in slices:
         pair = order[part]
         token, slot = pair % tokens, pair // tokens
-        one = weights.select([expert]).to(torch.float32)
-        gate_up = x[token] @ torch.cat([one.gate[0], one.up[0]]).T  # one GEMM for both: a quarter faster
+        # one GEMM for gate and up (a quarter faster); the expert's own rows, in float32, no other copy
+        gate_up = x[token] @ torch.cat([weights.gate[expert], weights.up[expert]]).float().T
         gate, up = gate_up[:, :inner], gate_up[:, inner:]
-        if one.gate_bias is not None:
-            gate, up = gate + one.gate_bias[0], up + one.up_bias[0]
+        if weights.gate_bias is not None:
+            gate, up = gate + weights.gate_bias[expert].float(), up + weights.up_bias[expert].float()
         acts = activation(gate, up)
         weight = routing.weights[token, slot].float().unsqueeze(1)
-        result = acts @ one.down[0].T
-        if one.down_bias is not None:
-            result += one.down_bias[0]
+        result = acts @ weights.down[expert].float().T
+        if weights.down_bias is not None:
+            result += weights.down_bias[expert].float()
         out.index_add_(0, token, weight * result)
         if keep:
             kept.append((expert, RoutedPairs(token, slot, weight, acts)))
@@ -237,7 +237,8 @@ class RidgeFactor:
             if previous is not None:
                 left += (previous.double() @ v) * self.values
             right = v.T
-        return [(left / (self.values + ridge * self.scale)) @ right for ridge in ridges]
+        shrink = torch.stack([1.0 / (self.values + ridge * self.scale) for ridge in ridges]).unsqueeze(1)
+        return list((left * shrink) @ right)  # every ridge in one batched product
 
 
 def _delta_dtype(merged: ExpertWeights) -> torch.dtype:
