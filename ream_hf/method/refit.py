@@ -438,10 +438,14 @@ class _HeldOut:
 KEEP_CANDIDATES_BYTES = 256 * 2**20  # a round keeps every ridge's changes (no second solve) up to this size
 
 
-def _delta_bytes(merged: ExpertWeights, dtype: torch.dtype) -> int:
-    """One set of changes of the layer's down projections (and biases)."""
-    experts, hidden, inner = merged.down.shape
-    return experts * hidden * (inner + 1) * torch.empty((), dtype=dtype).element_size()
+def _changes_bytes(experts: int, hidden: int, inner: int, element_size: int) -> int:
+    """One set of changes of a layer's down projections (and a bias column)."""
+    return experts * hidden * (inner + 1) * element_size
+
+
+def _keeps_candidates(ridges: int, changes_bytes: int) -> bool:
+    """Whether a round keeps every ridge's changes (`checked_down_refit`; `refit_bytes` counts them)."""
+    return ridges * changes_bytes <= KEEP_CANDIDATES_BYTES
 
 
 def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
@@ -467,7 +471,8 @@ def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation:
     best, chosen = before, []
     delta: dict[int, Tensor] = {}
     # every ridge's changes are kept through a round where they are small (else the chosen one is computed again)
-    keep = len(ridges) * _delta_bytes(merged, problem.delta_dtype) <= KEEP_CANDIDATES_BYTES
+    keep = _keeps_candidates(len(ridges), _changes_bytes(*merged.down.shape,
+                                                         torch.empty((), dtype=problem.delta_dtype).element_size()))
     for _ in range(1 if target == "group" else steps):
         residual = problem.residual(delta)
         kept_candidates = [{} for _ in ridges] if keep else None
@@ -514,8 +519,8 @@ def refit_bytes(tokens: int, top_k: int, inner: int, hidden: int, experts: int, 
     fit = tokens - round(tokens * heldout)
     held = tokens - fit
     rows, held_rows = fit * top_k, held * top_k
-    delta = experts * hidden * inner * (weight_size if weight_size < 4 else 4)
-    if ridges * delta <= KEEP_CANDIDATES_BYTES:  # the round keeps every ridge's changes
+    delta = _changes_bytes(experts, hidden, inner, min(weight_size, 4))
+    if _keeps_candidates(ridges, delta):
         delta *= ridges + 1
     busiest = min(rows, 2 * -(-rows // max(experts, 1)))  # a routed expert's rows, with room for skew
     factors = 8 * min(busiest, inner) * min(rows, experts * inner)  # sum of min(n, D)^2: exact where n >= D
