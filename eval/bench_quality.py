@@ -30,8 +30,10 @@ activations: each expert on its own tokens); neither is a ream_hf option.
 
 `regime=NAME` (NAME in REGIMES: qwen3-30b-a3b, qwen3-235b-a22b, glm-4.5-air, deepseek-v3, kimi-k2) sets the
 refit's sample (`refit_tokens`) so that its routed rows per unknown, refit_tokens * top_k / (kept * D), equal
-those of that published model compressed by the same fraction with the default 8,192-token sample: the regime
-in which the refit has to decide there (0.11 to 1.3 rows per unknown, against 11 to 16 on this model by default).
+those of that published model compressed by the same fraction with the default sample, the one
+`sized_refit_tokens` sizes for its shape (Qwen3-30B-A3B 8, GLM-4.5-Air 2.4 / 3.7, DeepSeek-V3 0.49 / 0.68 at
+25 / 50 %): the regime in which the refit has to decide there. `regime8192=NAME` does the same for the former fixed
+8,192-token sample (0.11 to 1.3 rows per unknown), the regime of the README's earlier tables.
 `refit_tokens=N` sets the sample directly.
 
     python eval/bench_quality.py --threads 1 --methods ream ream:refit=none ream:regime=qwen3-30b-a3b
@@ -64,15 +66,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_tiny_moe as tiny  # noqa: E402
 
 DEFAULT_METHODS = ("ream", "reap", "frequency", "hc_smoe", "m_smoe")
-# published MoEs: (experts, top-k, expert width D); a regime= row matches their refit rows per unknown
+# published MoEs: (experts, top-k, expert width D, hidden size); a regime= row matches their refit rows per unknown
 REGIMES = {
-    "qwen3-30b-a3b": (128, 8, 768),
-    "qwen3-235b-a22b": (128, 8, 1536),
-    "glm-4.5-air": (128, 8, 1408),
-    "deepseek-v3": (256, 8, 2048),
-    "kimi-k2": (384, 8, 2048),
+    "qwen3-30b-a3b": (128, 8, 768, 2048),
+    "qwen3-235b-a22b": (128, 8, 1536, 4096),
+    "glm-4.5-air": (128, 8, 1408, 4096),
+    "deepseek-v3": (256, 8, 2048, 7168),
+    "kimi-k2": (384, 8, 2048, 7168),
 }
-PUBLISHED_REFIT_TOKENS = 8192  # ReamConfig's refit_tokens default, the sample those jobs would fit on
+FORMER_REFIT_TOKENS = 8192  # the refit's former fixed sample (`regime8192=NAME` rows, the README's earlier tables)
 
 
 def rows_per_unknown(tokens: int, top_k: int, kept: int, inner: int) -> float:
@@ -80,13 +82,20 @@ def rows_per_unknown(tokens: int, top_k: int, kept: int, inner: int) -> float:
     return tokens * top_k / (kept * inner)
 
 
-def regime_refit_tokens(name: str, ratio: float, top_k: int, kept: int, inner: int) -> tuple[int, float]:
+def regime_refit_tokens(name: str, ratio: float, top_k: int, kept: int, inner: int,
+                        fixed: int | None = None) -> tuple[int, float]:
     """The sample that gives this model (top_k, kept, inner) the rows per unknown of the published model `name`
-    compressed by the same fraction with the default sample; and that ratio."""
-    experts, published_k, published_inner = REGIMES[name]
+    compressed by the same fraction with the default sample (`sized_refit_tokens` for its shape), or with a `fixed`
+    token count; and that ratio."""
+    from ream_hf.method.refit import sized_refit_tokens
+
+    experts, published_k, published_inner, published_hidden = REGIMES[name]
     published_kept = round(experts * (1 - ratio))
-    target = rows_per_unknown(PUBLISHED_REFIT_TOKENS, published_k, published_kept, published_inner)
+    tokens = fixed or sized_refit_tokens(published_k, published_kept, published_inner, published_hidden)
+    target = rows_per_unknown(tokens, published_k, published_kept, published_inner)
     return max(1, round(target * kept * inner / top_k)), target
+
+
 REFERENCE = "reference:"  # method prefix: the paper's reference code, run by reference_ream.py
 REDUNDANT = "redundant:"  # method prefix: run on the redundant-expert control model (build_redundant_model)
 ABLATION = (
@@ -157,7 +166,7 @@ def parse_variant(spec: str) -> tuple[str, dict, list[float] | None, dict]:
             if value not in ("saliency", "uniform", "frequency") and not re.fullmatch(r"centroid:[0-9.]+", value):
                 raise SystemExit(f"merge_weights must be saliency, uniform, frequency or centroid:W, got {value!r}")
             rule[key] = value
-        elif key == "regime":
+        elif key in ("regime", "regime8192"):
             if value not in REGIMES:
                 raise SystemExit(f"regime must be one of {', '.join(REGIMES)}, got {value!r}")
             rule[key] = value
@@ -366,8 +375,9 @@ def run_variant(spec: str, ratio: float, args, paths: dict, scorer: Scorer, num_
     fields.update(overrides)
     text = json.loads((Path(paths["model"]) / "config.json").read_text())
     top_k, inner = int(text["num_experts_per_tok"]), int(text["moe_intermediate_size"])
-    if "regime" in rule:
-        fields["refit_tokens"], _ = regime_refit_tokens(rule["regime"], ratio, top_k, target, inner)
+    if "regime" in rule or "regime8192" in rule:
+        fields["refit_tokens"], _ = regime_refit_tokens(rule.get("regime") or rule["regime8192"], ratio, top_k, target,
+                                                        inner, None if "regime" in rule else FORMER_REFIT_TOKENS)
     config = ReamConfig(**fields)
     compressor = ReamCompressor(config)
     with tempfile.TemporaryDirectory(prefix="ream-quality-") as temp:

@@ -87,8 +87,10 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="residual refit: at most this many rounds of recomputing the layer's error and sharing it again "
                              "(the number is chosen on held-out sequences)")
     parser.add_argument("--refit-tokens", type=int, default=DEFAULTS.refit_tokens,
-                        help="tokens per layer the refit draws (a fixed-size random sample of the calibration): a quarter of "
-                             "their sequences is held out to check the down refit, kept only where it helps there")
+                        help="tokens per layer the refit draws (a random sample of the calibration): a quarter of their "
+                             "sequences is held out to check the down refit, kept only where it helps there. Default: sized "
+                             "from the layer's shape, 8 routed rows per unknown (tokens x top-k / (kept experts x D)), at "
+                             "least 8192 tokens, at most what 8 GiB of sample-dependent refit memory holds")
     parser.add_argument("--merge", choices=(*MERGE_MODES, *MERGE_MODE_ALIASES), default=DEFAULTS.merge,
                         metavar="{" + ",".join(MERGE_MODES) + "}",
                         help="how a group's members are aligned before the weighted sum: by their hidden activations "

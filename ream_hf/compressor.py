@@ -18,8 +18,8 @@ import torch
 from optimum.quantization_base import OptimumQuantizer
 
 from .version import __version__
-from .arch import MoEFamily, check_text_architecture, decoder_layers, expert_count, family_for_config, parse_moe_name, \
-    set_expert_count, text_config_dict
+from .arch import MoEFamily, check_text_architecture, decoder_layers, expert_count, expert_shapes, family_for_config, \
+    parse_moe_name, set_expert_count, text_config_dict
 from .config import TORCH_DTYPES, ReamConfig
 from .io.folders import SpaceNeeded, atomic_output_dir, check_output_dir, check_paths, storage_errors
 from .io.quantization import FP8_OUTPUT, Fp8BlockOutput, check_loaded_model, plan_output
@@ -43,6 +43,15 @@ from .pipeline.work_folder import WorkFolder, default_work_root, fingerprint
 from .release.report import write_layer_report
 
 logger = logging.getLogger(__name__)
+
+
+def sized_config(config: ReamConfig, family: MoEFamily, model_config: Any, target: int) -> ReamConfig:
+    """`config` with its refit sample sized for this model's MoE layers (`ReamConfig.sized_for`), from its
+    configuration (transformers' defaults filled in where config.json leaves a field out)."""
+    text = model_config.get_text_config().to_dict()
+    inner = expert_shapes(family, text)[0][family.disk_proj_names["down"]][1]
+    return config.sized_for(top_k=int(model_config.get_text_config().num_experts_per_tok), kept=target, inner=inner,
+                            hidden=int(text["hidden_size"]))
 
 
 
@@ -143,6 +152,7 @@ class ReamCompressor(OptimumQuantizer):
         check_text_architecture(config_dict, streaming=source is not None and config.streaming)
         model_config = model.config if model is not None else source.transformers_config()
         family, num_experts, target = self.check_model(config_dict, model_config, allow_full_width=allow_full_width)
+        config = sized_config(config, family, model_config, target)  # the refit's sample, from the layer shape
         fp8_output = None
         if config.output_dtype == FP8_OUTPUT and source is not None and source.quantization is None:  # FP8 stays as is
             fp8_output = Fp8BlockOutput(family, source.weight_map, source_name)
@@ -185,7 +195,8 @@ class ReamCompressor(OptimumQuantizer):
         work = None
         if streaming:  # opened (locked, identified) before any data is read: a second run is refused first
             dtype = self._source_dtype(source)
-            settings = {**config.output_settings(), "allow_full_width": allow_full_width,
+            # the user's settings (an unset refit_tokens stays unset: its size follows from the source)
+            settings = {**self.config.output_settings(), "allow_full_width": allow_full_width,
                         "statistics": None if statistics is None else str(statistics)}
             job = fingerprint(source, settings)  # the run settings (budget, device) may change on resume
             folder = Path(work_dir) if work_dir else default_work_root() / job

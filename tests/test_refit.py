@@ -367,3 +367,51 @@ def test_plan_counts_the_refit_memory_of_a_deepseek_v3_layer():
     assert measured["kept"]  # the whole path ran: the changes and the new down projections were held
     planned = refit_bytes(2048, 8, 2048, 64, 192)
     assert abs(measured["peak"] - planned) <= 0.2 * planned, (measured["peak"], planned)
+
+
+def test_the_refit_sample_is_sized_from_the_layer_shape():
+    """Unset, `refit_tokens` is sized per shape, never one count for every model: 8 routed rows per unknown where
+    that fits (Qwen3-30B-A3B 128 -> 96: 8 x 96 x 768 / 8 tokens), at least the former 8,192 (a small model), and
+    at DeepSeek-V3's shape the largest sample whose sample-dependent memory stays within the bound; a given count
+    is kept as it is."""
+    from ream_hf import ReamConfig
+    from ream_hf.method.refit import REFIT_MIN_TOKENS, REFIT_SAMPLE_BYTES, sized_refit_tokens
+
+    assert sized_refit_tokens(8, 96, 768, 2048) == 73728
+    assert sized_refit_tokens(4, 16, 128, 256) == REFIT_MIN_TOKENS
+    tokens = sized_refit_tokens(8, 192, 2048, 7168)
+    grows = lambda t: refit_bytes(t, 8, 2048, 7168, 192) - refit_bytes(0, 8, 2048, 7168, 192)  # noqa: E731
+    assert REFIT_MIN_TOKENS < tokens < 8 * 192 * 2048 // 8
+    assert grows(tokens) <= REFIT_SAMPLE_BYTES < grows(tokens + 1)
+    config = ReamConfig(target_experts=96)
+    with pytest.raises(ValueError, match="sized from the model's layer shape"):
+        config.layer_sample_tokens
+    sized = config.sized_for(top_k=8, kept=96, inner=768, hidden=2048)
+    assert sized.refit_tokens == 73728 and config.refit_tokens is None  # a copy: the user's config is not changed
+    given = ReamConfig(target_experts=96, refit_tokens=1000)
+    assert given.sized_for(top_k=8, kept=96, inner=768, hidden=2048) is given
+
+
+def test_compress_draws_the_sized_refit_sample(calibration_txt, tmp_path, monkeypatch):
+    """End to end the refit fits and checks on the sample sized for the model (here 1 routed row per unknown: 8 kept
+    experts x D 32 / top-2 = 128 tokens of the 384 calibration tokens), and config.json records the field unset."""
+    import json
+
+    from ream_hf import ReamCompressor, ReamConfig
+    from ream_hf.method import refit as refit_module
+    from tests.families import build_family_checkpoint
+
+    monkeypatch.setattr(refit_module, "REFIT_ROWS_PER_UNKNOWN", 1)
+    monkeypatch.setattr(refit_module, "REFIT_MIN_TOKENS", 16)
+    source = build_family_checkpoint("qwen3_moe", tmp_path / "source")
+    text = json.loads((source / "config.json").read_text())
+    expected = -(-8 * text["moe_intermediate_size"] // text["num_experts_per_tok"])
+    assert expected < 8 * 48  # a sample smaller than the calibration, so the sizing decides it
+    config = ReamConfig(target_experts=8, method="reap", calibration=[str(calibration_txt)], calibration_ratios=None,
+                        num_calibration_sequences=8, sequence_length=48, batch_size=4)
+    compressor = ReamCompressor(config)
+    compressor.compress(str(source))
+    checks = [layer["refit"] for layer in compressor.manifest()["layers"]]
+    assert checks and all(c["train_tokens"] + c["heldout_tokens"] == expected for c in checks), checks
+    compressor.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["ream_config"]["refit_tokens"] is None

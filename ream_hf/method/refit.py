@@ -531,6 +531,31 @@ def refit_bytes(tokens: int, top_k: int, inner: int, hidden: int, experts: int, 
     return fitting + experts * hidden * inner * weight_size
 
 
+REFIT_ROWS_PER_UNKNOWN = 8  # the sample `sized_refit_tokens` aims for: routed rows per unknown of one output channel
+REFIT_MIN_TOKENS = 8192  # never a smaller sample than this (the former fixed one, the bench's regime)
+REFIT_SAMPLE_BYTES = 8 * 2**30  # at most this much of the refit's working memory grows with its sample
+
+
+def sized_refit_tokens(top_k: int, kept: int, inner: int, hidden: int) -> int:
+    """The refit's sample for a layer of this shape when `refit_tokens` is not given: enough tokens for
+    REFIT_ROWS_PER_UNKNOWN routed rows per unknown, tokens * top_k / (kept * D), where a least-squares fit starts to
+    generalise (eval/bench_quality.py: held-out KL falls steadily from 0.12 to 16 rows per unknown), but at least
+    REFIT_MIN_TOKENS, and no more than keeps the sample-dependent part of `refit_bytes` within REFIT_SAMPLE_BYTES
+    (the activations, layer outputs and factors grow with the sample; the down projections and their changes do
+    not). A fixed count gave 0.11 to 1.3 rows per unknown on published MoEs; this gives Qwen3-30B-A3B 8, GLM-4.5-Air
+    2.4 to 3.7, DeepSeek-V3 0.5 to 0.7. Depends on the shape alone, so every machine and rank draws the same
+    sample (the calibration's own size may cap it further)."""
+    wanted = max(REFIT_MIN_TOKENS, -(-REFIT_ROWS_PER_UNKNOWN * kept * inner // top_k))
+    grows = lambda tokens: refit_bytes(tokens, top_k, inner, hidden, kept) - refit_bytes(0, top_k, inner, hidden, kept)  # noqa: E731
+    if grows(wanted) <= REFIT_SAMPLE_BYTES:
+        return wanted
+    low, high = REFIT_MIN_TOKENS, wanted  # the largest sample within the bound, never below the floor
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if grows(middle) <= REFIT_SAMPLE_BYTES else (low, middle)
+    return low
+
+
 def refit_flops(tokens: int, top_k: int, inner: int, hidden: int, experts: int, ridges: int, steps: int) -> float:
     """Multiply-adds x 2 of `checked_down_refit`: the routed passes of the original and the compressed experts
     on the sample (three GEMMs each); per expert its factor (Gram and eigendecomposition of the smaller side), then

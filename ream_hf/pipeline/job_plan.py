@@ -133,7 +133,9 @@ MATCHING_NS_CPU = 2.6e6  # scipy linear_sum_assignment at D = 256 on this CPU, o
 def rates_from_run(run: MeasuredRun) -> DeviceRates:
     """The rates `run` measured: each stage's counted work over its seconds (the merge's matchings first taken
     out at the host's measured matching rate)."""
-    work = layer_work(ReamConfig(target_experts=run.target, **run.config), hidden=run.hidden, inner=run.inner,
+    config = ReamConfig(target_experts=run.target, **run.config).sized_for(top_k=run.top_k, kept=run.target,
+                                                                          inner=run.inner, hidden=run.hidden)
+    work = layer_work(config, hidden=run.hidden, inner=run.inner,
                       experts=run.experts, target=run.target, top_k=run.top_k, tokens=run.tokens,
                       dense_params=run.dense_params, attention_width=run.attention_width,
                       sequence_length=run.sequence_length)
@@ -196,6 +198,8 @@ class JobPlan:
     ram_parts: dict[str, int] = field(default_factory=dict)  # ram_bytes_needed by what holds it
     stage_seconds: dict[str, float] = field(default_factory=dict)  # estimated_seconds by stage, all layers
     threads: int = 1
+    refit_sample_tokens: int = 0  # tokens per layer the down refit draws (0: no down refit)
+    refit_rows_per_unknown: float = 0.0  # its routed rows per unknown: tokens * top-k / (kept experts * D)
     rates: dict[str, dict[str, Any]] = field(default_factory=dict)  # each rate's value and source (measured/assumed)
     notes: list[str] = field(default_factory=list)
 
@@ -216,6 +220,8 @@ class JobPlan:
             f"statistics        {self.statistics_flops / 1e15:,.2f} PFLOP exact statistic, "
             f"{self.executed_flops / 1e15:,.2f} PFLOP executed",
             f"work folder       {gb(self.work_dir_bytes)} of disk at most",
+            *([f"refit sample      {self.refit_sample_tokens:,} tokens per layer ({self.refit_rows_per_unknown:.2f} "
+               "routed rows per unknown)"] if self.refit_sample_tokens else []),
             f"{self.device:<17} needs {gb(self.device_bytes_needed)} of {gb(self.device_memory_bytes)}: "
             f"fits {fits(self.fits_device)}",
             f"this machine RAM  needs {gb(self.ram_bytes_needed)} of {gb(self.ram_bytes)}: fits {fits(self.fits_ram)}"
@@ -387,6 +393,7 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
         output_bytes -= _fp8_savings(family, folder, names, model, disk_size, compressed * target,
                                      expert_numel, (inner, hidden), notes)
 
+    config = config.sized_for(top_k=top_k, kept=target, inner=inner, hidden=hidden)  # as `compress` sizes it
     tokens = config.num_calibration_sequences * config.sequence_length
     size = torch.empty((), dtype=working).element_size()
     hidden_bytes = tokens * hidden * size
@@ -492,7 +499,8 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
         ram_bytes=ram_total, ram_bytes_needed=int(ram_need), fits_ram=ram_need <= ram_total,
         gpu_memory_bytes=gpu_memory, throughput_tflops=rates.statistics_gflops.value / 1e3, disk_gbps=disk_gbps,
         estimated_seconds=float(seconds), ram_parts={k: int(v) for k, v in ram_parts.items()},
-        stage_seconds=stage_seconds, threads=threads, rates={k: asdict(v) for k, v in vars(rates).items()},
+        stage_seconds=stage_seconds, threads=threads, refit_sample_tokens=refit_tokens,
+        refit_rows_per_unknown=refit_tokens * top_k / (target * inner), rates={k: asdict(v) for k, v in vars(rates).items()},
         notes=notes,
     )
 
