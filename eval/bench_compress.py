@@ -10,6 +10,7 @@ stage (statistics, plan, merge, refit, forward, load) are summed over the layers
     python eval/bench_compress.py            # default job and its doubled-calibration twin
     python eval/bench_compress.py --repeat 3 # median wall time and the range of peak RSS over 3 runs each
     python eval/bench_compress.py --sequences 128 256 512 --method reap
+    python eval/bench_compress.py --sequences 128 --repeat 3 --set layer_floor=true   # any ReamConfig field
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def write_calibration(path: Path, sequences: int, length: int, vocab: int) -> Pa
     return path
 
 
+def parse_setting(item: str) -> tuple[str, object]:
+    """`--set FIELD=VALUE`: true/false, an int, a float, or the text as it is."""
+    name, eq, text = item.partition("=")
+    if not eq:
+        raise SystemExit(f"--set {item!r}: use FIELD=VALUE")
+    value: object = {"true": True, "false": False}.get(text.lower(), text)
+    for kind in (int, float):
+        if isinstance(value, str):
+            try:
+                value = kind(text)
+            except ValueError:
+                pass
+    return name, value
+
+
 def run_job(args: argparse.Namespace) -> dict:
     """One compression in this process; returns its measurements."""
     import torch
@@ -54,6 +70,7 @@ def run_job(args: argparse.Namespace) -> dict:
         target_experts=args.target, method=args.method, calibration=[str(calibration)], calibration_ratios=None,
         num_calibration_sequences=args.job_sequences, sequence_length=args.length, batch_size=args.batch_size,
         group_size=args.group_size, dtype="float32", **({} if args.refit is None else {"refit": args.refit}),
+        **dict(parse_setting(item) for item in args.set),
     )
     compressor = ReamCompressor(config)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -90,6 +107,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--refit", help="ReamConfig.refit for this job (default: the library's default)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="another ReamConfig field for this job (repeatable; true/false, numbers, or text)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (peak RSS varies by ~0.1 GB)")
     parser.add_argument("--workdir")

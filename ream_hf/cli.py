@@ -99,7 +99,9 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                              "by least squares; 'logits+weights' and 'logits' are the old names of the activation modes")
     parser.add_argument("--no-merge-floor", action="store_true",
                         help="keep every merge, also one that reproduces its group's output on held-out calibration "
-                             "sequences worse than the group's centroid alone (by default such a group is pruned)")
+                             "sequences worse than the group's centroid alone (by default such a group is pruned), and "
+                             "a merged layer whose held-out output error is above the same layer pruned (by default "
+                             "such a layer is pruned: the layer floor)")
     parser.add_argument("--pca-dim", type=int, default=DEFAULTS.pca_dim)
     parser.add_argument("--no-sequential", action="store_true", help="statistics from the original model (ablation)")
     parser.add_argument("--no-gated-similarity", action="store_true", help="ablation: plain expert outputs")
@@ -129,7 +131,7 @@ def _config_from_args(args: argparse.Namespace) -> ReamConfig:
         merge=args.merge, pca_dim=args.pca_dim, sequential=not args.no_sequential, saliency=args.saliency,
         saliency_mean=args.saliency_mean, weight_features=args.weight_features, refit=args.refit,
         refit_target=args.refit_target, refit_ridge=args.refit_ridge, refit_steps=args.refit_steps,
-        refit_tokens=args.refit_tokens, prune_fallback=not args.no_merge_floor,
+        refit_tokens=args.refit_tokens, prune_fallback=not args.no_merge_floor, layer_floor=not args.no_merge_floor,
         gated_similarity=not args.no_gated_similarity, use_router_logits=not args.no_router_logits, mtp=args.mtp,
         max_shard_size=args.max_shard_size, streaming=not args.no_streaming,
         hidden_states_budget_gb=args.hidden_states_budget_gb, output_dtype=args.output_dtype,

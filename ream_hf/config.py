@@ -180,6 +180,9 @@ class ReamConfig(QuantizationConfigMixin):
     prune_fallback: bool = True  # merging: a group whose merge reproduces its gated output on held-out calibration
     # sequences of the refit sample worse than its centroid alone is pruned instead (the merge floor, method/floor.py)
     prune_fallback_margin: float = 0.0  # ... unless the merge's held-out error is lower by more than this fraction
+    # merging with the down refit: the whole layer is also compressed by pruning alone (its centroids, refit the same
+    # way) and the layer keeps whichever has the lower held-out layer-output error (pipeline/layer.py layer_floor)
+    layer_floor: bool = True
     gated_similarity: bool = True
     use_router_logits: bool = True
     merge: str = "activations+weights"

@@ -136,7 +136,8 @@ def test_neuron_merge_end_to_end_keeps_exact_neuron_rows_and_fits_the_down_proje
 
     source = build_family_checkpoint(family, tmp_path / "source")
     compressor = compress(source, calibration_txt, tmp_path / "out", method="ream",
-                          settings=dict(merge="neurons", prune_fallback=False))
+                          settings=dict(merge="neurons", prune_fallback=False,
+                                                      layer_floor=False))
     arch = compressor.result.family
     before = AutoModelForCausalLM.from_pretrained(str(source)).eval()
     after = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
@@ -167,3 +168,35 @@ def test_neuron_merge_end_to_end_keeps_exact_neuron_rows_and_fits_the_down_proje
         for group in entry["groups"]:
             if "floor" in group and not group["floor"]["merged"]:
                 assert group["members"] == [group["centroid"]], "a group that fell back is its centroid alone"
+
+
+@pytest.mark.parametrize("family_name", ["qwen3_moe", "gpt_oss"])
+def test_the_layer_floor_falls_back_to_exactly_the_pruned_layer(family_name, calibration_txt, tmp_path, monkeypatch):
+    """`layer_floor`: where the merged layer does not beat pruning on the held-out sequences, the layer is the pruned
+    one, refit as REAP refits it. Forced here (the merged layer's held-out error made infinite), every layer falls
+    back, so the whole checkpoint is REAP's, tensor for tensor (fused and GPT-OSS's biased layouts); unforced, each
+    layer's record says which side won and by how much."""
+    import dataclasses
+
+    from ream_hf.pipeline import layer as layer_module
+    from tests.conftest import tensors
+    from tests.families import build_family_checkpoint, compress
+
+    source = build_family_checkpoint(family_name, tmp_path / "source")
+    reap = compress(source, calibration_txt, tmp_path / "reap", method="reap")
+    honest = compress(source, calibration_txt, tmp_path / "honest", method="ream",
+                      settings=dict(layer_floor=True, prune_fallback=False))
+    records = [entry["refit"]["layer_floor"] for entry in honest.manifest()["layers"]]
+    assert records
+    for record in records:
+        assert record["merged"] == (record["heldout_error_merged"] < record["heldout_error_pruned"])
+    refit_down = layer_module.refit_down
+    monkeypatch.setattr(layer_module, "refit_down", lambda *args: dataclasses.replace(
+        refit_down(*args), heldout_error_after=float("inf")))
+    forced = compress(source, calibration_txt, tmp_path / "forced", method="ream",
+                      settings=dict(layer_floor=True, prune_fallback=False))  # every group merged: all fall back
+    records = [entry["refit"]["layer_floor"] for entry in forced.manifest()["layers"]]
+    assert records and not any(record["merged"] for record in records)
+    expected, got = tensors(tmp_path / "reap"), tensors(tmp_path / "forced")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)

@@ -201,8 +201,8 @@ def test_refit_changes_only_the_down_projections_of_the_plan(family, calibration
     for refit in ("none", "down"):
         config = ReamConfig(target_experts=8, method="ream", calibration=[str(calibration_txt)], calibration_ratios=None,
                             num_calibration_sequences=8, sequence_length=48, batch_size=4, refit=refit,
-                            refit_tokens=128, prune_fallback=False)  # the floor judges after a down fit when the
-        # refit is on, so it could plan differently
+                            refit_tokens=128, prune_fallback=False, layer_floor=False)
+        # the floors judge after a down fit when the refit is on, so they could plan differently
         compressor = ReamCompressor(config)
         compressor.compress(str(source))
         compressor.save_pretrained(tmp_path / refit)

@@ -261,7 +261,8 @@ class DownRefit:
     change per output expert, and every expert's factor (min(n, D)^2)."""
 
     def __init__(self, source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
-                 original: Routing, compressed: Routing, groups: list[list[int]], target: str) -> None:
+                 original: Routing, compressed: Routing, groups: list[list[int]], target: str,
+                 original_out: Tensor | None = None) -> None:
         if target not in REFIT_TARGETS:
             raise ValueError(f"refit target must be one of {', '.join(REFIT_TARGETS)}; got {target!r}")
         x = x.float()
@@ -282,7 +283,8 @@ class DownRefit:
             else:
                 self.moved.append(share_of[routed.token, routed.slot].unsqueeze(1))
         if target == "residual":
-            self.original_out = _routed_pass(source, activation, x, original, keep=False)[0]
+            self.original_out = original_out if original_out is not None else \
+                _routed_pass(source, activation, x, original, keep=False)[0]
 
     def residual(self, delta: dict[int, Tensor]) -> Tensor | None:
         """The layer's error on the fit tokens (T, H), original output minus the compressed layer's changed by
@@ -391,9 +393,10 @@ class _HeldOut:
     rows, to score candidate changes."""
 
     def __init__(self, source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
-                 original: Routing, compressed: Routing) -> None:
+                 original: Routing, compressed: Routing, original_out: Tensor | None = None) -> None:
         x = x.float()
-        target = _routed_pass(source, activation, x, original, keep=False)[0].double()
+        target = (original_out if original_out is not None else
+                  _routed_pass(source, activation, x, original, keep=False)[0]).double()
         self.scale = float((target ** 2).sum())
         base, pairs = _routed_pass(merged, activation, x, compressed, keep=True)
         self.base_error = target.sub_(base.double())
@@ -448,24 +451,43 @@ def _keeps_candidates(ridges: int, changes_bytes: int) -> bool:
     return ridges * changes_bytes <= KEEP_CANDIDATES_BYTES
 
 
+@dataclass
+class SourceOutputs:
+    """The original layer's output (sum_k w_k f_{i_k}(x), float32) on the sample's fit and held-out tokens: what a
+    checked refit reproduces, computed once where two refits of one layer share it (`source_outputs`)."""
+
+    fit: Tensor  # (T_fit, H)
+    held_out: Tensor  # (T_held, H)
+
+
+def source_outputs(source: ExpertWeights, activation: Activation, x: Tensor, held_out: Tensor,
+                   original: Routing) -> SourceOutputs:
+    x = x.float()
+    return SourceOutputs(_routed_pass(source, activation, x[~held_out], _rows(original, ~held_out), keep=False)[0],
+                         _routed_pass(source, activation, x[held_out], _rows(original, held_out), keep=False)[0])
+
+
 def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
                        held_out: Tensor, original: Routing, compressed: Routing, groups: list[list[int]], target: str,
-                       ridges: Sequence[float], steps: int) -> tuple[Tensor, Tensor | None, RefitCheck]:
+                       ridges: Sequence[float], steps: int,
+                       outputs: SourceOutputs | None = None) -> tuple[Tensor, Tensor | None, RefitCheck]:
     """`refit_down_projections` fitted on the tokens of x not `held_out` (whole sequences: `heldout_sequences`)
     and kept only where it lowers the held-out error of the layer output, so it can never make a layer worse on
     text it did not fit. Up to `steps` steps (one for "group" targets) are taken while one lowers it, each with the
     ridge (of `ridges`) whose step has the lowest held-out error: every ridge's step comes from one target and one
     factor per expert, so the sweep costs little more than one step. Then each output expert whose refit does not
     lower the held-out error (given the others) gets its merged weights back, and the layer keeps its merged weights
-    outright unless the result beats them. Returns the down (n, H, D), bias (n, H) or None, and the check's
+    outright unless the result beats them. `outputs`: the source layer's outputs on the fit and held-out tokens,
+    when already computed (`source_outputs`). Returns the down (n, H, D), bias (n, H) or None, and the check's
     record."""
     fit = ~held_out
     train_tokens, heldout_tokens = int(fit.sum()), int(held_out.sum())
     if train_tokens == 0 or heldout_tokens == 0:
         return (*_apply(merged, {}), RefitCheck(False, 0, None, None, None, None, train_tokens, heldout_tokens))
     problem = DownRefit(source, merged, activation, x[fit], _rows(original, fit), _rows(compressed, fit), groups,
-                        target)
-    check = _HeldOut(source, merged, activation, x[held_out], _rows(original, held_out), _rows(compressed, held_out))
+                        target, None if outputs is None else outputs.fit)
+    check = _HeldOut(source, merged, activation, x[held_out], _rows(original, held_out), _rows(compressed, held_out),
+                     None if outputs is None else outputs.held_out)
     scale = max(check.scale, 1e-30)
     before = float((check.base_error ** 2).sum())
     best, chosen = before, []

@@ -32,6 +32,7 @@ from ..method.refit import (
     checked_down_refit,
     group_logit_targets,
     heldout_sequences,
+    source_outputs,
 )
 from ..method.stats import LayerStatistics, LayerStatsAccumulator, token_sample
 from ..method.surgery import apply_layer_plan
@@ -287,10 +288,11 @@ def refit_router(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, 
 
 
 def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
-               x: torch.Tensor, sequence: torch.Tensor) -> RefitCheck:
+               x: torch.Tensor, sequence: torch.Tensor, shared: dict[str, Any] | None = None) -> RefitCheck:
     """Each output expert's down projection (and bias) refit on the sample tokens x (method/refit.py), fitted on
     some calibration sequences and kept only where it lowers the layer's output error on the others (`sequence`:
-    each token's calibration sequence). Returns the check's record."""
+    each token's calibration sequence). With `shared`, the source layer's outputs on the sample are left there
+    for `layer_floor`'s second refit (on the rank that computes). Returns the check's record."""
     experts_module = experts(family, block)
     merged = read_expert_weights(family, experts_module)
     solved: list[torch.Tensor] = []
@@ -298,10 +300,13 @@ def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, or
     def compute() -> RefitCheck:
         _, sample, before, after = sample_routings(config, family, block, original, x)
         held_out = heldout_sequences(sequence, HELDOUT_FRACTION, config.seed + 2).to(sample.device)
+        source, activation = read_expert_weights(family, original.experts), activation_for(family, experts_module)
+        outputs = None
+        if shared is not None:
+            outputs = shared["outputs"] = source_outputs(source, activation, sample, held_out, before)
         down, bias, check = checked_down_refit(
-            read_expert_weights(family, original.experts), merged, activation_for(family, experts_module), sample,
-            held_out, before, after, [list(g.members) for g in plan.groups], config.refit_target,
-            [config.refit_ridge * g for g in RIDGE_GRID], config.refit_steps)
+            source, merged, activation, sample, held_out, before, after, [list(g.members) for g in plan.groups],
+            config.refit_target, [config.refit_ridge * g for g in RIDGE_GRID], config.refit_steps, outputs)
         solved.extend(t for t in (down, bias) if t is not None)
         return check
 
@@ -315,6 +320,54 @@ def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, or
         write_expert_weights(family, experts_module, ExpertWeights(merged.gate, merged.up, down, merged.gate_bias,
                                                                    merged.up_bias, bias[0] if bias else None))
     return check
+
+
+def layer_floor(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
+                x: torch.Tensor, sequence: torch.Tensor, check: RefitCheck,
+                shared: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The merge floor for the whole layer: the merged (and refit) layer against pruning it to the same centroids
+    (the source's experts, refit the same way, under the same router rows), on the down refit's held-out
+    sequences; the layer keeps the merge only where its held-out layer-output error is lower. Per-group verdicts
+    rest on the few held-out rows one output expert sees; this one on every held-out token of the layer, so a
+    merge cannot make a layer worse than pruning on text it did not fit. Returns the manifest record (None: no
+    group is merged, nothing to compare)."""
+    if all(len(g.members) < 2 for g in plan.groups) or check.heldout_error_before is None:
+        return None
+    experts_module = experts(family, block)
+    centroids = [g.centroid for g in plan.groups]
+    solved: list[torch.Tensor] = []
+
+    def compute() -> dict[str, Any]:
+        source = read_expert_weights(family, original.experts)
+        pruned = source.select(centroids)
+        _, sample, before, after = sample_routings(config, family, block, original, x)
+        held_out = heldout_sequences(sequence, HELDOUT_FRACTION, config.seed + 2).to(sample.device)
+        down, bias, pruned_check = checked_down_refit(
+            source, pruned, activation_for(family, experts_module), sample, held_out, before, after,
+            [[c] for c in centroids], config.refit_target, [config.refit_ridge * g for g in RIDGE_GRID],
+            config.refit_steps, (shared or {}).get("outputs"))
+        merged_error, pruned_error = check.heldout_error_after, pruned_check.heldout_error_after
+        keep_merge = merged_error < pruned_error
+        if not keep_merge:
+            solved.extend(t for t in (pruned.gate, pruned.up, down, pruned.gate_bias, pruned.up_bias, bias)
+                          if t is not None)
+        return {"merged": keep_merge, "heldout_error_merged": merged_error, "heldout_error_pruned": pruned_error,
+                "pruned_refit": pruned_check.manifest_entry(config.refit)}
+
+    ranks = distributed.current()
+    record = distributed.on_main(ranks, compute)
+    if not record["merged"]:
+        current = read_expert_weights(family, experts_module)
+        like = [torch.empty_like(t) for t in (current.gate, current.up, current.down, current.gate_bias,
+                                              current.up_bias, current.down_bias) if t is not None]
+        tensors = distributed.broadcast_results(ranks, [solved if ranks.is_main else None], lambda _: like)[0]
+        names = [n for n in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+                 if getattr(current, n) is not None]
+        write_expert_weights(family, experts_module, ExpertWeights(**dict(zip(names, tensors))))
+        for j, centroid in enumerate(centroids):
+            plan.groups[j] = ExpertGroup(centroid, (centroid,))
+            plan.weights[j] = [1.0]
+    return record
 
 
 def merge_neurons(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
@@ -421,7 +474,7 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
     before = experts(family, block).num_experts
     original = OriginalModules.capture(family, block) if refit or fallback or neurons else None
     apply_layer_plan(family, block, plan.centroids, merged)
-    check, checks = None, None
+    check, checks, floor_record = None, None, None
     if refit or fallback or neurons:
         x, positions = refit_sample(config, stats)
         sequence = share.sequence_of(positions, config.sequence_length)
@@ -437,18 +490,26 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         if "router" in config.refit:
             refit_router(config, family, block, plan, original, x)
         if "down" in config.refit:
-            check = refit_down(config, family, block, plan, original, x, sequence)
+            floors = config.is_merging and config.layer_floor
+            shared: dict[str, Any] | None = {} if floors else None  # the source's outputs, computed once for both
+            check = refit_down(config, family, block, plan, original, x, sequence, shared)
+            if floors:
+                floor_record = layer_floor(config, family, block, plan, original, x, sequence, check, shared)
+            del shared
         clock = stage("refit", clock)
     if forward is not None and config.sequential:
         forward()
         clock = stage("forward", clock)
+    # whether the layer's down projections were refit: the merged layer's refit, or the pruned one's it fell back to
+    refit_kept = (check is not None and check.kept) if floor_record is None or floor_record["merged"] \
+        else floor_record["pruned_refit"]["kept"]
     output = LayerOutput(
         experts=read_expert_weights(family, experts(family, block)),
         router=router_tensors(family, block),
         centroids=plan.centroids,
         # per projection: a refit down projection is new even where the group is one expert, its gate and up are not
         copy_stored_bytes=[
-            frozenset(("gate", "up") if check is not None and check.kept else ("gate", "up", "down"))
+            frozenset(("gate", "up") if refit_kept else ("gate", "up", "down"))
             if merged is None or keeps_centroid(config.merge, len(g.members)) else frozenset()
             for g in plan.groups],
     )
@@ -457,7 +518,8 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         None if config.saliency == "frequency" else [round(float(s), 8) for s in plan.scores],
         time.perf_counter() - started, stats_seconds, timings, gemm,
         None if stats.routing_weight is None else [round(float(w), 6) for w in stats.routing_weight],
-        None if check is None else check.manifest_entry(config.refit),
+        None if check is None else {**check.manifest_entry(config.refit),
+                                    **({} if floor_record is None else {"layer_floor": floor_record})},
         checks,
     )
     return report, output
