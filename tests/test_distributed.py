@@ -120,3 +120,28 @@ def test_every_sum_the_accumulator_adds_to_is_reduced():
     assert torch.equal(a.frequency, b.frequency) and a.saliency.keys() == b.saliency.keys()
     assert all(torch.allclose(a.saliency[name], b.saliency[name]) for name in a.saliency)
     assert torch.allclose(a.output_signatures, b.output_signatures, rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_write_the_single_process_output_where_the_layer_floor_falls_back(job, monkeypatch):
+    """The layer floor's fallback (the pruned layer, computed on rank 0 and broadcast) forced in every layer
+    (tests/forced_layer_floor.py): two ranks write what one process writes, and every layer fell back."""
+    import dataclasses
+
+    from ream_hf.pipeline import layer as layer_module
+
+    folder, env, args = job
+    refit_down = layer_module.refit_down
+    monkeypatch.setattr(layer_module, "refit_down", lambda *a: dataclasses.replace(refit_down(*a),
+                                                                                   heldout_error_after=float("inf")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args(folder / "forced-single", folder / "w5")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = torchrun(env, "tests.forced_layer_floor", args(folder / "forced-two", folder / "w6"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert snapshot(folder / "forced-two") == snapshot(folder / "forced-single")
+    manifest = json.loads((folder / "forced-two" / "ream_manifest.json").read_text())
+    floors = [entry["refit"].get("layer_floor") for entry in manifest["layers"]]
+    assert floors and all(f is not None and not f["merged"] for f in floors), floors

@@ -152,5 +152,8 @@ def layer_work(config: ReamConfig, *, hidden: int, inner: int, experts: int, tar
     if refit_tokens:  # the down refit and its held-out check (method/refit.py counts its work)
         steps = 1 if config.refit_target == "group" else config.refit_steps
         refit = refit_flops(refit_tokens, top_k, inner, hidden, target, len(RIDGE_GRID), steps)
+        if config.is_merging and config.layer_floor and target < experts:
+            # the layer floor's second refit (the layer pruned), which reuses the source's outputs on the sample
+            refit += refit - 6.0 * hidden * inner * top_k * refit_tokens
     forward = (routed + 2 * dense_params + 4 * sequence_length * attention_width) * tokens
     return LayerWork(float(statistics), float(features), float(alignment), matchings, float(refit), float(forward))

@@ -111,7 +111,7 @@ H100_RUN = MeasuredRun(
     "measured: eval/bench_gpu.py, Qwen3-30B-A3B layer shape, one H100 80GB HBM3, 2026-11-26",
     hidden=2048, inner=768, experts=128, target=96, top_k=8, tokens=3072 * 512, sequence_length=512,
     dense_params=18_874_624 + 128 * 2048 + 2 * 2048, attention_width=32 * 128,
-    config={"method": "ream", "group_size": 16, "refit": "down"},
+    config={"method": "ream", "group_size": 16, "refit": "down", "layer_floor": False},  # measured before it
     seconds={"statistics": 5.03, "merge": 1.36, "refit": 0.35, "forward": 1.29},
     fixed_seconds=15.0, baseline_bytes=2 * 2**30)
 # this project's 2-core CPU, one thread, stages in the compute thread's CPU seconds (eval/bench_plan.py --cpu-clock)
@@ -120,7 +120,7 @@ CPU_RUN = MeasuredRun(
     "AVX2 CPU, 2026-12-06",
     hidden=1024, inner=512, experts=64, target=48, top_k=8, tokens=16 * 128, sequence_length=128,
     dense_params=4 * 1024 * 1024 + 64 * 1024 + 2 * 1024 + 2 * 256, attention_width=1024,
-    config={"method": "ream", "group_size": 16},
+    config={"method": "ream", "group_size": 16, "layer_floor": False},  # measured before the layer floor
     # 6 layers, 16 x 128 tokens, REAM 64 -> 48 with the default refit (one ridge sweep per round, factored rows):
     # 39.1, 67.1, 27.0 s over 6 layers, the re-forward 4.3 s over 5 (the last layer has none); peak RSS 2.66 GB
     # (anonymous 2.41); re-measured 2026-12-06 21:40 after the refit's rework (it was 45.6 s before); the refit
