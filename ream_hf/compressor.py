@@ -29,6 +29,7 @@ from .io.names import MANIFEST_NAME, WEIGHTS_PREFIX, published_source
 from .io.safetensors import INDEX_NAME
 from .io.checkpoint_writer import CheckpointWriter, write_loaded_model
 from .method.planning import check_plan
+from .method.refit import sized_refit_config
 from .method.surgery import check_grouped_routing
 from .pipeline import distributed
 from .pipeline.calibration import check_sources, load_calibration, make_batches
@@ -46,12 +47,13 @@ logger = logging.getLogger(__name__)
 
 
 def sized_config(config: ReamConfig, family: MoEFamily, model_config: Any, target: int) -> ReamConfig:
-    """`config` with its refit sample sized for this model's MoE layers (`ReamConfig.sized_for`), from its
+    """`config` with its refit sample sized for this model's MoE layers (`sized_refit_config`), from its
     configuration (transformers' defaults filled in where config.json leaves a field out)."""
-    text = model_config.get_text_config().to_dict()
+    text_config = model_config.get_text_config()  # its attribute names resolve each family's own keys (ERNIE moe_k)
+    text = text_config.to_dict()
     inner = expert_shapes(family, text)[0][family.disk_proj_names["down"]][1]
-    return config.sized_for(top_k=int(model_config.get_text_config().num_experts_per_tok), kept=target, inner=inner,
-                            hidden=int(text["hidden_size"]))
+    return sized_refit_config(config, top_k=int(text_config.num_experts_per_tok), kept=target, inner=inner,
+                              hidden=int(text["hidden_size"]))
 
 
 

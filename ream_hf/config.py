@@ -8,7 +8,6 @@ vLLM expect a quantizer plug-in and refuse the checkpoint).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -174,7 +173,7 @@ class ReamConfig(QuantizationConfigMixin):
     refit_target: str = "residual"
     refit_ridge: float = 0.01
     # the refit's sample: tokens per layer it fits on (drawn from the layer's token sample); None: sized from the
-    # layer's shape (`sized_for`, method/refit.py `sized_refit_tokens`)
+    # layer's shape (method/refit.py `sized_refit_config`)
     refit_tokens: int | None = None
     refit_steps: int = 3  # residual refit: how often the layer's error is recomputed and shared again
     prune_fallback: bool = True  # merging: a group whose merge reproduces its gated output on held-out calibration
@@ -338,25 +337,13 @@ class ReamConfig(QuantizationConfigMixin):
     def layer_sample_tokens(self) -> int:
         """Size of each layer's token sample, the one sample of hidden states the statistics pass keeps: large enough
         for the alignment sample (`activation_sample_tokens`) and the refit's (`refit_tokens`), which are drawn from
-        it (0: neither is needed, no sample). Needs a sized `refit_tokens` (`sized_for`) where the sample is drawn."""
+        it (0: neither is needed, no sample). Needs a sized `refit_tokens` (method/refit.py `sized_refit_config`)
+        where the sample is drawn."""
         uses_sample = self.refit != "none" or (self.is_merging and (self.prune_fallback or self.merge == "neurons"))
         if uses_sample and self.refit_tokens is None:
-            raise ValueError("refit_tokens is sized from the model's layer shape: call config.sized_for(...) first")
+            raise ValueError("refit_tokens is sized from the model's layer shape: size it first (sized_refit_config)")
         return max(self.activation_sample_tokens if self.aligns_activations else 0,
                    self.refit_tokens if uses_sample else 0)
-
-    def sized_for(self, *, top_k: int, kept: int, inner: int, hidden: int) -> ReamConfig:
-        """This config with `refit_tokens` set for a model whose MoE layers keep `kept` experts of width `inner`
-        (hidden size `hidden`, top-`top_k` routing): itself when the field is given, else a copy with the sample
-        `sized_refit_tokens` picks for that shape (a count that suits one shape is far too few rows per unknown for
-        another). The saved `ream_config` keeps None (sized); the manifest's refit entries record the tokens."""
-        if self.refit_tokens is not None:
-            return self
-        from .method.refit import sized_refit_tokens
-
-        sized = copy.copy(self)
-        sized.refit_tokens = sized_refit_tokens(top_k, kept, inner, hidden)
-        return sized
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

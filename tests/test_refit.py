@@ -375,7 +375,7 @@ def test_the_refit_sample_is_sized_from_the_layer_shape():
     at DeepSeek-V3's shape the largest sample whose sample-dependent memory stays within the bound; a given count
     is kept as it is."""
     from ream_hf import ReamConfig
-    from ream_hf.method.refit import REFIT_MIN_TOKENS, REFIT_SAMPLE_BYTES, sized_refit_tokens
+    from ream_hf.method.refit import REFIT_MIN_TOKENS, REFIT_SAMPLE_BYTES, sized_refit_config, sized_refit_tokens
 
     assert sized_refit_tokens(8, 96, 768, 2048) == 73728
     assert sized_refit_tokens(4, 16, 128, 256) == REFIT_MIN_TOKENS
@@ -386,10 +386,10 @@ def test_the_refit_sample_is_sized_from_the_layer_shape():
     config = ReamConfig(target_experts=96)
     with pytest.raises(ValueError, match="sized from the model's layer shape"):
         config.layer_sample_tokens
-    sized = config.sized_for(top_k=8, kept=96, inner=768, hidden=2048)
+    sized = sized_refit_config(config, top_k=8, kept=96, inner=768, hidden=2048)
     assert sized.refit_tokens == 73728 and config.refit_tokens is None  # a copy: the user's config is not changed
     given = ReamConfig(target_experts=96, refit_tokens=1000)
-    assert given.sized_for(top_k=8, kept=96, inner=768, hidden=2048) is given
+    assert sized_refit_config(given, top_k=8, kept=96, inner=768, hidden=2048) is given
 
 
 def test_compress_draws_the_sized_refit_sample(calibration_txt, tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ compressed weights, solved in closed form from sums accumulated over token chunk
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..arch import ExpertWeights
-from ..config import REFIT_TARGETS
+from ..config import REFIT_TARGETS, ReamConfig
 from .experts import Activation, pairs_by_expert, single_expert_output
 
 SIGMOID_EPS = 1e-6
@@ -576,6 +577,18 @@ def sized_refit_tokens(top_k: int, kept: int, inner: int, hidden: int) -> int:
         middle = (low + high) // 2
         low, high = (middle, high) if grows(middle) <= REFIT_SAMPLE_BYTES else (low, middle)
     return low
+
+
+def sized_refit_config(config: ReamConfig, *, top_k: int, kept: int, inner: int, hidden: int) -> ReamConfig:
+    """`config` with `refit_tokens` set for a model whose MoE layers keep `kept` experts of width `inner` (hidden
+    size `hidden`, top-`top_k` routing): itself when the field is given, else a copy with the sample
+    `sized_refit_tokens` picks for that shape (a count that suits one shape is far too few rows per unknown for
+    another). The saved `ream_config` keeps None (sized); the manifest's refit entries record the tokens."""
+    if config.refit_tokens is not None:
+        return config
+    sized = copy.copy(config)
+    sized.refit_tokens = sized_refit_tokens(top_k, kept, inner, hidden)
+    return sized
 
 
 def refit_flops(tokens: int, top_k: int, inner: int, hidden: int, experts: int, ridges: int, steps: int) -> float:

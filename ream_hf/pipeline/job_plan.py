@@ -41,7 +41,7 @@ from ..io.names import looks_like_hub_id
 from ..io.quantization import FP8_OUTPUT, Fp8BlockOutput
 from ..io.source import SourceCheckpoint
 from ..method.planning import LayerWork, layer_work
-from ..method.refit import refit_bytes as refit_bytes_of
+from ..method.refit import refit_bytes as refit_bytes_of, sized_refit_config
 from ..method.stats import CHUNK_BYTES_BUDGET, ROUTED_BYTES_BUDGET
 from .device import CUDA_CHUNK_BYTES, CUDA_MEMORY_FRACTION, CUDA_ROUTED_BYTES, memory_bytes
 from .background_writer import WRITER_PENDING_BYTES
@@ -133,8 +133,8 @@ MATCHING_NS_CPU = 2.6e6  # scipy linear_sum_assignment at D = 256 on this CPU, o
 def rates_from_run(run: MeasuredRun) -> DeviceRates:
     """The rates `run` measured: each stage's counted work over its seconds (the merge's matchings first taken
     out at the host's measured matching rate)."""
-    config = ReamConfig(target_experts=run.target, **run.config).sized_for(top_k=run.top_k, kept=run.target,
-                                                                          inner=run.inner, hidden=run.hidden)
+    config = sized_refit_config(ReamConfig(target_experts=run.target, **run.config), top_k=run.top_k,
+                                kept=run.target, inner=run.inner, hidden=run.hidden)
     work = layer_work(config, hidden=run.hidden, inner=run.inner,
                       experts=run.experts, target=run.target, top_k=run.top_k, tokens=run.tokens,
                       dense_params=run.dense_params, attention_width=run.attention_width,
@@ -393,7 +393,7 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
         output_bytes -= _fp8_savings(family, folder, names, model, disk_size, compressed * target,
                                      expert_numel, (inner, hidden), notes)
 
-    config = config.sized_for(top_k=top_k, kept=target, inner=inner, hidden=hidden)  # as `compress` sizes it
+    config = sized_refit_config(config, top_k=top_k, kept=target, inner=inner, hidden=hidden)  # as `compress` does
     tokens = config.num_calibration_sequences * config.sequence_length
     size = torch.empty((), dtype=working).element_size()
     hidden_bytes = tokens * hidden * size
