@@ -140,13 +140,17 @@ def test_plain_transformers_reloads_it_without_ream_hf(loaded, tmp_path):
 @pytest.mark.parametrize("method", ["reap", "ream"])
 def test_from_pretrained_equals_the_cli(method, qwen3_source, calibration_txt, tmp_path):
     """Same settings, same result: `ream-hf compress` (streaming) and from_pretrained write bit-identical expert and
-    router tensors (every tensor, in fact) and the same groups."""
+    router tensors (every tensor, in fact) and the same groups. REAM runs without its floors, so that merges stay on
+    this random model and both paths write merged experts."""
+    floors = ["--no-merge-floor"] if method == "ream" else []
     code = cli(["compress", str(qwen3_source), "--target-experts", "8", "--method", method, "--calibration",
                 str(calibration_txt), "--num-sequences", "8", "--sequence-length", "64", "--batch-size", "4",
-                "--group-size", "4", "--output", str(tmp_path / "cli")])
+                "--group-size", "4", "--output", str(tmp_path / "cli"), *floors])
     assert code == 0
+    settings = dict(prune_fallback=False, layer_floor=False) if floors else {}
     model = AutoModelForCausalLM.from_pretrained(str(qwen3_source),
-                                                 quantization_config=hf_config(calibration_txt, method=method))
+                                                 quantization_config=hf_config(calibration_txt, method=method,
+                                                                               **settings))
     model.save_pretrained(str(tmp_path / "hf"))
     by_cli, by_hf = tensors(tmp_path / "cli"), tensors(tmp_path / "hf")
     assert by_cli.keys() == by_hf.keys()
