@@ -179,6 +179,9 @@ class ReamConfig(QuantizationConfigMixin):
     prune_fallback: bool = True  # merging: a group whose merge reproduces its gated output on held-out calibration
     # sequences of the refit sample worse than its centroid alone is pruned instead (the merge floor, method/floor.py)
     prune_fallback_margin: float = 0.0  # ... unless the merge's held-out error is lower by more than this fraction
+    # REAM: centroids skip an expert within this distance (1 - similarity) of one already chosen (0: the top-k by
+    # saliency, the paper's rule; method/grouping.py distinct_centroids)
+    distinct_centroids: float = 0.0
     # merging with the down refit: the whole layer is also compressed by pruning alone (its centroids, refit the same
     # way) and the layer keeps whichever has the lower held-out layer-output error (pipeline/layer.py layer_floor)
     layer_floor: bool = True
@@ -287,6 +290,9 @@ class ReamConfig(QuantizationConfigMixin):
             raise ValueError(f"refit_target must be one of {', '.join(REFIT_TARGETS)}; got {self.refit_target!r}")
         if not isinstance(self.refit_ridge, (int, float)) or isinstance(self.refit_ridge, bool) or not self.refit_ridge > 0:
             raise ValueError(f"refit_ridge must be a number > 0 (relative to the mean Gram diagonal), got {self.refit_ridge!r}")
+        if not isinstance(self.distinct_centroids, (int, float)) or isinstance(self.distinct_centroids, bool) \
+                or not 0.0 <= self.distinct_centroids < 1.0:
+            raise ValueError(f"distinct_centroids must be a distance in [0, 1), got {self.distinct_centroids!r}")
         if not 0.0 <= self.prune_fallback_margin < 1.0:
             raise ValueError(f"prune_fallback_margin must be in [0, 1), got {self.prune_fallback_margin!r}")
         if self.weight_features not in WEIGHT_FEATURES:

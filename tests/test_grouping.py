@@ -133,3 +133,20 @@ def test_merge_weights_normalised_and_uniform_for_zero_saliency():
     assert float(weights.sum()) == pytest.approx(1.0)
     uniform = merge_weights(saliency, ExpertGroup(1, (1, 3)))
     assert torch.equal(uniform, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_distinct_centroids_keep_one_of_each_near_copy_pair():
+    """Eight experts as four near-copy pairs (2i, 2i + 1) of descending saliency: the top 4 by saliency are two whole
+    pairs; distinct centroids keep one of each pair, and pseudo-pruning then merges each copy into its twin. Without
+    `near` the rule is the paper's (the top 4)."""
+    saliency = torch.tensor([8.0, 7.9, 6.0, 5.9, 4.0, 3.9, 2.0, 1.9])
+    pair = torch.arange(8) // 2
+    distance = torch.where(pair[:, None] == pair[None, :], 0.01, 0.8)
+    distance.fill_diagonal_(0)
+    assert select_centroids(saliency, 4) == [0, 1, 2, 3]
+    groups = pseudo_prune_groups(saliency, distance, 4, 2, near=0.05)
+    assert [g.members for g in groups] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert pseudo_prune_groups(saliency, distance, 4, 2) == pseudo_prune_groups(saliency, distance, 4, 2, near=0.0)
+    assert [g.centroid for g in pseudo_prune_groups(saliency, distance, 4, 2)] == [0, 1, 2, 3]
+    # fewer distinct experts than places: the skipped copies fill them, most salient first
+    assert [g.centroid for g in pseudo_prune_groups(saliency, distance, 6, 2, near=0.05)] == [0, 1, 2, 3, 4, 6]

@@ -50,9 +50,25 @@ def prune_groups(saliency: Tensor, k: int) -> list[ExpertGroup]:
     return _sorted([ExpertGroup(c, (c,)) for c in select_centroids(saliency, k)])
 
 
-def pseudo_prune_groups(saliency: Tensor, distance: Tensor, k: int, group_size: int) -> list[ExpertGroup]:
+def distinct_centroids(saliency: Tensor, distance: Tensor, k: int, near: float) -> list[int]:
+    """k centroids in descending saliency, skipping an expert within `near` (distance) of one already taken while
+    others remain: near-copies rank alike, so the top-k by saliency keeps both copies of one expert and drops both of
+    another, where keeping one of each loses nothing once the other is merged into it. Skipped experts fill the
+    remaining places, most salient first, if too few distinct ones are left."""
+    order = select_centroids(saliency, saliency.shape[0])
+    close = (distance.detach().cpu().double() < near).tolist()
+    taken: list[int] = []
+    skipped: list[int] = []
+    for expert in order:
+        (skipped if any(close[expert][c] for c in taken) else taken).append(expert)
+    return (taken + skipped)[:k]
+
+
+def pseudo_prune_groups(saliency: Tensor, distance: Tensor, k: int, group_size: int,
+                        near: float = 0.0) -> list[ExpertGroup]:
     """REAM: in descending saliency, each centroid takes up to group_size - 1 of its nearest unassigned
-    non-centroids, so a few salient experts absorb many neighbours and most stay singletons."""
+    non-centroids, so a few salient experts absorb many neighbours and most stay singletons. With `near` > 0 the
+    centroids are `distinct_centroids`."""
     num_experts = saliency.shape[0]
     if distance.shape != (num_experts, num_experts):
         raise ValueError(f"distance must be ({num_experts}, {num_experts}) for {num_experts} experts, got {tuple(distance.shape)}")
@@ -60,7 +76,7 @@ def pseudo_prune_groups(saliency: Tensor, distance: Tensor, k: int, group_size: 
         raise ValueError(f"group_size must be >= 1 for pseudo-pruning, got {group_size}; use m_smoe_groups for the C=0 rule")
     _check_target(num_experts, k)
     check_group_capacity(num_experts, k, group_size)
-    centroids = select_centroids(saliency, k)
+    centroids = select_centroids(saliency, k) if near <= 0 else distinct_centroids(saliency, distance, k, near)
     nearest_first = torch.argsort(distance.detach().cpu().double(), dim=1, stable=True).tolist()
     taken = [False] * num_experts
     for c in centroids:

@@ -82,7 +82,7 @@ def _groups_for_block(config: ReamConfig, stats: LayerStatistics, experts: list[
         gram = gram[index][:, index] if (config.use_router_logits and gram is not None) else None
         distance = expert_distance(stats.output_signatures[index], gram)
         if pseudo_prunes(config, group_size):
-            local = pseudo_prune_groups(scores, distance, target, group_size)
+            local = pseudo_prune_groups(scores, distance, target, group_size, config.distinct_centroids)
         else:
             local = m_smoe_groups(scores, distance, target)
     return [ExpertGroup(experts[g.centroid], tuple(experts[m] for m in g.members)) for g in local]
