@@ -291,8 +291,9 @@ def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, or
                x: torch.Tensor, sequence: torch.Tensor, shared: dict[str, Any] | None = None) -> RefitCheck:
     """Each output expert's down projection (and bias) refit on the sample tokens x (method/refit.py), fitted on
     some calibration sequences and kept only where it lowers the layer's output error on the others (`sequence`:
-    each token's calibration sequence). With `shared`, the source layer's outputs on the sample are left there
-    for `layer_floor`'s second refit (on the rank that computes). Returns the check's record."""
+    each token's calibration sequence). With `shared`, what the refit was computed from (the source's weights and
+    outputs on the sample, the routings, the held-out tokens) is left there for `layer_floor`'s second refit (on
+    the rank that computes). Returns the check's record."""
     experts_module = experts(family, block)
     merged = read_expert_weights(family, experts_module)
     solved: list[torch.Tensor] = []
@@ -303,7 +304,9 @@ def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, or
         source, activation = read_expert_weights(family, original.experts), activation_for(family, experts_module)
         outputs = None
         if shared is not None:
-            outputs = shared["outputs"] = source_outputs(source, activation, sample, held_out, before)
+            outputs = source_outputs(source, activation, sample, held_out, before)
+            shared.update(source=source, activation=activation, sample=sample, held_out=held_out, before=before,
+                          after=after, outputs=outputs)
         down, bias, check = checked_down_refit(
             source, merged, activation, sample, held_out, before, after, [list(g.members) for g in plan.groups],
             config.refit_target, [config.refit_ridge * g for g in RIDGE_GRID], config.refit_steps, outputs)
@@ -322,15 +325,14 @@ def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, or
     return check
 
 
-def layer_floor(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
-                x: torch.Tensor, sequence: torch.Tensor, check: RefitCheck,
-                shared: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def layer_floor(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, check: RefitCheck,
+                shared: dict[str, Any]) -> dict[str, Any] | None:
     """The merge floor for the whole layer: the merged (and refit) layer against pruning it to the same centroids
     (the source's experts, refit the same way, under the same router rows), on the down refit's held-out
     sequences; the layer keeps the merge only where its held-out layer-output error is lower. Per-group verdicts
     rest on the few held-out rows one output expert sees; this one on every held-out token of the layer, so a
-    merge cannot make a layer worse than pruning on text it did not fit. Returns the manifest record (None: no
-    group is merged, nothing to compare)."""
+    merge cannot make a layer worse than pruning on text it did not fit. `shared`: what `refit_down` left (its
+    inputs, on the rank that computes). Returns the manifest record (None: no group is merged, nothing to compare)."""
     if all(len(g.members) < 2 for g in plan.groups) or check.heldout_error_before is None:
         return None
     experts_module = experts(family, block)
@@ -338,14 +340,11 @@ def layer_floor(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, o
     solved: list[torch.Tensor] = []
 
     def compute() -> dict[str, Any]:
-        source = read_expert_weights(family, original.experts)
-        pruned = source.select(centroids)
-        _, sample, before, after = sample_routings(config, family, block, original, x)
-        held_out = heldout_sequences(sequence, HELDOUT_FRACTION, config.seed + 2).to(sample.device)
+        pruned = shared["source"].select(centroids)
         down, bias, pruned_check = checked_down_refit(
-            source, pruned, activation_for(family, experts_module), sample, held_out, before, after,
-            [[c] for c in centroids], config.refit_target, [config.refit_ridge * g for g in RIDGE_GRID],
-            config.refit_steps, (shared or {}).get("outputs"))
+            shared["source"], pruned, shared["activation"], shared["sample"], shared["held_out"], shared["before"],
+            shared["after"], [[c] for c in centroids], config.refit_target,
+            [config.refit_ridge * g for g in RIDGE_GRID], config.refit_steps, shared["outputs"])
         merged_error, pruned_error = check.heldout_error_after, pruned_check.heldout_error_after
         keep_merge = merged_error < pruned_error
         if not keep_merge:
@@ -358,11 +357,10 @@ def layer_floor(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, o
     record = distributed.on_main(ranks, compute)
     if not record["merged"]:
         current = read_expert_weights(family, experts_module)
-        like = [torch.empty_like(t) for t in (current.gate, current.up, current.down, current.gate_bias,
-                                              current.up_bias, current.down_bias) if t is not None]
-        tensors = distributed.broadcast_results(ranks, [solved if ranks.is_main else None], lambda _: like)[0]
         names = [n for n in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
-                 if getattr(current, n) is not None]
+                 if getattr(current, n) is not None]  # the order `compute` solved them in
+        like = [torch.empty_like(getattr(current, n)) for n in names]
+        tensors = distributed.broadcast_results(ranks, [solved if ranks.is_main else None], lambda _: like)[0]
         write_expert_weights(family, experts_module, ExpertWeights(**dict(zip(names, tensors))))
         for j, centroid in enumerate(centroids):
             plan.groups[j] = ExpertGroup(centroid, (centroid,))
@@ -491,10 +489,10 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
             refit_router(config, family, block, plan, original, x)
         if "down" in config.refit:
             floors = config.is_merging and config.layer_floor
-            shared: dict[str, Any] | None = {} if floors else None  # the source's outputs, computed once for both
+            shared: dict[str, Any] | None = {} if floors else None  # the refit's inputs, computed once for both
             check = refit_down(config, family, block, plan, original, x, sequence, shared)
             if floors:
-                floor_record = layer_floor(config, family, block, plan, original, x, sequence, check, shared)
+                floor_record = layer_floor(config, family, block, plan, check, shared)
             del shared
         clock = stage("refit", clock)
     if forward is not None and config.sequential:
