@@ -11,6 +11,11 @@ stage (statistics, plan, merge, refit, forward, load) are summed over the layers
     python eval/bench_compress.py --repeat 3 # median wall time and the range of peak RSS over 3 runs each
     python eval/bench_compress.py --sequences 128 256 512 --method reap
     python eval/bench_compress.py --sequences 128 --repeat 3 --set layer_floor=true   # any ReamConfig field
+    python eval/bench_compress.py --sequences 128 --repeat 5 --versus refit=none   # what the default refit costs
+
+`--versus FIELD=VALUE` runs the job and its variant alternately (job, variant, job, ...), so a slow spell of a
+shared host falls on both, and prints the job's overhead over the variant: the ratio of the fastest runs (the
+least disturbed), of the medians, and of the median CPU seconds.
 """
 
 from __future__ import annotations
@@ -93,6 +98,19 @@ def run_job(args: argparse.Namespace) -> dict:
     }
 
 
+def overhead(job: list[dict], variant: list[dict]) -> dict[str, float]:
+    """The job's time over its variant's: fastest wall over fastest wall (the runs a shared host disturbed least),
+    median over median, and median CPU seconds over median CPU seconds."""
+    def median(values: list[float]) -> float:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+    wall, other = [r["wall_s"] for r in job], [r["wall_s"] for r in variant]
+    return {"fastest wall": min(wall) / min(other), "median wall": median(wall) / median(other),
+            "median CPU": median([r["cpu_s"] for r in job]) / median([r["cpu_s"] for r in variant])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -109,6 +127,8 @@ def main() -> None:
     parser.add_argument("--refit", help="ReamConfig.refit for this job (default: the library's default)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="another ReamConfig field for this job (repeatable; true/false, numbers, or text)")
+    parser.add_argument("--versus", metavar="FIELD=VALUE",
+                        help="also run this variant, alternating with the job, and print the job's overhead over it")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (peak RSS varies by ~0.1 GB)")
     parser.add_argument("--workdir")
@@ -120,16 +140,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ream-bench-") as temp:
         work = Path(args.workdir or temp)
         build_source(work / "source", args.layers, args.experts, args.top_k, args.hidden, args.inner)
-        rows = []
+        rows, overheads = [], []
+        variants = [("", [])] + ([(args.versus, ["--set", args.versus])] if args.versus else [])
         for sequences in args.sequences:
-            command = [sys.executable, __file__, *sys.argv[1:], "--workdir", str(work), "--job-sequences", str(sequences)]
-            runs = []
+            base = [sys.executable, __file__, *sys.argv[1:], "--workdir", str(work), "--job-sequences", str(sequences)]
+            runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
             for _ in range(args.repeat):
-                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                runs.append(json.loads(out.strip().splitlines()[-1]))
-            row = dict(sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2])  # the median run by wall time
-            row["peak_range"] = (min(r["peak_rss_gb"] for r in runs), max(r["peak_rss_gb"] for r in runs))
-            rows.append(row)
+                for label, extra in variants:  # alternating: job, variant, job, variant, ...
+                    out = subprocess.run(base + extra, check=True, capture_output=True, text=True).stdout
+                    runs[label].append(json.loads(out.strip().splitlines()[-1]))
+            for label, _ in variants:
+                done = runs[label]
+                row = dict(sorted(done, key=lambda r: r["wall_s"])[len(done) // 2])  # the median run by wall time
+                row["peak_range"] = (min(r["peak_rss_gb"] for r in done), max(r["peak_rss_gb"] for r in done))
+                row["label"] = label
+                rows.append(row)
+            if args.versus:
+                overheads.append((sequences, overhead(runs[""], runs[args.versus])))
     print(f"\nbench_compress: {args.layers} layers, {args.experts} experts top-{args.top_k}, hidden {args.hidden}, "
           f"expert intermediate {args.inner}, {args.experts} -> {args.target}, float32, {args.threads} threads\n")
     if args.repeat > 1:
@@ -140,11 +167,15 @@ def main() -> None:
         gflops = f"{r['gflops']:.0f}" if r["gflops"] else "-"
         low, high = r["peak_range"]
         peak = f"{high:.2f}" if args.repeat == 1 else f"{low:.2f} - {high:.2f}"
-        print(f"| {r['method']} | {r['sequences']} x {args.length} | {r['tokens']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+        method = r["method"] + (f" {r['label']}" if r["label"] else "")
+        print(f"| {method} | {r['sequences']} x {args.length} | {r['tokens']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
               f"{r['stats_s']:.1f} | {gflops} | {peak} |")
     print("\nseconds per stage, all layers: " + "; ".join(
-        f"{r['sequences']} x {args.length}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.get("stages", {}).items())
-        for r in rows))
+        f"{r['sequences']} x {args.length}{' ' + r['label'] if r['label'] else ''}: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r.get("stages", {}).items()) for r in rows))
+    for sequences, ratios in overheads:
+        print(f"\nthe job over {args.versus}, {sequences} x {args.length}, {args.repeat} alternating runs each: "
+              + ", ".join(f"{name} {100 * (value - 1):+.1f} %" for name, value in ratios.items()))
     print("\nreference (paper's code, same job, 2 cores): 72 s wall, 4.2 GB peak RSS")
 
 
