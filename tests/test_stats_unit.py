@@ -7,7 +7,7 @@ from torch import nn
 from ream_hf.arch import ExpertWeights
 from ream_hf.method.experts import Activation
 from ream_hf.method import stats as stats_module
-from ream_hf.method.stats import SALIENCY_VARIANTS, LayerStatsAccumulator, gate_scores
+from ream_hf.method.stats import SALIENCY_VARIANTS, GemmPolicy, LayerStatsAccumulator, gate_scores
 
 
 def naive(weights, activation, x, logits, topk_w, topk_i, scoring, gated=True, batches=None):
@@ -119,6 +119,44 @@ def test_sparse_accumulator_matches_naive_and_unrouted_expert_has_zero_saliency(
     assert all(stats.saliency[name][4] == 0 for name in SALIENCY_VARIANTS)
 
 
+def routed_sum(weights, activation, x, topk_w, topk_i):
+    """sum_k w_k f_{i_k}(x) per token, one token and slot at a time."""
+    out = torch.zeros(x.shape[0], weights.down.shape[1])
+    for t in range(x.shape[0]):
+        for slot in range(topk_i.shape[1]):
+            e = int(topk_i[t, slot])
+            a = activation(x[t : t + 1] @ weights.gate[e].T, x[t : t + 1] @ weights.up[e].T)
+            out[t] += float(topk_w[t, slot]) * (a @ weights.down[e].T)[0]
+    return out
+
+
+@pytest.mark.parametrize("path", ["dense", "dense grouped_mm", "sparse", "frequency"])
+def test_the_sample_rows_routed_output_comes_with_the_saliency(path):
+    """The token sample's routed output sum_k w_k f_{i_k}(x), which the refit reproduces, is added as the saliency
+    runs the routed pairs in the dense pass's float32 GEMMs (two calls, windows of several chunks). A GPU's grouped
+    down projection (here float32 grouped_mm, which needs 16-byte rows) and the routed-only pass (REAP, frequency)
+    leave it to the refit: none."""
+    torch.manual_seed(5)
+    num, inner, hidden, tokens, k = 6, 8, 8, 60, 2
+    weights = ExpertWeights(torch.randn(num, inner, hidden), torch.randn(num, inner, hidden), torch.randn(num, hidden, inner))
+    activation = Activation("glu", act_fn=nn.SiLU())
+    x, logits = torch.randn(tokens, hidden), torch.randn(tokens, num)
+    topk_w, topk_i = torch.softmax(logits, -1).topk(k, dim=-1)
+    positions = torch.tensor([0, 3, 17, 29, 30, 41, 59])
+    acc = LayerStatsAccumulator(weights, activation, "softmax", dense=path.startswith("dense"),
+                                with_saliency=path != "frequency", chunk_size=16, sample_positions=positions,
+                                gemm=GemmPolicy(grouped=path == "dense grouped_mm"))
+    acc.add(x[:30], logits[:30], topk_w[:30], topk_i[:30])
+    acc.add(x[30:], logits[30:], topk_w[30:], topk_i[30:])
+    stats = acc.finalize()
+    assert torch.equal(stats.sample_inputs, x[positions])
+    if path != "dense":
+        assert stats.sample_outputs is None
+    else:
+        expected = routed_sum(weights, activation, x, topk_w, topk_i)[positions]
+        assert torch.allclose(stats.sample_outputs, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_statistics_memory_does_not_grow_with_calibration_tokens():
     """Every running sum has a fixed size: 40 or 4000 tokens leave the same bytes in the accumulator (the token
     sample is capped by its positions), and the finalized statistics are the same size too."""
@@ -134,10 +172,11 @@ def test_statistics_memory_does_not_grow_with_calibration_tokens():
             x, logits = torch.randn(40, hidden), torch.randn(40, num)
             topk_w, topk_i = torch.softmax(logits, -1).topk(k, dim=-1)
             acc.add(x, logits, topk_w, topk_i)
-        state = [v for v in vars(acc).values() if isinstance(v, torch.Tensor)] + acc.sample_chunks
+        state = [v for v in vars(acc).values() if isinstance(v, torch.Tensor)] + acc.sample_chunks + \
+            acc.sample_output_chunks
         stats = acc.finalize()
         final = [stats.frequency, stats.output_signatures, stats.router_logit_gram, stats.sample_inputs,
-                 *stats.saliency.values()]
+                 stats.sample_outputs, *stats.saliency.values()]
         return sum(t.numel() * t.element_size() for t in state), sum(t.numel() * t.element_size() for t in final)
 
     assert held_bytes(40) == held_bytes(4000)

@@ -222,13 +222,16 @@ class RidgeFactor:
         self.values = None if values is None else values.clamp(min=0)
 
     def solve(self, inputs: Tensor, moved: Tensor, previous: Tensor | None, ridges: Sequence[float]) -> list[Tensor]:
-        """For each ridge, argmin_D sum ||D u - t||^2 + lam ||D||^2 (h, d) float64 over the rows u of `inputs` and
+        """For each ridge, argmin_D sum ||D u - t||^2 + lam ||D||^2 (h, d) over the rows u of `inputs` and
         targets t = moved + u previous^T (`moved` (n, h); `previous` (h, d) or None), lam = ridge * mean(diag(u^T u)),
         solved in the dual, t^T (u u^T + lam I)^-1 u, where rows are fewer than unknowns (n < d: the regime of
-        published MoEs), so the work and memory are n^2 d, not d^3 and d^2. Zero where the rows are all zero."""
+        published MoEs), so the work and memory are n^2 d, not d^3 and d^2. Zero where the rows are all zero.
+        Float32: the factor and each ridge's scaling are float64 (where the conditioning lies); the last product,
+        by the eigenvectors (orthonormal) or their rows' images, only rotates, so float32 loses nothing the changes
+        keep (float32 or less), at a quarter of a float64 product's time on CPU."""
         width = inputs.shape[1]
         if self.vectors is None:
-            return [torch.zeros(moved.shape[1], width, dtype=torch.float64, device=inputs.device) for _ in ridges]
+            return [torch.zeros(moved.shape[1], width, dtype=torch.float32, device=inputs.device) for _ in ridges]
         v = self.vectors
         if self.dual:  # D = t^T V (L + lam)^-1 V^T u
             targets = moved if previous is None else moved + inputs @ previous.T.to(inputs.dtype)
@@ -239,7 +242,7 @@ class RidgeFactor:
                 left += (previous.double() @ v) * self.values
             right = v.T
         shrink = torch.stack([1.0 / (self.values + ridge * self.scale) for ridge in ridges]).unsqueeze(1)
-        return list((left * shrink) @ right)  # every ridge in one batched product
+        return list((left * shrink).float() @ right.float())  # every ridge in one batched product
 
 
 def _delta_dtype(merged: ExpertWeights) -> torch.dtype:
@@ -391,43 +394,46 @@ class RefitCheck:
 
 class _HeldOut:
     """The held-out tokens' layer-output error (T_h, H) under the merged weights and the compressed layer's routed
-    rows, to score candidate changes."""
+    rows, to score candidate changes. Errors are kept in float32 (they are differences of float32 outputs; their
+    squared sums are taken in float64)."""
 
     def __init__(self, source: ExpertWeights, merged: ExpertWeights, activation: Activation, x: Tensor,
                  original: Routing, compressed: Routing, original_out: Tensor | None = None) -> None:
         x = x.float()
         target = (original_out if original_out is not None else
-                  _routed_pass(source, activation, x, original, keep=False)[0]).double()
-        self.scale = float((target ** 2).sum())
+                  _routed_pass(source, activation, x, original, keep=False)[0]).float()
+        self.scale = _squares(target)
         base, pairs = _routed_pass(merged, activation, x, compressed, keep=True)
-        self.base_error = target.sub_(base.double())
-        del base
+        self.base_error = target - base
+        del base, target
         self.rows = {}
         for n, (expert, routed) in enumerate(pairs):
             pairs[n] = None
             self.rows[expert] = (routed.token, _inputs(routed.weight, routed.acts, merged.down_bias is not None))
 
     def change(self, expert: int, delta: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The expert's held-out tokens and its output change there (float64) for a change `delta` of [down | bias]."""
+        """The expert's held-out tokens and its output change there for a change `delta` of [down | bias]."""
         if expert not in self.rows:
             return None
         token, inputs = self.rows[expert]
-        return token, (inputs @ delta.T.float()).double()
+        return token, inputs @ delta.T.float()
 
     def errors_of(self, changes: Iterator[tuple[int, list[Tensor]]], count: int,
-                  keep: list[dict[int, Tensor]] | None = None) -> list[float]:
+                  keep: list[dict[int, Tensor]] | None = None) -> tuple[list[float], Tensor]:
         """The held-out squared error of each of `count` candidates whose changes arrive one expert at a time
-        (`DownRefit.candidates`): one (T_h, H) error per candidate, not one copy of the weights unless `keep` (a
-        list of `count` dicts) asks for every candidate's changes."""
-        errors = [self.base_error.clone() for _ in range(count)]
+        (`DownRefit.candidates`), and their errors (T_h, count, H): one error per candidate, not one copy of the
+        weights unless `keep` (a list of `count` dicts) asks for every candidate's changes. An expert's candidates
+        move the errors in one product, (n, D) x (D, count * H)."""
+        errors = self.base_error.unsqueeze(1).repeat(1, count, 1)
+        flat = errors.view(errors.shape[0], -1)
         for expert, candidates in changes:
-            for n, (error, delta) in enumerate(zip(errors, candidates)):
-                moved = self.change(expert, delta)
-                if moved is not None:
-                    error.index_add_(0, moved[0], -moved[1])
-                if keep is not None:
+            if keep is not None:
+                for n, delta in enumerate(candidates):
                     keep[n][expert] = delta
-        return [float((error ** 2).sum()) for error in errors]
+            if expert in self.rows:
+                token, inputs = self.rows[expert]
+                flat.index_add_(0, token, inputs @ torch.cat(candidates).T.float(), alpha=-1)
+        return [_squares(errors[:, n]) for n in range(count)], errors
 
     def error(self, delta: dict[int, Tensor]) -> Tensor:
         """(T_h, H) layer-output error Y - Y' of the merged layer changed by `delta`."""
@@ -435,8 +441,13 @@ class _HeldOut:
         for expert, change in delta.items():
             moved = self.change(expert, change)
             if moved is not None:
-                error.index_add_(0, moved[0], -moved[1])
+                error.index_add_(0, moved[0], moved[1], alpha=-1)
         return error
+
+
+def _squares(values: Tensor) -> float:
+    """sum of squares, accumulated in float64."""
+    return float(values.square().sum(dtype=torch.float64))
 
 
 KEEP_CANDIDATES_BYTES = 256 * 2**20  # a round keeps every ridge's changes (no second solve) up to this size
@@ -490,8 +501,9 @@ def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation:
     check = _HeldOut(source, merged, activation, x[held_out], _rows(original, held_out), _rows(compressed, held_out),
                      None if outputs is None else outputs.held_out)
     scale = max(check.scale, 1e-30)
-    before = float((check.base_error ** 2).sum())
+    before = _squares(check.base_error)
     best, chosen = before, []
+    best_error: Tensor | None = None  # the held-out errors of the last round taken, where its candidates were kept
     delta: dict[int, Tensor] = {}
     # every ridge's changes are kept through a round where they are small (else the chosen one is computed again)
     keep = _keeps_candidates(len(ridges), _changes_bytes(*merged.down.shape,
@@ -499,20 +511,21 @@ def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation:
     for _ in range(1 if target == "group" else steps):
         residual = problem.residual(delta)
         kept_candidates = [{} for _ in ridges] if keep else None
-        errors = check.errors_of(problem.candidates(delta, residual, ridges), len(ridges), kept_candidates)
+        errors, per_ridge = check.errors_of(problem.candidates(delta, residual, ridges), len(ridges), kept_candidates)
         pick = min(range(len(ridges)), key=errors.__getitem__)
         if errors[pick] >= best:
             break
         if kept_candidates is not None:
-            delta = kept_candidates[pick]
+            delta, best_error = kept_candidates[pick], per_ridge[:, pick].clone()
         else:
             problem.step(delta, residual, ridges[pick])
-        del kept_candidates
+            best_error = None
+        del kept_candidates, per_ridge
         best = errors[pick]
         chosen.append(ridges[pick])
         del residual
     del problem
-    error = check.error(delta)
+    error = best_error if best_error is not None else check.error(delta)
     for expert in sorted(delta):  # an expert's refit stays only where the held-out tokens it serves gain
         moved = check.change(expert, delta[expert])
         if moved is None:
@@ -520,10 +533,10 @@ def checked_down_refit(source: ExpertWeights, merged: ExpertWeights, activation:
             continue
         token, change = moved
         reverted = error[token] + change
-        if float((reverted ** 2).sum()) <= float((error[token] ** 2).sum()):
+        if _squares(reverted) <= _squares(error[token]):
             error[token] = reverted
             del delta[expert]
-    after = float((error ** 2).sum())
+    after = _squares(error)
     kept = bool(delta) and after < before
     down, bias = _apply(merged, delta if kept else {})
     return down, bias, RefitCheck(kept, len(delta) if kept else 0, before / scale,

@@ -108,6 +108,12 @@ class LayerStatistics:
     # (E,) float64: sum over tokens of the model's routing weight g_i(x) (0 where i is not selected): the share of
     # the layer's expert output each expert carries. None in statistics saved before it was collected.
     routing_weight: torch.Tensor | None = None
+    # (T_s, H) float32: the routed experts' output sum_k w_k f_{i_k}(x) on the token sample's rows, which the
+    # dense pass's saliency computes anyway in its float32 GEMMs (`LayerStatsAccumulator.keeps_sample_outputs`); the
+    # refit reproduces it. None from the routed-only pass (REAP, frequency), from bfloat16 GEMMs (a GPU's) and in
+    # statistics saved before it was collected: the refit then computes it itself, so a run and its re-plan from
+    # saved statistics of either kind compute it the same way.
+    sample_outputs: torch.Tensor | None = None
 
 
 def gate_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -122,6 +128,28 @@ def chunk_rows(num_experts: int, inner: int, requested: int, budget: int | None 
     per_row = num_experts * 2 * inner * 4
     budget = CHUNK_BYTES_BUDGET if budget is None else budget
     return max(1, min(requested, max(MIN_CHUNK_ROWS, budget // per_row)))
+
+
+class _SampleOutputs:
+    """The routed experts' output sum_k w_k f_{i_k}(x) on one `add` call's sample rows, added as the saliency
+    computes each routed pair's f_i (no expert is run for it)."""
+
+    def __init__(self, rows: torch.Tensor, tokens: int, topk_weights: torch.Tensor, hidden: int) -> None:
+        device = topk_weights.device
+        self.row_of = torch.full((tokens,), -1, dtype=torch.long, device=device)  # -1: not a sample token
+        self.row_of[rows] = torch.arange(rows.shape[0], device=device)
+        self.topk_weights = topk_weights
+        self.out = torch.zeros(rows.shape[0], hidden, dtype=torch.float32, device=device)
+
+    def add(self, pairs: torch.Tensor, outputs: torch.Tensor, first: int, count: int) -> None:
+        """`outputs` (P, H) of `pairs`, numbered slot-major over the `count` tokens from `first` (as
+        `pairs_by_expert` numbers them over a window of the call's tokens)."""
+        token, slot = first + pairs % count, pairs // count
+        row = self.row_of[token]
+        keep = torch.nonzero(row >= 0).squeeze(1)
+        if keep.numel():
+            weight = self.topk_weights[token[keep], slot[keep]].unsqueeze(1)
+            self.out.index_add_(0, row[keep], outputs[keep].float() * weight)
 
 
 class LayerStatsAccumulator:
@@ -175,6 +203,11 @@ class LayerStatsAccumulator:
         self.batches = torch.zeros((), dtype=torch.int64)  # add() calls: calibration batches
         self.sample_positions = sample_positions  # sorted global token positions
         self.sample_chunks: list[torch.Tensor] = []
+        self.sample_output_chunks: list[torch.Tensor] = []  # their routed output (`keeps_sample_outputs`)
+        # the sample rows' routed output comes with the dense pass's saliency where its GEMMs are float32 (the CPU's):
+        # a GPU's bfloat16 GEMMs round each pair's output, and the routed-only pass (REAP) takes another code path,
+        # so there the refit computes it in float32 itself (a fallen-back REAM layer then equals REAP's bit for bit)
+        self.keeps_sample_outputs = dense and gemm.operands == torch.float32 and not gemm.grouped
         self.seen_tokens = 0
         if dense:
             # (H, E*2D): column block e holds [gate_e; up_e]^T
@@ -211,12 +244,15 @@ class LayerStatsAccumulator:
         factors = self._pair_factors(logits, topk_weights, topk_index) if self.with_saliency else None
         if self.logit_gram is not None:
             self.logit_gram += logit_gram(logits)
+        sample: _SampleOutputs | None = None
         if self.sample_positions is not None:
             lo = int(torch.searchsorted(self.sample_positions, first_token))
             hi = int(torch.searchsorted(self.sample_positions, first_token + x.shape[0]))
             if hi > lo:
                 rows = (self.sample_positions[lo:hi] - first_token).to(self.device)
                 self.sample_chunks.append(x[rows].cpu())
+                if self.keeps_sample_outputs:
+                    sample = _SampleOutputs(rows, x.shape[0], topk_weights, self.weights.down.shape[1])
         if self.dense:
             k = topk_index.shape[1]
             window = self.chunk_size * max(1, self.routed_bytes // (self.chunk_size * k * self.inner * 4))
@@ -227,14 +263,17 @@ class LayerStatsAccumulator:
                     stop = min(start + self.chunk_size, last)
                     self._add_dense(x[start:stop], logits[start:stop], topk_index[start:stop],
                                     routed_hidden[:, start - first : stop - first])
+                sampled = (sample, first, last - first) if sample is not None else None
                 if self.gemm.grouped:
                     self._add_grouped_saliency(factors[:, first:last], topk_index[first:last], routed_hidden,
-                                               batch_sum)
+                                               batch_sum, sampled)
                 else:
                     self._add_saliency(factors[:, first:last], topk_index[first:last],
-                                       self._down_projection(routed_hidden.view(-1, self.inner)), batch_sum)
+                                       self._down_projection(routed_hidden.view(-1, self.inner)), batch_sum, sampled)
         elif self.with_saliency:
             self._add_saliency(factors, topk_index, self._full_expert(x.float()), batch_sum)
+        if sample is not None:
+            self.sample_output_chunks.append(sample.out.cpu())
         if self.with_saliency:
             self.saliency_sum += batch_sum
             self.batch_mean_sum += batch_sum / counts.cpu().clamp(min=1).double()
@@ -279,9 +318,10 @@ class LayerStatsAccumulator:
         return self.gate_up_buffer[:rows].copy_(torch.mm(x.to(self.gemm.operands), self.gate_up_matrix))
 
     def _add_grouped_saliency(self, factors: torch.Tensor, topk_index: torch.Tensor, routed_hidden: torch.Tensor,
-                              into: torch.Tensor) -> None:
+                              into: torch.Tensor, sample: tuple[_SampleOutputs, int, int] | None = None) -> None:
         """Saliency of a window's routed pairs with one grouped GEMM for every expert's down projection: no
-        per-expert loop, no host synchronisation. `routed_hidden` (k, c, D) as `_add_dense` fills it."""
+        per-expert loop. `routed_hidden` (k, c, D) as `_add_dense` fills it. `sample`: where the pairs' outputs on
+        sample tokens go (the `_SampleOutputs`, the window's first token and its token count)."""
         flat = topk_index.T.reshape(-1)
         order = torch.argsort(flat, stable=True)
         offsets = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0).to(torch.int32)
@@ -289,18 +329,24 @@ class LayerStatsAccumulator:
         out = grouped_mm(routed_hidden.reshape(-1, self.inner)[order].to(self.gemm.operands), down, offsets).float()
         if self.weights.down_bias is not None:
             out += self.weights.down_bias.float()[flat[order]]
+        if sample is not None:
+            sample[0].add(order, out, sample[1], sample[2])
         self._add_pair_saliency(factors, topk_index, order, torch.linalg.vector_norm(out, dim=-1), into)
 
     def _add_saliency(self, factors: torch.Tensor, topk_index: torch.Tensor,
-                      expert_output: Callable[[int, torch.Tensor], torch.Tensor], into: torch.Tensor) -> None:
+                      expert_output: Callable[[int, torch.Tensor], torch.Tensor], into: torch.Tensor,
+                      sample: tuple[_SampleOutputs, int, int] | None = None) -> None:
         """factor * ||f_i(x)|| on routed (token, expert) pairs only, summed per expert into `into` (factors, E);
         `factors` (factors, T, k) as `_pair_factors` gives them. `expert_output(i, pairs)` gives expert i's
         outputs for the given pair numbers (slot-major, as `pairs_by_expert` numbers them); pairs are grouped by
-        expert, so each call is one expert's contiguous batch."""
+        expert, so each call is one expert's contiguous batch. `sample`: as `_add_grouped_saliency`'s."""
         order, slices = pairs_by_expert(topk_index, self.num_experts)
         norms = torch.empty(order.shape[0], dtype=torch.float32, device=self.device)
         for expert, part in slices:
-            norms[part] = torch.linalg.vector_norm(expert_output(expert, order[part]), dim=-1)
+            out = expert_output(expert, order[part])
+            if sample is not None:
+                sample[0].add(order[part], out, sample[1], sample[2])
+            norms[part] = torch.linalg.vector_norm(out, dim=-1)
         self._add_pair_saliency(factors, topk_index, order, norms, into)
 
     def _add_pair_saliency(self, factors: torch.Tensor, topk_index: torch.Tensor, order: torch.Tensor,
@@ -353,4 +399,5 @@ class LayerStatsAccumulator:
             sample_inputs=torch.cat(self.sample_chunks) if self.sample_chunks else None,
             num_tokens=self.seen_tokens,
             routing_weight=self.routing_weight.clone(),
+            sample_outputs=torch.cat(self.sample_output_chunks) if self.sample_output_chunks else None,
         )

@@ -197,7 +197,8 @@ class OrderedReduction:
                         offset += numel
 
     def _gather_sample(self) -> None:
-        """The alignment sample rows, gathered from the ranks that saw them, in global token order."""
+        """The token sample's rows (block inputs, and their routed output where the statistics keep it),
+        gathered from the ranks that saw them, in global token order."""
         accumulator = self.accumulator
         positions = accumulator.sample_positions
         if positions is None:
@@ -206,7 +207,15 @@ class OrderedReduction:
         owner = ((torch.searchsorted(starts, positions, right=True) - 1) % self.ranks.world).tolist()
         counts = [owner.count(rank) for rank in range(self.ranks.world)]
         hidden = accumulator.weights.gate.shape[2]
-        mine = torch.cat(accumulator.sample_chunks) if accumulator.sample_chunks else torch.empty(0, hidden)
+        accumulator.sample_chunks = [self._gather_rows(accumulator.sample_chunks, owner, counts, hidden,
+                                                       accumulator.weights.gate.dtype)]
+        if accumulator.keeps_sample_outputs:  # the same on every rank: the run's settings and device decide it
+            accumulator.sample_output_chunks = [self._gather_rows(accumulator.sample_output_chunks, owner, counts,
+                                                                  hidden, torch.float32)]
+
+    def _gather_rows(self, chunks: list[torch.Tensor], owner: list[int], counts: list[int], hidden: int,
+                     empty_dtype: torch.dtype) -> torch.Tensor:
+        mine = torch.cat(chunks) if chunks else torch.empty(0, hidden, dtype=empty_dtype)
         if mine.shape[0] != counts[self.ranks.rank]:
             raise RuntimeError(f"rank {self.ranks.rank} holds {mine.shape[0]} alignment sample rows, expected "
                                f"{counts[self.ranks.rank]}: the ranks disagree on the calibration batches")
@@ -221,7 +230,7 @@ class OrderedReduction:
         owner_tensor = torch.tensor(owner, dtype=torch.long)
         for rank, count in enumerate(counts):
             rows[owner_tensor == rank] = gathered[rank][:count].cpu().to(dtype)
-        accumulator.sample_chunks = [rows]
+        return rows
 
 
 @dataclass(frozen=True)

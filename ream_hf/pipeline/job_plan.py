@@ -453,9 +453,12 @@ def plan_job(model_path: str | os.PathLike | SourceCheckpoint, config: ReamConfi
     else:
         device_need = _tensor_bytes([p for _, p in model.named_parameters()], working) + gate_up_copy + workspace + held_hidden
     rates = device_rates(run_device)
+    # the token sample's rows: the block inputs, and their routed output (float32) where the statistics keep it (the
+    # dense pass in float32 GEMMs: merging on the CPU; stats.py `keeps_sample_outputs`)
+    sample_row_bytes = 4 * hidden * (2 if config.is_merging and not cuda else 1)
     ram_parts = _ram_parts(rates, config, cuda=cuda, layer=max(layer_bytes), disk_layer=max(layer_bytes) * disk_size // size,
                            statistics=gate_up_copy + max(workspace, refit_bytes) + merged, embed=embed_bytes,
-                           hidden_states=held_hidden, sample=4 * hidden * min(tokens, config.layer_sample_tokens),
+                           hidden_states=held_hidden, sample=sample_row_bytes * min(tokens, config.layer_sample_tokens),
                            written=min(target * expert_numel * size + max(layer_bytes) - num_experts * expert_numel * size,
                                        WRITER_PENDING_BYTES), whole_model=device_need)
     ram_need = sum(ram_parts.values())

@@ -28,6 +28,7 @@ from ..method.refit import (
     LeastSquaresSums,
     RefitCheck,
     Routing,
+    SourceOutputs,
     _member_outputs,
     checked_down_refit,
     group_logit_targets,
@@ -226,16 +227,18 @@ class OriginalModules:
         return cls(sharing_copy(experts(family, block)), sharing_copy(router(family, block)))
 
 
-def refit_sample(config: ReamConfig, stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+def refit_sample(config: ReamConfig,
+                 stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The refit's tokens: `refit_tokens` rows of the layer's token sample (a random subset when the sample is
-    larger because alignment needs more), and their global token positions (`token_sample`'s)."""
-    inputs = stats.sample_inputs
+    larger because alignment needs more), their global token positions (`token_sample`'s) and the source layer's
+    routed output there (None where the statistics did not run the experts)."""
+    inputs, outputs = stats.sample_inputs, stats.sample_outputs
     positions = token_sample(stats.num_tokens, inputs.shape[0], config.seed)
     if inputs.shape[0] <= config.refit_tokens:
-        return inputs, positions
+        return inputs, positions, outputs
     generator = torch.Generator().manual_seed(config.seed + 1)
     rows = torch.randperm(inputs.shape[0], generator=generator)[: config.refit_tokens].sort().values
-    return inputs[rows], positions[rows]
+    return inputs[rows], positions[rows], None if outputs is None else outputs[rows]
 
 
 def routing(router_module, x: torch.Tensor, rows: int) -> Routing:
@@ -288,10 +291,12 @@ def refit_router(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, 
 
 
 def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, original: OriginalModules,
-               x: torch.Tensor, sequence: torch.Tensor, shared: dict[str, Any] | None = None) -> RefitCheck:
+               x: torch.Tensor, sequence: torch.Tensor, shared: dict[str, Any] | None = None,
+               x_outputs: torch.Tensor | None = None) -> RefitCheck:
     """Each output expert's down projection (and bias) refit on the sample tokens x (method/refit.py), fitted on
     some calibration sequences and kept only where it lowers the layer's output error on the others (`sequence`:
-    each token's calibration sequence). With `shared`, what the refit was computed from (the source's weights and
+    each token's calibration sequence). `x_outputs`: the source layer's routed output on x, as the statistics pass
+    computed it (None: computed here). With `shared`, what the refit was computed from (the source's weights and
     outputs on the sample, the routings, the held-out tokens) is left there for `layer_floor`'s second refit (on
     the rank that computes). Returns the check's record."""
     experts_module = experts(family, block)
@@ -302,11 +307,16 @@ def refit_down(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, or
         _, sample, before, after = sample_routings(config, family, block, original, x)
         held_out = heldout_sequences(sequence, HELDOUT_FRACTION, config.seed + 2).to(sample.device)
         source, activation = read_expert_weights(family, original.experts), activation_for(family, experts_module)
-        outputs = None
+        if x_outputs is not None:
+            outputs = x_outputs.to(sample.device, torch.float32)
+            outputs = SourceOutputs(outputs[~held_out], outputs[held_out])
+        else:
+            outputs = None if shared is None else source_outputs(source, activation, sample, held_out, before)
         if shared is not None:
-            outputs = source_outputs(source, activation, sample, held_out, before)
+            # the floor's pruned refit takes the source outputs as REAP's refit computes them, so a layer that falls
+            # back is REAP's bit for bit (tests/test_merge_floor.py); None: `layer_floor` computes them
             shared.update(source=source, activation=activation, sample=sample, held_out=held_out, before=before,
-                          after=after, outputs=outputs)
+                          after=after, outputs=None if x_outputs is not None else outputs)
         down, bias, check = checked_down_refit(
             source, merged, activation, sample, held_out, before, after, [list(g.members) for g in plan.groups],
             config.refit_target, [config.refit_ridge * g for g in RIDGE_GRID], config.refit_steps, outputs)
@@ -341,10 +351,12 @@ def layer_floor(config: ReamConfig, family: MoEFamily, block, plan: LayerPlan, c
 
     def compute() -> dict[str, Any]:
         pruned = shared["source"].select(centroids)
+        outputs = shared["outputs"] or source_outputs(shared["source"], shared["activation"], shared["sample"],
+                                                      shared["held_out"], shared["before"])
         down, bias, pruned_check = checked_down_refit(
             shared["source"], pruned, shared["activation"], shared["sample"], shared["held_out"], shared["before"],
             shared["after"], [[c] for c in centroids], config.refit_target,
-            [config.refit_ridge * g for g in RIDGE_GRID], config.refit_steps, shared["outputs"])
+            [config.refit_ridge * g for g in RIDGE_GRID], config.refit_steps, outputs)
         merged_error, pruned_error = check.heldout_error_after, pruned_check.heldout_error_after
         keep_merge = merged_error < pruned_error
         if not keep_merge:
@@ -474,7 +486,7 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
     apply_layer_plan(family, block, plan.centroids, merged)
     check, checks, floor_record = None, None, None
     if refit or fallback or neurons:
-        x, positions = refit_sample(config, stats)
+        x, positions, x_outputs = refit_sample(config, stats)
         sequence = share.sequence_of(positions, config.sequence_length)
     if neurons or fallback:
         # the same held-out sequences as the down refit's check: what the merge fits on, the refit fits on too
@@ -490,7 +502,7 @@ def compress_moe_layer(config: ReamConfig, family: MoEFamily, layer, block, key:
         if "down" in config.refit:
             floors = config.is_merging and config.layer_floor
             shared: dict[str, Any] | None = {} if floors else None  # the refit's inputs, computed once for both
-            check = refit_down(config, family, block, plan, original, x, sequence, shared)
+            check = refit_down(config, family, block, plan, original, x, sequence, shared, x_outputs)
             if floors:
                 floor_record = layer_floor(config, family, block, plan, check, shared)
             del shared

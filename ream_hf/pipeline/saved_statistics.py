@@ -1,9 +1,10 @@
 """Per-layer statistics on disk: `--save-statistics DIR` writes them, `--statistics DIR` re-plans from them.
 
 A folder holds one safetensors file per MoE layer (frequency, routing weight, every saliency variant, gated output
-signatures, router-logit Gram, the alignment token sample) and `statistics.json`, which says what they are: the source
-(its config and tensor index), the calibration settings, whether they were collected sequentially (on the
-outputs of already-compressed layers, so valid for that run only) and which statistics were collected.
+signatures, router-logit Gram, the token sample and the routed experts' output on it) and `statistics.json`, which
+says what they are: the source (its config and tensor index), the calibration settings, whether they were
+collected sequentially (on the outputs of already-compressed layers, so valid for that run only) and which
+statistics were collected.
 A non-sequential run with the same source and calibration can then plan at any target, with any method and
 saliency the statistics support, without running the model. Every mismatch is refused before any weight or
 calibration text is read.
@@ -84,7 +85,7 @@ class StatisticsWriter:
         tensors = {"frequency": stats.frequency.contiguous()}
         for name, value in (stats.saliency or {}).items():
             tensors[f"saliency.{name}"] = value.contiguous()
-        for name in ("routing_weight", "output_signatures", "router_logit_gram", "sample_inputs"):
+        for name in ("routing_weight", "output_signatures", "router_logit_gram", "sample_inputs", "sample_outputs"):
             value = getattr(stats, name)
             if value is not None:
                 tensors[name] = value.contiguous()
@@ -143,6 +144,7 @@ class StatisticsReader:
                              f"statistics in {folder} hold one of {index['sample_tokens']}: collect them with a sample "
                              "at least that large")
         self.layer_sample_tokens = sample
+        self.dense = need["dense"]
         self.index = index
 
     def check_source(self, source: SourceCheckpoint) -> None:
@@ -175,13 +177,21 @@ class StatisticsReader:
             # run that collected it (seen: refit down projections differing by 3e-6)
             tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
         saliency = {name[len("saliency."):]: value for name, value in tensors.items() if name.startswith("saliency.")}
-        sample, total = tensors.get("sample_inputs"), int(entry["num_tokens"])
-        if sample is not None:
-            wanted = min(self.layer_sample_tokens, total)
-            sample = None if wanted == 0 else sample if wanted == sample.shape[0] else \
-                sub_sample(sample, total, wanted, int(self.index["calibration"]["seed"]))
+        total = int(entry["num_tokens"])
+        sample, outputs = (self._cut(tensors.get(name), total) for name in ("sample_inputs", "sample_outputs"))
         return LayerStatistics(
             frequency=tensors["frequency"], saliency=saliency or None,
             output_signatures=tensors.get("output_signatures"), router_logit_gram=tensors.get("router_logit_gram"),
             sample_inputs=sample, num_tokens=total, routing_weight=tensors.get("routing_weight"),
+            # the dense pass's outputs only where this run's pass is dense too: a routed-only run computes them in its
+            # refit, and a re-plan must compute what a fresh run does
+            sample_outputs=None if sample is None or not self.dense else outputs,
         )
+
+    def _cut(self, rows, total: int):
+        """The rows of this run's token sample, from the saved (larger or equal) one."""
+        if rows is None:
+            return None
+        wanted = min(self.layer_sample_tokens, total)
+        return None if wanted == 0 else rows if wanted == rows.shape[0] else \
+            sub_sample(rows, total, wanted, int(self.index["calibration"]["seed"]))
