@@ -231,7 +231,7 @@ def refit_sample(config: ReamConfig,
                  stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The refit's tokens: `refit_tokens` rows of the layer's token sample (a random subset when the sample is
     larger because alignment needs more), their global token positions (`token_sample`'s) and the source layer's
-    routed output there (None where the statistics did not run the experts)."""
+    routed output there (None where the statistics do not keep it: stats.py `keeps_sample_outputs`)."""
     inputs, outputs = stats.sample_inputs, stats.sample_outputs
     positions = token_sample(stats.num_tokens, inputs.shape[0], config.seed)
     if inputs.shape[0] <= config.refit_tokens:
