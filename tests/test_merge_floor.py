@@ -170,12 +170,14 @@ def test_neuron_merge_end_to_end_keeps_exact_neuron_rows_and_fits_the_down_proje
                 assert group["members"] == [group["centroid"]], "a group that fell back is its centroid alone"
 
 
-@pytest.mark.parametrize("family_name", ["qwen3_moe", "gpt_oss"])
-def test_the_layer_floor_falls_back_to_exactly_the_pruned_layer(family_name, calibration_txt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family_name,refit_tokens", [("qwen3_moe", None), ("gpt_oss", None), ("qwen3_moe", 160)])
+def test_the_layer_floor_falls_back_to_exactly_the_pruned_layer(family_name, refit_tokens, calibration_txt, tmp_path,
+                                                                monkeypatch):
     """`layer_floor`: where the merged layer does not beat pruning on the held-out sequences, the layer is the pruned
     one, refit as REAP refits it. Forced here (the merged layer's held-out error made infinite), every layer falls
     back, so the whole checkpoint is REAP's, tensor for tensor (fused and GPT-OSS's biased layouts); unforced, each
-    layer's record says which side won and by how much."""
+    layer's record says which side won and by how much. With a refit sample smaller than REAM's layer sample (which
+    alignment sizes: 160 of 384 tokens), the merging run's refit still draws REAP's tokens (`refit_sample`)."""
     import dataclasses
 
     from ream_hf.pipeline import layer as layer_module
@@ -183,9 +185,10 @@ def test_the_layer_floor_falls_back_to_exactly_the_pruned_layer(family_name, cal
     from tests.families import build_family_checkpoint, compress
 
     source = build_family_checkpoint(family_name, tmp_path / "source")
-    reap = compress(source, calibration_txt, tmp_path / "reap", method="reap")
+    sample = {} if refit_tokens is None else dict(refit_tokens=refit_tokens)
+    reap = compress(source, calibration_txt, tmp_path / "reap", method="reap", settings=sample)
     honest = compress(source, calibration_txt, tmp_path / "honest", method="ream",
-                      settings=dict(layer_floor=True, prune_fallback=False))
+                      settings=dict(layer_floor=True, prune_fallback=False, **sample))
     records = [entry["refit"]["layer_floor"] for entry in honest.manifest()["layers"]]
     assert records
     for record in records:
@@ -194,7 +197,7 @@ def test_the_layer_floor_falls_back_to_exactly_the_pruned_layer(family_name, cal
     monkeypatch.setattr(layer_module, "refit_down", lambda *args: dataclasses.replace(
         refit_down(*args), heldout_error_after=float("inf")))
     forced = compress(source, calibration_txt, tmp_path / "forced", method="ream",
-                      settings=dict(layer_floor=True, prune_fallback=False))  # every group merged: all fall back
+                      settings=dict(layer_floor=True, prune_fallback=False, **sample))  # every group merged: all fall back
     records = [entry["refit"]["layer_floor"] for entry in forced.manifest()["layers"]]
     assert records and not any(record["merged"] for record in records)
     expected, got = tensors(tmp_path / "reap"), tensors(tmp_path / "forced")

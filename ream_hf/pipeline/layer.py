@@ -229,16 +229,20 @@ class OriginalModules:
 
 def refit_sample(config: ReamConfig,
                  stats: LayerStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The refit's tokens: `refit_tokens` rows of the layer's token sample (a random subset when the sample is
-    larger because alignment needs more), their global token positions (`token_sample`'s) and the source layer's
-    routed output there (None where the statistics do not keep it: stats.py `keeps_sample_outputs`)."""
+    """The refit's tokens: `refit_tokens` rows of the layer's token sample, their global token positions
+    (`token_sample`'s) and the source layer's routed output there (None where the statistics do not keep it:
+    stats.py `keeps_sample_outputs`). Where the sample is larger (alignment needs more), the rows are those of the
+    `refit_tokens`-token sample of the same seed (`token_sample`: a smaller sample is a subset of a larger one),
+    which is the whole sample of a run that aligns nothing: so a merging run's refit, its floors' pruned
+    alternative included, fits and checks on exactly the tokens REAP's refit does, and a layer where nothing is
+    merged is REAP's layer, not the same pruning refit on other random tokens (whose verdicts differ)."""
     inputs, outputs = stats.sample_inputs, stats.sample_outputs
     positions = token_sample(stats.num_tokens, inputs.shape[0], config.seed)
     if inputs.shape[0] <= config.refit_tokens:
         return inputs, positions, outputs
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    rows = torch.randperm(inputs.shape[0], generator=generator)[: config.refit_tokens].sort().values
-    return inputs[rows], positions[rows], None if outputs is None else outputs[rows]
+    wanted = token_sample(stats.num_tokens, config.refit_tokens, config.seed)
+    rows = torch.searchsorted(positions, wanted)
+    return inputs[rows], wanted, None if outputs is None else outputs[rows]
 
 
 def routing(router_module, x: torch.Tensor, rows: int) -> Routing:
