@@ -124,7 +124,8 @@ def test_every_sum_the_accumulator_adds_to_is_reduced():
 
 def test_two_ranks_write_the_single_process_output_where_the_layer_floor_falls_back(job, monkeypatch):
     """The layer floor's fallback (the pruned layer, computed on rank 0 and broadcast) forced in every layer
-    (tests/forced_layer_floor.py): two ranks write what one process writes, and every layer fell back."""
+    (tests/forced_layer_floor.py): two ranks write what one process writes, and every layer where a merge survived
+    the group floor fell back."""
     import dataclasses
 
     from ream_hf.pipeline import layer as layer_module
@@ -144,4 +145,9 @@ def test_two_ranks_write_the_single_process_output_where_the_layer_floor_falls_b
     assert snapshot(folder / "forced-two") == snapshot(folder / "forced-single")
     manifest = json.loads((folder / "forced-two" / "ream_manifest.json").read_text())
     floors = [entry["refit"].get("layer_floor") for entry in manifest["layers"]]
-    assert floors and all(f is not None and not f["merged"] for f in floors), floors
+    assert any(f is not None for f in floors), floors
+    for entry, floor in zip(manifest["layers"], floors):
+        if floor is None:  # the group floor left no merge in this layer: nothing for the layer floor to compare
+            assert all(len(group["members"]) == 1 for group in entry["groups"]), entry["groups"]
+        else:
+            assert not floor["merged"], floor
