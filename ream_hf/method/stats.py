@@ -90,11 +90,17 @@ def token_sample(total_tokens: int, size: int, seed: int) -> torch.Tensor:
     return torch.randperm(total_tokens, generator=generator)[: min(size, total_tokens)].sort().values
 
 
+def sub_sample_rows(total_tokens: int, sample_size: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the `size`-token sample's tokens sit among the rows of the larger `sample_size`-token sample of the same
+    seed (a subset of it by construction), and their positions."""
+    held = token_sample(total_tokens, sample_size, seed)
+    wanted = token_sample(total_tokens, size, seed)
+    return torch.searchsorted(held, wanted), wanted
+
+
 def sub_sample(rows: torch.Tensor, total_tokens: int, size: int, seed: int) -> torch.Tensor:
     """The rows of the `size`-token sample, from `rows` (T_s, H), those of a larger sample of the same seed."""
-    held = token_sample(total_tokens, rows.shape[0], seed)
-    wanted = token_sample(total_tokens, size, seed)
-    return rows[torch.searchsorted(held, wanted)]
+    return rows[sub_sample_rows(total_tokens, rows.shape[0], size, seed)[0]]
 
 
 @dataclass

@@ -35,7 +35,7 @@ from ..method.refit import (
     heldout_sequences,
     source_outputs,
 )
-from ..method.stats import LayerStatistics, LayerStatsAccumulator, token_sample
+from ..method.stats import LayerStatistics, LayerStatsAccumulator, sub_sample_rows, token_sample
 from ..method.surgery import apply_layer_plan
 from . import distributed
 from .device import Placement
@@ -237,12 +237,10 @@ def refit_sample(config: ReamConfig,
     alternative included, fits and checks on exactly the tokens REAP's refit does, and a layer where nothing is
     merged is REAP's layer, not the same pruning refit on other random tokens (whose verdicts differ)."""
     inputs, outputs = stats.sample_inputs, stats.sample_outputs
-    positions = token_sample(stats.num_tokens, inputs.shape[0], config.seed)
     if inputs.shape[0] <= config.refit_tokens:
-        return inputs, positions, outputs
-    wanted = token_sample(stats.num_tokens, config.refit_tokens, config.seed)
-    rows = torch.searchsorted(positions, wanted)
-    return inputs[rows], wanted, None if outputs is None else outputs[rows]
+        return inputs, token_sample(stats.num_tokens, inputs.shape[0], config.seed), outputs
+    rows, positions = sub_sample_rows(stats.num_tokens, inputs.shape[0], config.refit_tokens, config.seed)
+    return inputs[rows], positions, None if outputs is None else outputs[rows]
 
 
 def routing(router_module, x: torch.Tensor, rows: int) -> Routing:
